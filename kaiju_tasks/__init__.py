@@ -1,0 +1,81 @@
+"""kaiju-tasks: a PostgreSQL-backed task manager for asyncio applications.
+
+A task is a pipeline of JSON-RPC calls declared as data; its stages pass results to each other
+through templates, can sleep durably (Timer) or wait for an outside message (Message), and are
+retried, timed out, scheduled by cron and chained, with PostgreSQL as the only moving part.
+"""
+
+from __future__ import annotations
+
+from kaiju_tasks.clock import Clock, SystemClock
+from kaiju_tasks.conditions import Condition
+from kaiju_tasks.errors import (
+    ConfigError,
+    Conflict,
+    InvalidTransition,
+    KaijuTasksError,
+    MigrationError,
+    NotAuthorized,
+    NotificationNotFound,
+    RemoteCallError,
+    StageError,
+    StageTimeout,
+    StoreError,
+    TaskNotFound,
+    TransportError,
+    ValidationError,
+)
+from kaiju_tasks.models import (
+    SYSTEM,
+    Caller,
+    ExitCode,
+    Limit,
+    Message,
+    Permission,
+    Priority,
+    RestartPolicy,
+    Task,
+    TaskCommand,
+    TaskStatus,
+    TaskUpdate,
+    Timer,
+)
+from kaiju_tasks.service import NotificationService, TaskService
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SYSTEM",
+    "Caller",
+    "Clock",
+    "Condition",
+    "ConfigError",
+    "Conflict",
+    "ExitCode",
+    "InvalidTransition",
+    "KaijuTasksError",
+    "Limit",
+    "Message",
+    "MigrationError",
+    "NotAuthorized",
+    "NotificationNotFound",
+    "NotificationService",
+    "Permission",
+    "Priority",
+    "RemoteCallError",
+    "RestartPolicy",
+    "StageError",
+    "StageTimeout",
+    "StoreError",
+    "SystemClock",
+    "Task",
+    "TaskCommand",
+    "TaskNotFound",
+    "TaskService",
+    "TaskStatus",
+    "TaskUpdate",
+    "Timer",
+    "TransportError",
+    "ValidationError",
+    "__version__",
+]

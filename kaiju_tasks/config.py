@@ -1,0 +1,161 @@
+"""Typed settings, layered loading and ``DEFAULT_*`` constants.
+
+Layers, each overriding the one before:
+
+1. ``/etc/kaiju-tasks/kaiju-tasks.ini``
+2. ``~/.config/kaiju-tasks/kaiju-tasks.ini``
+3. ``./kaiju-tasks.ini``
+4. the file given with ``--config-path``
+5. environment variables ``KAIJU_TASKS_<SECTION>_<OPTION>`` (e.g. ``KAIJU_TASKS_DATABASE_DSN``,
+   ``KAIJU_TASKS_APPS_ORDERS=http://orders:8080/public/rpc``)
+6. command-line options
+
+:func:`load` returns the effective :class:`Settings` and where each value came from.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kaiju_tasks import errors
+
+ENV_PREFIX = "KAIJU_TASKS_"
+DEFAULT_POOL_MIN = 2
+DEFAULT_POOL_MAX = 10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """``[database]``."""
+
+    dsn: str | None = None
+    """PostgreSQL DSN. Empty: start the embedded server in ``embedded_dir``."""
+    embedded_dir: str | None = None
+    """Data directory of the embedded server (default: per-user data dir)."""
+    pool_min: int = DEFAULT_POOL_MIN
+    """Connections kept open per process."""
+    pool_max: int = DEFAULT_POOL_MAX
+    """Most connections per process."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """``[logging]``."""
+
+    level: str = "INFO"
+    """Python logging level name."""
+    format: str = "text"
+    """``text`` for people, ``json`` for one JSON object per line."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration."""
+
+    database: DatabaseSettings = dataclasses.field(default_factory=DatabaseSettings)
+    logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
+    apps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """``[apps]``: app name -> JSON-RPC URL that runs its stages over HTTP."""
+
+
+_SECTIONS: dict[str, type[Any]] = {"database": DatabaseSettings, "logging": LoggingSettings}
+SECRET_OPTIONS = frozenset({("database", "dsn")})
+
+
+def default_paths(cwd: Path | None = None, home: Path | None = None) -> list[Path]:
+    """Return the configuration files read before ``--config-path``, lowest priority first."""
+    cwd = cwd or Path.cwd()
+    home = home or Path.home()
+    return [
+        Path("/etc/kaiju-tasks/kaiju-tasks.ini"),
+        home / ".config" / "kaiju-tasks" / "kaiju-tasks.ini",
+        cwd / "kaiju-tasks.ini",
+    ]
+
+
+def _convert(section: str, option: str, raw: str, kind: type[Any], source: str) -> Any:
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise errors.ConfigError(
+                f"[{section}] {option} must be an integer, got {raw!r} (from {source})"
+            ) from None
+    return raw or None if kind is str else raw
+
+
+def load(
+    *,
+    paths: Sequence[Path] | None = None,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Load the layers; return the settings and ``{"section.option": source}``."""
+    import os
+
+    values: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "apps")}
+    sources: dict[str, str] = {}
+
+    def put(section: str, option: str, value: Any, source: str) -> None:
+        section, option = section.lower(), option.lower()
+        if section == "apps":
+            values["apps"][option] = value
+        else:
+            kind = _SECTIONS.get(section)
+            if kind is None:
+                raise errors.ConfigError(f"unknown section [{section}] (from {source})")
+            fields = {f.name: f for f in dataclasses.fields(kind)}
+            if option not in fields:
+                raise errors.ConfigError(
+                    f"unknown option {option!r} in [{section}] (from {source}); "
+                    f"known: {', '.join(fields)}"
+                )
+            field_type = str if "str" in str(fields[option].type) else int
+            if isinstance(value, str):
+                value = _convert(section, option, value, field_type, source)
+            values[section][option] = value
+        sources[f"{section}.{option}"] = source
+
+    files = list(paths if paths is not None else default_paths())
+    if config_path is not None:
+        if not config_path.is_file():
+            raise errors.ConfigError(f"configuration file {config_path} does not exist")
+        files.append(config_path)
+    for path in files:
+        if not path.is_file():
+            continue
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            parser.read(path, encoding="utf-8")
+        except configparser.Error as exc:
+            raise errors.ConfigError(f"cannot parse {path}: {exc}") from exc
+        for section in parser.sections():
+            for option, value in parser.items(section):
+                put(section, option, value, str(path))
+
+    env = os.environ if environ is None else environ
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key.startswith(f"{ENV_PREFIX}TEST_"):
+            continue
+        rest = key[len(ENV_PREFIX) :].lower()
+        section, _, option = rest.partition("_")
+        if section in (*_SECTIONS, "apps") and option:
+            put(section, option, value, f"env {key}")
+
+    for section, options in (overrides or {}).items():
+        for option, value in options.items():
+            if value is not None:
+                put(section, option, value, "command line")
+
+    settings = Settings(
+        database=DatabaseSettings(**values["database"]),
+        logging=LoggingSettings(**values["logging"]),
+        apps=dict(values["apps"]),
+    )
+    return settings, sources

@@ -1,0 +1,569 @@
+"""Task, TaskCommand, Timer, Message, the status enums and Limit.
+
+Pydantic v2 models that validate at the boundary and do no I/O. A validation failure is raised as
+:class:`kaiju_tasks.errors.ValidationError` naming the offending field (dotted path, e.g.
+``commands.1.max_timeout``) and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import enum
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeAlias
+
+import pydantic
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from kaiju_tasks import conditions, cron, errors, templates
+
+JSONValue: TypeAlias = pydantic.JsonValue
+"""Any JSON value: dict, list, str, int, float, bool or None (recursively)."""
+
+
+class TaskStatus(enum.StrEnum):
+    """Task statuses (the ``status`` column)."""
+
+    IDLE = "IDLE"
+    """Created or between cron runs; the manager queues it when ``next_run`` is due."""
+    QUEUED = "QUEUED"
+    """Waiting for an executor to claim it."""
+    EXECUTED = "EXECUTED"
+    """An executor runs its current stage."""
+    FINISHED = "FINISHED"
+    """Every stage succeeded."""
+    FAILED = "FAILED"
+    """A stage failed, timed out or the task was cancelled, and no retry is left."""
+    WAITING = "WAITING"
+    """A Timer or a Message stage holds it; no executor is busy with it."""
+    SUSPENDED = "SUSPENDED"
+    """Its executor was lost or a wait ended; it is re-queued at once."""
+
+
+ACTIVE_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.EXECUTED, TaskStatus.SUSPENDED})
+"""Statuses in which a task is already on its way: chaining does not restart it."""
+
+FINAL_STATUSES = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED})
+
+
+class ExitCode(enum.IntEnum):
+    """Task exit codes (the ``exit_code`` column; None until the task ends)."""
+
+    SUCCESS = 0
+    EXECUTION_ERROR = 1
+    ABORTED = 130
+    """Timed out or cancelled."""
+
+
+class RestartPolicy(enum.StrEnum):
+    """Where a retried task resumes."""
+
+    CURRENT = "CURRENT"
+    """Keep earlier results and resume at the failed stage."""
+    FIRST = "FIRST"
+    """Discard all results and start over from stage 0."""
+
+
+class Priority(enum.IntEnum):
+    """Named priorities; any integer from -100 to 100 is allowed, higher runs first."""
+
+    LOW = -10
+    NORMAL = 0
+    HIGH = 10
+
+
+class Limit(enum.IntEnum):
+    """Hard limits, checked at create and update (seconds for the ``*_T`` members)."""
+
+    MAX_STAGES = 100
+    MAX_RETRIES = 10
+    MIN_T = 10
+    DEFAULT_T = 300
+    MAX_T = 14400
+
+
+MAX_ID_LENGTH = 256
+MAX_RETRY_DELAY = 86400  # seconds
+MAX_PRIORITY = 100
+DEFAULT_APP = "default"
+
+
+class Permission(enum.StrEnum):
+    """Permissions a caller may hold besides owning its own rows."""
+
+    VIEW_OTHERS = "view_others"
+    """See tasks and notifications of other users."""
+    MODIFY_OTHERS = "modify_others"
+    """Change tasks and notifications of other users (implies nothing about seeing them)."""
+    SYSTEM = "system"
+    """Everything, including system-only fields (``user_id``, ``system``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes a service call: a user id plus permissions, or the system."""
+
+    user_id: str | None = None
+    permissions: frozenset[Permission] = frozenset()
+
+    @property
+    def is_system(self) -> bool:
+        """Whether the caller may see and change everything."""
+        return Permission.SYSTEM in self.permissions
+
+    @property
+    def views_all(self) -> bool:
+        """Whether the caller sees rows of other users."""
+        return self.is_system or Permission.VIEW_OTHERS in self.permissions
+
+    @property
+    def modifies_all(self) -> bool:
+        """Whether the caller may change rows of other users."""
+        return self.is_system or Permission.MODIFY_OTHERS in self.permissions
+
+    @classmethod
+    def user(cls, user_id: str, permissions: Iterable[str] = ()) -> Caller:
+        """Build a user caller; ``permissions`` are :class:`Permission` values."""
+        return cls(user_id=user_id, permissions=frozenset(Permission(p) for p in permissions))
+
+
+SYSTEM = Caller(user_id=None, permissions=frozenset({Permission.SYSTEM}))
+"""The caller of in-process service calls unless another is given."""
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _condition_spec(value: Any) -> Any:
+    if isinstance(value, conditions.Condition):
+        return value.spec
+    if value is not None:
+        try:
+            conditions.validate(value, field="condition")
+        except errors.ValidationError as exc:
+            raise ValueError(_located(exc, "condition")) from None
+    return value
+
+
+def _located(exc: errors.ValidationError, top: str) -> str:
+    """Return the message of ``exc``, saying where below ``top`` the problem is."""
+    if exc.field and exc.field != top:
+        return f"{exc.message} (at {exc.field})"
+    return exc.message
+
+
+ConditionSpec = Annotated[JSONValue, BeforeValidator(_condition_spec)]
+_Timeout = Annotated[float, Field(gt=0, le=Limit.MAX_T)]
+
+
+_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("validating", default=False)
+
+
+class _Model(BaseModel):
+    """Raises :class:`errors.ValidationError` (naming the field) when built from bad data."""
+
+    def __init__(self, /, **data: Any) -> None:
+        # Validation of an outer model calls the __init__ of the models nested in it: only the
+        # outermost one translates, so that nested errors keep their full location.
+        if _VALIDATING.get():
+            super().__init__(**data)
+            return
+        token = _VALIDATING.set(True)
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc) from None
+        finally:
+            _VALIDATING.reset(token)
+
+
+class _Command(_Model):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    condition: ConditionSpec = Field(
+        None, description="Run the stage only if this condition holds; else its result is None."
+    )
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """Return the command as stored in the ``commands`` column."""
+        return self.model_dump(mode="json")
+
+
+class TaskCommand(_Command):
+    """A stage that makes one JSON-RPC call; ``method`` and ``params`` may hold templates."""
+
+    kind: Literal["call"] = "call"
+    method: str = Field(min_length=1, max_length=512)
+    params: JSONValue = None
+    max_timeout: _Timeout | None = Field(
+        None, description="Seconds this stage may take; never extends the task deadline."
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method_template(cls, value: str) -> str:
+        _check_template(value, "method")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params_templates(cls, value: JSONValue) -> JSONValue:
+        _check_template(value, "params")
+        return value
+
+
+class Timer(_Command):
+    """A stage that sleeps durably: the task waits ``seconds`` with no executor busy."""
+
+    kind: Literal["timer"] = "timer"
+    seconds: _Timeout
+
+    def __init__(self, seconds: float | None = None, /, **data: Any) -> None:
+        if seconds is not None:
+            data["seconds"] = seconds
+        super().__init__(**data)
+
+
+class Message(_Command):
+    """A stage that waits for ``write_message``; the message data becomes its result."""
+
+    kind: Literal["message"] = "message"
+    max_timeout: _Timeout | None = Field(
+        None, description="Seconds to wait for the message; None waits until the task deadline."
+    )
+
+
+def _command_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("kind", "call")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "kind", None)
+
+
+Command = Annotated[
+    Annotated[TaskCommand, Tag("call")]
+    | Annotated[Timer, Tag("timer")]
+    | Annotated[Message, Tag("message")],
+    Discriminator(
+        _command_kind,
+        custom_error_type="invalid_command",
+        custom_error_message="a command is a TaskCommand, Timer, Message or a dict with 'method'",
+    ),
+]
+"""A stage: TaskCommand, Timer, Message, or a dict (``kind`` 'call' by default)."""
+
+
+def _check_template(value: JSONValue, field: str) -> None:
+    try:
+        templates.validate(value, field=field)
+    except errors.ValidationError as exc:
+        raise ValueError(_located(exc, field)) from None
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+
+def _priority(value: Any) -> Any:
+    if isinstance(value, str) and value.upper() in Priority.__members__:
+        return Priority[value.upper()].value
+    return value
+
+
+PriorityValue = Annotated[int, BeforeValidator(_priority), Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+
+
+class _TaskFields(_Model):
+    """Fields shared by :class:`Task` and :class:`TaskUpdate`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @field_validator("cron", check_fields=False)
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return cron.validate(value)
+        except errors.ValidationError as exc:
+            raise ValueError(exc.message) from None
+
+
+class Task(_TaskFields):
+    """A task: an ordered list of stages plus how to run, retry, schedule and chain it.
+
+    ``app`` and ``app_name`` are both accepted. Fields the engine owns (status, results and
+    timestamps) are not part of this model; services return them as plain dicts.
+    """
+
+    id: str | None = Field(
+        None, min_length=1, max_length=MAX_ID_LENGTH, description="Given or generated (uuid4)."
+    )
+    app_name: str = Field(
+        DEFAULT_APP,
+        min_length=1,
+        max_length=256,
+        validation_alias=AliasChoices("app_name", "app"),
+        description="Which executors run it.",
+    )
+    commands: list[Command] = Field(min_length=1, max_length=Limit.MAX_STAGES)
+    kws: dict[str, JSONValue] = Field(default_factory=dict)
+    enabled: bool = True
+    cron: str | None = None
+    max_exec_timeout: int = Field(Limit.DEFAULT_T, ge=Limit.MIN_T, le=Limit.MAX_T)
+    max_retries: int = Field(0, ge=0, le=Limit.MAX_RETRIES)
+    restart_policy: RestartPolicy = RestartPolicy.CURRENT
+    retry_delay: int = Field(
+        0,
+        ge=0,
+        le=MAX_RETRY_DELAY,
+        description="Seconds before the first retry, doubled each time.",
+    )
+    next_task: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+    notify: bool = False
+    system: bool = False
+    description: str | None = Field(None, max_length=10000)
+    meta: dict[str, JSONValue] = Field(default_factory=dict)
+    priority: PriorityValue = Priority.NORMAL
+    expires_at: datetime | None = None
+    user_id: str | None = Field(None, max_length=256)
+    parent_id: str | None = Field(None, max_length=MAX_ID_LENGTH)
+    root_id: str | None = Field(None, max_length=MAX_ID_LENGTH)
+
+    def __init__(self, /, **data: Any) -> None:
+        # Declared so that type checkers accept ``app=`` beside ``app_name=``.
+        super().__init__(**data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Task:
+        _check_consistency(self.commands, self.max_exec_timeout, self.id, self.next_task)
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValueError("expires_at: must include a timezone")
+        return self
+
+    def new_id(self) -> str:
+        """Return ``id``, generating and setting one first if it is missing."""
+        if self.id is None:
+            self.id = str(uuid.uuid4())
+        return self.id
+
+
+class TaskUpdate(_TaskFields):
+    """The fields a user may change with ``update``; every field is optional."""
+
+    app_name: str | None = Field(
+        None, min_length=1, max_length=256, validation_alias=AliasChoices("app_name", "app")
+    )
+    commands: list[Command] | None = Field(None, min_length=1, max_length=Limit.MAX_STAGES)
+    kws: dict[str, JSONValue] | None = None
+    enabled: bool | None = None
+    cron: str | None = None
+    max_exec_timeout: int | None = Field(None, ge=Limit.MIN_T, le=Limit.MAX_T)
+    max_retries: int | None = Field(None, ge=0, le=Limit.MAX_RETRIES)
+    restart_policy: RestartPolicy | None = None
+    retry_delay: int | None = Field(None, ge=0, le=MAX_RETRY_DELAY)
+    next_task: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+    notify: bool | None = None
+    system: bool | None = None
+    description: str | None = Field(None, max_length=10000)
+    meta: dict[str, JSONValue] | None = None
+    priority: PriorityValue | None = None
+    expires_at: datetime | None = None
+    user_id: str | None = Field(None, max_length=256)
+
+
+SYSTEM_ONLY_FIELDS = frozenset({"system", "user_id", "parent_id", "root_id"})
+"""Fields only a system caller may set."""
+
+
+def _check_consistency(
+    commands: list[TaskCommand | Timer | Message],
+    max_exec_timeout: int,
+    task_id: str | None,
+    next_task: str | None,
+) -> None:
+    waited = sum(c.seconds for c in commands if isinstance(c, Timer))
+    if waited > max_exec_timeout:
+        raise ValueError(
+            f"max_exec_timeout: timers total {waited:g} s, more than the task's "
+            f"max_exec_timeout of {max_exec_timeout} s, so the task could never finish"
+        )
+    if task_id is not None and next_task == task_id:
+        raise ValueError("next_task: a task cannot chain to itself")
+
+
+def check_merged(current: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Check that a task still holds together once ``changes`` apply to its row ``current``."""
+    merged = {**current, **changes}
+    commands = parse_commands(merged["commands"], field="commands")
+    try:
+        _check_consistency(commands, merged["max_exec_timeout"], merged["id"], merged["next_task"])
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise errors.ValidationError(message, field=field) from None
+
+
+_COMMANDS = pydantic.TypeAdapter(list[Command])
+
+
+def parse_commands(value: Any, field: str = "commands") -> list[TaskCommand | Timer | Message]:
+    """Parse stored or user-given commands into models."""
+    try:
+        return _COMMANDS.validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc, prefix=field) from None
+
+
+class NotificationUpdate(BaseModel):
+    """The fields a user may change on a notification."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    read: bool
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+_TAGS = frozenset({"call", "timer", "message"})
+
+
+def _field_path(loc: tuple[int | str, ...], prefix: str) -> str:
+    parts: list[str] = [prefix] if prefix else []
+    previous: int | str | None = None
+    for part in loc:
+        # A tagged union adds the tag after the list index: commands.0.call.method.
+        if isinstance(part, str) and isinstance(previous, int) and part in _TAGS:
+            previous = part
+            continue
+        if isinstance(part, str) and part.startswith(("function-", "json-or-python")):
+            continue
+        parts.append(str(part))
+        previous = part
+    return ".".join(parts)
+
+
+def validation_error(exc: pydantic.ValidationError, prefix: str = "") -> errors.ValidationError:
+    """Translate a pydantic error into ours: one ``{field, message}`` per problem."""
+    found: list[dict[str, Any]] = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        field = _field_path(tuple(err["loc"]), prefix)
+        message = str(err["msg"])
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif err["type"] == "missing":
+            message = "field required"
+        message = message.removeprefix("Value error, ")
+        # Cross-field checks name their field first: "next_task: ...".
+        head, sep, rest = message.partition(": ")
+        if sep and head.isidentifier() and not err["loc"]:
+            field = f"{prefix}.{head}" if prefix else head
+            message = rest
+        elif sep and head.isidentifier() and head in _MODEL_FIELDS:
+            field = f"{field}.{head}" if field else head
+            message = rest
+        found.append({"field": field or None, "message": message})
+    return errors.ValidationError(errors=found)
+
+
+_MODEL_FIELDS = frozenset(Task.model_fields)
+
+
+def parse_task(data: Task | Mapping[str, Any], prefix: str = "") -> Task:
+    """Validate ``data`` as a :class:`Task` (a Task instance is re-validated as given)."""
+    if isinstance(data, Task):
+        return data
+    if not isinstance(data, Mapping):
+        raise errors.ValidationError("a task is an object", field=prefix or "data")
+    token = _VALIDATING.set(True)
+    try:
+        return Task.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise validation_error(exc, prefix) from None
+    finally:
+        _VALIDATING.reset(token)
+
+
+def parse_update(data: TaskUpdate | Mapping[str, Any], prefix: str = "data") -> TaskUpdate:
+    """Validate ``data`` as a :class:`TaskUpdate`; fields the engine owns are refused by name."""
+    if isinstance(data, TaskUpdate):
+        return data
+    if not isinstance(data, Mapping):
+        raise errors.ValidationError("changes are an object", field=prefix)
+    token = _VALIDATING.set(True)
+    try:
+        return TaskUpdate.model_validate(data)
+    except pydantic.ValidationError as exc:
+        error = validation_error(exc, prefix)
+        for item in error.errors:
+            name = str(item["field"]).removeprefix(f"{prefix}.")
+            if item["message"] == "unknown field" and name in TASK_COLUMNS:
+                item["message"] = "cannot be changed"
+        raise errors.ValidationError(errors=error.errors) from None
+    finally:
+        _VALIDATING.reset(token)
+
+
+TASK_COLUMNS = (
+    "id",
+    "app_name",
+    "commands",
+    "kws",
+    "enabled",
+    "cron",
+    "max_exec_timeout",
+    "max_retries",
+    "retries",
+    "restart_policy",
+    "retry_delay",
+    "next_task",
+    "notify",
+    "system",
+    "description",
+    "meta",
+    "priority",
+    "status",
+    "stage",
+    "stages",
+    "result",
+    "error",
+    "exit_code",
+    "job_id",
+    "user_id",
+    "executor_id",
+    "created",
+    "queued_at",
+    "exec_deadline",
+    "wait_deadline",
+    "next_run",
+    "status_change",
+    "expires_at",
+    "parent_id",
+    "root_id",
+)
+"""Columns of the ``tasks`` table, in order: the names are part of the contract."""
+
+NOTIFICATION_COLUMNS = (
+    "id",
+    "task_id",
+    "job_id",
+    "status",
+    "result",
+    "exit_code",
+    "error",
+    "user_id",
+    "read",
+    "created",
+)
+"""Columns of the ``notifications`` table."""

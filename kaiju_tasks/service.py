@@ -1,0 +1,514 @@
+"""TaskService and NotificationService: what applications and the RPC server call.
+
+Every method validates its input, applies the caller's permissions and returns plain JSON-ready
+dicts of columns (timestamps as ISO 8601 strings), the same shape the RPC returns. In-process calls
+run as the system caller unless ``caller=`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from kaiju_tasks import clock as clock_
+from kaiju_tasks import cron, errors, models
+from kaiju_tasks.store import base
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+MAX_BULK = 10000
+"""At most this many tasks in one ``create`` call."""
+
+_ALL_BUT_RUNNING = tuple(s.value for s in models.TaskStatus if s is not models.TaskStatus.EXECUTED)
+_COMMANDS_EDITABLE = ("IDLE", "FINISHED", "FAILED", "QUEUED")
+
+
+def _json_ready(row: Mapping[str, Any], columns: Iterable[str] | None = None) -> dict[str, Any]:
+    keys = row.keys() if columns is None else columns
+    out: dict[str, Any] = {}
+    for key in keys:
+        value = row[key]
+        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def _columns(columns: Any, known: Sequence[str], field: str = "columns") -> list[str] | None:
+    if columns is None or columns == "*":
+        return None
+    if isinstance(columns, str):
+        columns = [columns]
+    if not isinstance(columns, list | tuple) or not columns:
+        raise errors.ValidationError("columns is a non-empty list of column names", field=field)
+    for i, name in enumerate(columns):
+        if name not in known:
+            raise errors.ValidationError(
+                f"unknown column {name!r}; known: {', '.join(known)}", field=f"{field}.{i}"
+            )
+    return list(columns)
+
+
+def _paging(offset: Any, limit: Any) -> tuple[int, int]:
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise errors.ValidationError("offset is an integer >= 0", field="offset")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise errors.ValidationError("limit is an integer >= 1", field="limit")
+    return offset, min(limit, MAX_LIMIT)
+
+
+def _id(value: Any, field: str = "id") -> str:
+    if not isinstance(value, str) or not value or len(value) > models.MAX_ID_LENGTH:
+        raise errors.ValidationError(
+            f"a task id is a non-empty string of at most {models.MAX_ID_LENGTH} characters",
+            field=field,
+        )
+    return value
+
+
+class _Access:
+    """What a caller may do with rows owned by ``user_id``."""
+
+    def __init__(self, caller: models.Caller) -> None:
+        self.caller = caller
+        self.view_all = caller.views_all
+        # Changing rows one cannot see would reveal them: modify-others needs view-others.
+        self.modify_all = caller.modifies_all and caller.views_all
+        self.user_id = caller.user_id
+
+    def sees(self, row: Mapping[str, Any]) -> bool:
+        return self.view_all or (self.user_id is not None and row.get("user_id") == self.user_id)
+
+    def modifies(self, row: Mapping[str, Any]) -> bool:
+        return self.modify_all or (self.user_id is not None and row.get("user_id") == self.user_id)
+
+
+class TaskService:
+    """Create, read, change and control tasks (``service_name`` "tasks")."""
+
+    service_name = "tasks"
+
+    def __init__(self, store: base.TaskStore, clock: clock_.Clock | None = None) -> None:
+        self.store = store
+        self.clock: clock_.Clock = clock or clock_.SystemClock()
+
+    # -- create -------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        data: models.Task | Mapping[str, Any] | Sequence[models.Task | Mapping[str, Any]],
+        *,
+        columns: Any = None,
+        caller: models.Caller = models.SYSTEM,
+    ) -> dict[str, Any] | builtins.list[dict[str, Any]]:
+        """Create one task, or many in one statement when ``data`` is a list.
+
+        A task that is enabled and has no ``cron`` is queued at once (status QUEUED, a new
+        ``job_id``); a cron task waits in IDLE for its first fire time; a disabled one waits in
+        IDLE until enabled. Returns the created task(s) as dicts of ``columns`` (default: all).
+        """
+        many = isinstance(data, Sequence) and not isinstance(data, str | bytes | Mapping)
+        items: Sequence[Any] = data if many else [data]  # type: ignore[assignment]
+        if many and not items:
+            raise errors.ValidationError("no tasks given", field="data")
+        if len(items) > MAX_BULK:
+            raise errors.ValidationError(f"at most {MAX_BULK} tasks per call", field="data")
+        selected = _columns(columns, models.TASK_COLUMNS)
+        access = _Access(caller)
+        now = self.clock.now()
+        tasks = [
+            models.parse_task(item, prefix=str(i) if many else "") for i, item in enumerate(items)
+        ]
+        rows = []
+        seen: set[str] = set()
+        for i, task in enumerate(tasks):
+            where = f"{i}." if many else ""
+            self._check_system_fields(task, caller, where)
+            task_id = task.new_id()
+            if task_id in seen:
+                raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
+            seen.add(task_id)
+            rows.append(self._new_row(task, caller, now))
+        await self._check_next_tasks(
+            {
+                f"{f'{i}.' if many else ''}next_task": t.next_task
+                for i, t in enumerate(tasks)
+                if t.next_task is not None and t.next_task not in seen
+            },
+            access,
+        )
+        created = await self.store.insert_tasks(rows)
+        out = [_json_ready(row, selected) for row in created]
+        return out if many else out[0]
+
+    @staticmethod
+    def _check_system_fields(task: models.Task, caller: models.Caller, where: str) -> None:
+        if caller.is_system:
+            return
+        if task.system:
+            raise errors.ValidationError("only a system caller may set it", field=f"{where}system")
+        if task.user_id is not None and task.user_id != caller.user_id:
+            raise errors.ValidationError(
+                "only a system caller may create tasks for another user", field=f"{where}user_id"
+            )
+        for name in ("parent_id", "root_id"):
+            if getattr(task, name) is not None:
+                raise errors.ValidationError(
+                    "only a system caller may set it", field=f"{where}{name}"
+                )
+
+    @staticmethod
+    def _new_row(task: models.Task, caller: models.Caller, now: datetime) -> dict[str, Any]:
+        row = task.model_dump(mode="json", by_alias=False)
+        row["commands"] = [c.to_json() for c in task.commands]
+        row["stages"] = len(task.commands)
+        row["user_id"] = task.user_id if task.user_id is not None else caller.user_id
+        row["root_id"] = task.root_id or task.id
+        row["created"] = now.isoformat()
+        if task.enabled and task.cron is None:
+            row["status"] = models.TaskStatus.QUEUED.value
+            row["job_id"] = str(uuid.uuid4())
+            row["queued_at"] = now.isoformat()
+            row["exec_deadline"] = (now + timedelta(seconds=task.max_exec_timeout)).isoformat()
+            row["next_run"] = None
+        else:
+            row["status"] = models.TaskStatus.IDLE.value
+            row["job_id"] = row["queued_at"] = row["exec_deadline"] = None
+            row["next_run"] = (cron.next_fire(task.cron, now) if task.cron else now).isoformat()
+        return row
+
+    async def _check_next_tasks(self, refs: Mapping[str, str], access: _Access) -> None:
+        """Check that every referenced next_task exists and the caller may start it."""
+        if not refs:
+            return
+        owners = await self.store.task_owners(builtins.list(set(refs.values())))
+        for field, task_id in refs.items():
+            if task_id not in owners or not access.modifies({"user_id": owners[task_id]}):
+                raise errors.ValidationError(f"task {task_id!r} does not exist", field=field)
+
+    # -- read ---------------------------------------------------------------------------------
+
+    async def get(
+        self, id: str, columns: Any = None, *, caller: models.Caller = models.SYSTEM
+    ) -> dict[str, Any]:
+        """Return a task as a dict of ``columns`` (default: all); raise TaskNotFound."""
+        selected = _columns(columns, models.TASK_COLUMNS)
+        row = await self._visible(_id(id), _Access(caller))
+        return _json_ready(row, selected)
+
+    async def exists(self, id: str, *, caller: models.Caller = models.SYSTEM) -> bool:
+        """Return whether a task the caller may see exists."""
+        row = await self.store.get_task(_id(id))
+        return row is not None and _Access(caller).sees(row)
+
+    async def list(
+        self,
+        conditions: Any = None,
+        sort: Any = None,
+        offset: int = 0,
+        limit: int = DEFAULT_LIMIT,
+        count: bool = True,
+        columns: Any = None,
+        *,
+        caller: models.Caller = models.SYSTEM,
+    ) -> dict[str, Any]:
+        """Return a page of tasks: ``{count, offset, page, pages, on_page, data}``.
+
+        ``conditions``: a dict is AND over columns, a list of dicts is OR; a column's value is a
+        scalar (equality), a list (IN) or ``{op: value}`` with ops ``eq ne gt lt ge le like in
+        not``. ``sort``: column names or ``{"desc": name}``. ``limit`` is capped at 1000;
+        ``count=False`` skips counting (``count`` and ``pages`` are then None).
+        """
+        return await _list(
+            self.store.list_tasks, caller, conditions, sort, offset, limit, count, columns
+        )
+
+    async def _visible(self, task_id: str, access: _Access) -> dict[str, Any]:
+        row = await self.store.get_task(task_id)
+        if row is None or not access.sees(row):
+            raise errors.TaskNotFound(f"task {task_id!r} not found")
+        return row
+
+    async def _explain(self, task_id: str, access: _Access, why: str) -> errors.KaijuTasksError:
+        """Say why a guarded statement changed nothing: not found, not allowed, or ``why``."""
+        try:
+            row = await self._visible(task_id, access)
+        except errors.TaskNotFound as exc:
+            return exc
+        if not access.modifies(row):
+            return errors.NotAuthorized(f"not allowed to change task {task_id!r}")
+        return errors.InvalidTransition(why.format(status=row["status"], id=task_id))
+
+    # -- change -------------------------------------------------------------------------------
+
+    async def update(
+        self,
+        id: str,
+        data: models.TaskUpdate | Mapping[str, Any],
+        *,
+        columns: Any = None,
+        caller: models.Caller = models.SYSTEM,
+    ) -> dict[str, Any]:
+        """Change the fields a user may change; refused while the task is running.
+
+        ``commands`` may change only while the task is IDLE, FINISHED, FAILED, or QUEUED before
+        its first stage. Returns the updated task.
+        """
+        task_id = _id(id)
+        selected = _columns(columns, models.TASK_COLUMNS)
+        update = models.parse_update(data)
+        fields = update.model_fields_set
+        if not fields:
+            raise errors.ValidationError("no fields to change", field="data")
+        for name in fields & models.SYSTEM_ONLY_FIELDS:
+            if not caller.is_system:
+                raise errors.ValidationError(
+                    "only a system caller may set it", field=f"data.{name}"
+                )
+        access = _Access(caller)
+        current = await self._visible(task_id, access)
+        if not access.modifies(current):
+            raise errors.NotAuthorized(f"not allowed to change task {task_id!r}")
+        dumped = update.model_dump(mode="json", include=fields)
+        changes: dict[str, Any] = {}
+        for name in fields:
+            if name == "commands":
+                assert update.commands is not None
+                changes["commands"] = [c.to_json() for c in update.commands]
+                changes["stages"] = len(update.commands)
+            elif name == "expires_at":
+                changes[name] = update.expires_at
+            else:
+                changes[name] = dumped[name]
+        try:
+            models.check_merged(current, changes)
+        except errors.ValidationError as exc:
+            raise errors.ValidationError(exc.message, field=f"data.{exc.field}") from None
+        if changes.get("next_task") is not None:
+            await self._check_next_tasks({"data.next_task": changes["next_task"]}, access)
+        if changes.get("cron") and current["status"] == models.TaskStatus.IDLE:
+            changes["next_run"] = cron.next_fire(changes["cron"], self.clock.now())
+        row = await self.store.update_task(
+            task_id,
+            changes,
+            modify_all=access.modify_all,
+            user_id=access.user_id,
+            allowed_statuses=_ALL_BUT_RUNNING,
+            commands_statuses=_COMMANDS_EDITABLE if "commands" in changes else None,
+        )
+        if row is None:
+            raise await self._explain(
+                task_id,
+                access,
+                "task {id!r} is {status}: it cannot be changed now"
+                + (
+                    " (commands change only before the first stage runs or after the end)"
+                    if "commands" in changes
+                    else ""
+                ),
+            )
+        return _json_ready(row, selected)
+
+    async def delete(self, id: str, *, caller: models.Caller = models.SYSTEM) -> None:
+        """Delete a task (tasks chaining to it stop chaining)."""
+        task_id = _id(id)
+        access = _Access(caller)
+        deleted = await self.store.delete_task(
+            task_id, modify_all=access.modify_all, user_id=access.user_id
+        )
+        if not deleted:
+            raise await self._explain(task_id, access, "task {id!r} was not deleted")
+
+    async def reset(self, id: str, *, caller: models.Caller = models.SYSTEM) -> dict[str, Any]:
+        """Return a task to its initial state and queue it again with a new ``job_id``.
+
+        Results, error, exit code and retries are cleared. A disabled task goes to IDLE and is
+        queued once enabled. A running task must be cancelled first.
+        """
+        task_id = _id(id)
+        access = _Access(caller)
+        row = await self.store.reset_task(
+            task_id,
+            job_id=str(uuid.uuid4()),
+            now=self.clock.now(),
+            modify_all=access.modify_all,
+            user_id=access.user_id,
+        )
+        if row is None:
+            raise await self._explain(
+                task_id, access, "task {id!r} is running ({status}): cancel it before a reset"
+            )
+        return _json_ready(row)
+
+    async def write_message(
+        self, id: str, data: models.JSONValue = None, *, caller: models.Caller = models.SYSTEM
+    ) -> dict[str, Any]:
+        """Deliver ``data`` to a task waiting on a Message stage.
+
+        ``data`` becomes that stage's result and the task is queued at the next stage. A task
+        that is not waiting for a message refuses it with InvalidTransition.
+        """
+        task_id = _id(id)
+        access = _Access(caller)
+        row = await self.store.write_message(
+            task_id,
+            data,
+            now=self.clock.now(),
+            modify_all=access.modify_all,
+            user_id=access.user_id,
+        )
+        if row is None:
+            raise await self._explain(
+                task_id, access, "task {id!r} is not waiting for a message (status {status})"
+            )
+        return _json_ready(row)
+
+    async def cancel(self, id: str, *, caller: models.Caller = models.SYSTEM) -> dict[str, Any]:
+        """Abort a task that has not ended: FAILED, exit code 130, no retry.
+
+        A running stage is abandoned by its executor.
+        """
+        task_id = _id(id)
+        access = _Access(caller)
+        current = await self._visible(task_id, access)
+        error = {
+            "code": models.ExitCode.ABORTED.value,
+            "message": "Task cancelled",
+            "stage": current["stage"],
+            "reason": "cancelled",
+        }
+        row = await self.store.cancel_task(
+            task_id,
+            error,
+            now=self.clock.now(),
+            modify_all=access.modify_all,
+            user_id=access.user_id,
+        )
+        if row is None:
+            raise await self._explain(task_id, access, "task {id!r} has already ended ({status})")
+        return _json_ready(row)
+
+
+class NotificationService:
+    """Read and mark the notifications written when tasks with ``notify`` end.
+
+    ``service_name`` "notifications".
+    """
+
+    service_name = "notifications"
+
+    def __init__(self, store: base.TaskStore) -> None:
+        self.store = store
+
+    async def get(
+        self, id: int, columns: Any = None, *, caller: models.Caller = models.SYSTEM
+    ) -> dict[str, Any]:
+        """Return one notification; raise NotificationNotFound."""
+        selected = _columns(columns, models.NOTIFICATION_COLUMNS)
+        access = _Access(caller)
+        row = await self.store.get_notification(
+            _notification_id(id), view_all=access.view_all, user_id=access.user_id
+        )
+        if row is None:
+            raise errors.NotificationNotFound(f"notification {id!r} not found")
+        return _json_ready(row, selected)
+
+    async def list(
+        self,
+        conditions: Any = None,
+        sort: Any = None,
+        offset: int = 0,
+        limit: int = DEFAULT_LIMIT,
+        count: bool = True,
+        columns: Any = None,
+        *,
+        caller: models.Caller = models.SYSTEM,
+    ) -> dict[str, Any]:
+        """Return a page of notifications, filtered like :meth:`TaskService.list`."""
+        return await _list(
+            self.store.list_notifications, caller, conditions, sort, offset, limit, count, columns
+        )
+
+    async def update(
+        self, id: int, data: Mapping[str, Any], *, caller: models.Caller = models.SYSTEM
+    ) -> dict[str, Any]:
+        """Mark a notification read (``{"read": true}``) or unread."""
+        notification_id = _notification_id(id)
+        if not isinstance(data, Mapping):
+            raise errors.ValidationError("changes are an object", field="data")
+        unknown = set(data) - {"read"}
+        if unknown:
+            raise errors.ValidationError(
+                "only 'read' can be changed", field=f"data.{sorted(unknown)[0]}"
+            )
+        if not isinstance(data.get("read"), bool):
+            raise errors.ValidationError("read is true or false", field="data.read")
+        access = _Access(caller)
+        row = await self.store.update_notification(
+            notification_id, data["read"], modify_all=access.modify_all, user_id=access.user_id
+        )
+        if row is None:
+            await self._explain(notification_id, access)
+        assert row is not None
+        return _json_ready(row)
+
+    async def delete(self, id: int, *, caller: models.Caller = models.SYSTEM) -> None:
+        """Delete a notification."""
+        notification_id = _notification_id(id)
+        access = _Access(caller)
+        deleted = await self.store.delete_notification(
+            notification_id, modify_all=access.modify_all, user_id=access.user_id
+        )
+        if not deleted:
+            await self._explain(notification_id, access)
+
+    async def _explain(self, notification_id: int, access: _Access) -> None:
+        row = await self.store.get_notification(
+            notification_id, view_all=access.view_all, user_id=access.user_id
+        )
+        if row is None:
+            raise errors.NotificationNotFound(f"notification {notification_id!r} not found")
+        raise errors.NotAuthorized(f"not allowed to change notification {notification_id!r}")
+
+
+def _notification_id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise errors.ValidationError("a notification id is a positive integer", field="id")
+    return value
+
+
+async def _list(
+    fetch: Any,
+    caller: models.Caller,
+    conditions: Any,
+    sort: Any,
+    offset: Any,
+    limit: Any,
+    count: Any,
+    columns: Any,
+) -> dict[str, Any]:
+    offset, limit = _paging(offset, limit)
+    if not isinstance(count, bool):
+        raise errors.ValidationError("count is true or false", field="count")
+    access = _Access(caller)
+    page: base.Page = await fetch(
+        base.ListQuery(
+            conditions=conditions,
+            sort=sort,
+            columns=columns,
+            offset=offset,
+            limit=limit,
+            count=count,
+            view_all=access.view_all,
+            user_id=access.user_id,
+        )
+    )
+    return {
+        "count": page.count,
+        "offset": page.offset,
+        "page": page.page,
+        "pages": page.pages,
+        "on_page": page.on_page,
+        "data": [_json_ready(row) for row in page.data],
+    }

@@ -1,0 +1,131 @@
+"""TaskStore Protocol: the only persistence seam.
+
+Services, the manager and executors depend on this protocol; ``postgres.PostgresTaskStore`` is the
+implementation. Rows are plain dicts of columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListQuery:
+    """A listing: user filters plus the caller's visibility."""
+
+    conditions: Any = None
+    sort: Any = None
+    columns: Any = None
+    offset: int = 0
+    limit: int = 100
+    count: bool = True
+    view_all: bool = False
+    user_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; ``count`` and ``pages`` are None when counting was skipped."""
+
+    count: int | None
+    offset: int
+    page: int
+    pages: int | None
+    on_page: int
+    data: list[Row]
+
+
+class TaskStore(Protocol):
+    """Persistence of tasks and notifications."""
+
+    async def insert_tasks(self, rows: Sequence[Mapping[str, Any]]) -> list[Row]:
+        """Insert complete task rows in one statement; return them as stored."""
+        ...
+
+    async def insert_full(self, row: Mapping[str, Any]) -> Row:
+        """Insert a task row in any state, columns as given (for tests and repairs)."""
+        ...
+
+    async def get_task(self, task_id: str) -> Row | None:
+        """Return one task row, or None."""
+        ...
+
+    async def task_owners(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """Return ``{id: user_id}`` for those of ``ids`` that exist."""
+        ...
+
+    async def list_tasks(self, query: ListQuery) -> Page:
+        """Return one page of tasks."""
+        ...
+
+    async def update_task(
+        self,
+        task_id: str,
+        changes: Mapping[str, Any],
+        *,
+        modify_all: bool,
+        user_id: str | None,
+        allowed_statuses: Sequence[str] | None,
+        commands_statuses: Sequence[str] | None,
+    ) -> Row | None:
+        """Apply ``changes`` if the caller may and the status allows; else None."""
+        ...
+
+    async def delete_task(self, task_id: str, *, modify_all: bool, user_id: str | None) -> bool:
+        """Delete a task the caller may change."""
+        ...
+
+    async def reset_task(
+        self, task_id: str, *, job_id: str, now: datetime, modify_all: bool, user_id: str | None
+    ) -> Row | None:
+        """Reset a task that is not running and queue it."""
+        ...
+
+    async def write_message(
+        self, task_id: str, data: Any, *, now: datetime, modify_all: bool, user_id: str | None
+    ) -> Row | None:
+        """Deliver a message to a task waiting on a Message stage."""
+        ...
+
+    async def cancel_task(
+        self,
+        task_id: str,
+        error: Mapping[str, Any],
+        *,
+        now: datetime,
+        modify_all: bool,
+        user_id: str | None,
+    ) -> Row | None:
+        """Abort a task that has not ended."""
+        ...
+
+    async def insert_notification(self, row: Mapping[str, Any]) -> Row:
+        """Record a run of a task."""
+        ...
+
+    async def get_notification(
+        self, notification_id: int, *, view_all: bool, user_id: str | None
+    ) -> Row | None:
+        """Return a notification the caller may see."""
+        ...
+
+    async def list_notifications(self, query: ListQuery) -> Page:
+        """Return one page of notifications."""
+        ...
+
+    async def update_notification(
+        self, notification_id: int, read: bool, *, modify_all: bool, user_id: str | None
+    ) -> Row | None:
+        """Mark a notification read or unread."""
+        ...
+
+    async def delete_notification(
+        self, notification_id: int, *, modify_all: bool, user_id: str | None
+    ) -> bool:
+        """Delete a notification the caller may change."""
+        ...

@@ -1,0 +1,1 @@
+"""Migrations: forward-only SQL files NNNN_description.sql, applied in order."""
