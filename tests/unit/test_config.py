@@ -1,0 +1,91 @@
+"""Configuration layers: each one overrides the one before."""
+
+from __future__ import annotations
+
+import pytest
+
+from kaiju_tasks import config, errors
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def layers(tmp_path):
+    etc = _write(tmp_path / "etc.ini", "[database]\ndsn = postgresql://etc/db\npool_max = 3\n")
+    home = _write(tmp_path / "home.ini", "[database]\ndsn = postgresql://home/db\n")
+    cwd = _write(tmp_path / "cwd.ini", "[logging]\nlevel = DEBUG\n")
+    return [etc, home, cwd]
+
+
+def test_defaults_apply_when_nothing_is_configured(tmp_path):
+    settings, sources = config.load(paths=[tmp_path / "missing.ini"], environ={})
+    assert settings.database.dsn is None
+    assert settings.database.pool_max == config.DEFAULT_POOL_MAX
+    assert sources == {}
+
+
+def test_later_files_override_earlier_ones(layers):
+    settings, sources = config.load(paths=layers, environ={})
+    assert settings.database.dsn == "postgresql://home/db"
+    assert settings.database.pool_max == 3
+    assert settings.logging.level == "DEBUG"
+    assert sources["database.dsn"] == str(layers[1])
+
+
+def test_config_path_overrides_default_files(layers, tmp_path):
+    extra = _write(tmp_path / "extra.ini", "[database]\ndsn = postgresql://extra/db\n")
+    settings, _ = config.load(paths=layers, config_path=extra, environ={})
+    assert settings.database.dsn == "postgresql://extra/db"
+
+
+def test_environment_overrides_files(layers):
+    settings, sources = config.load(
+        paths=layers,
+        environ={
+            "KAIJU_TASKS_DATABASE_DSN": "postgresql://env/db",
+            "KAIJU_TASKS_APPS_ORDERS": "http://orders:8080/public/rpc",
+        },
+    )
+    assert settings.database.dsn == "postgresql://env/db"
+    assert settings.apps == {"orders": "http://orders:8080/public/rpc"}
+    assert sources["database.dsn"] == "env KAIJU_TASKS_DATABASE_DSN"
+
+
+def test_command_line_overrides_environment(layers):
+    settings, sources = config.load(
+        paths=layers,
+        environ={"KAIJU_TASKS_DATABASE_DSN": "postgresql://env/db"},
+        overrides={"database": {"dsn": "postgresql://cli/db", "pool_max": None}},
+    )
+    assert settings.database.dsn == "postgresql://cli/db"
+    assert settings.database.pool_max == 3  # None means "not given on the command line"
+    assert sources["database.dsn"] == "command line"
+
+
+def test_test_dsn_variable_is_not_configuration():
+    settings, _ = config.load(paths=[], environ={"KAIJU_TASKS_TEST_DSN": "postgresql://t/db"})
+    assert settings.database.dsn is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[databse]\ndsn = x\n", r"unknown section \[databse\]"),
+        ("[database]\ndns = x\n", r"unknown option 'dns' in \[database\]"),
+        ("[database]\npool_max = many\n", "pool_max must be an integer"),
+        ("not an ini file", "cannot parse"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(tmp_path, text, message):
+    path = _write(tmp_path / "bad.ini", text)
+    with pytest.raises(errors.ConfigError, match=message):
+        config.load(paths=[path], environ={})
+
+
+def test_missing_config_path_is_an_error(tmp_path):
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        config.load(paths=[], config_path=tmp_path / "nope.ini", environ={})
