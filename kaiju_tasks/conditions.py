@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import functools
 import re
+import warnings
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -84,19 +85,19 @@ class Condition:
 
     __slots__ = ("spec",)
 
-    def __init__(self, spec: templates.JSONValue | Condition, *, field: str = "condition") -> None:
+    def __init__(self, spec: templates.JSONLike | Condition, *, field: str = "condition") -> None:
         if isinstance(spec, Condition):
             spec = spec.spec
         validate(spec, field)
         # A private copy: the spec was validated, later changes to the caller's object must not
         # slip past validation.
-        self.spec: templates.JSONValue = copy.deepcopy(spec)
+        self.spec: templates.JSONLike = copy.deepcopy(spec)
 
     def evaluate(self, data: Mapping[str, Any], *, now: datetime | None = None) -> bool:
         """Whether the condition holds for ``data`` (``now`` is passed to templates)."""
         return _evaluate(self.spec, data, now, "condition")
 
-    def to_json(self) -> templates.JSONValue:
+    def to_json(self) -> templates.JSONLike:
         """Return the condition as JSON."""
         return self.spec
 
@@ -124,7 +125,7 @@ def validate(spec: Any, field: str = "condition") -> None:
 
 
 def evaluate(
-    spec: templates.JSONValue | Condition,
+    spec: templates.JSONLike | Condition,
     data: Mapping[str, Any],
     *,
     now: datetime | None = None,
@@ -329,10 +330,14 @@ def _check_length(pattern: str) -> None:
 @functools.lru_cache(maxsize=512)
 def _regex(pattern: str) -> re.Pattern[str]:
     _check_length(pattern)
-    try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise errors.ValidationError(f"invalid regular expression {pattern!r}: {exc}") from exc
+    # The re module warns (FutureWarning) about patterns whose meaning will change, such as
+    # "[[a]"; such a pattern is refused rather than left to mean something else later.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            return re.compile(pattern)
+        except (re.error, OverflowError, RecursionError, Warning) as exc:
+            raise errors.ValidationError(f"invalid regular expression {pattern!r}: {exc}") from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

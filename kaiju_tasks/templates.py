@@ -67,7 +67,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -81,6 +81,12 @@ if TYPE_CHECKING:
     Condition = conditions.Condition
 
 JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"
+"""A JSON value, as stored and returned."""
+
+JSONLike: TypeAlias = (
+    "Mapping[str, JSONLike] | Sequence[JSONLike] | str | int | float | bool | None"
+)
+"""A JSON value as accepted from callers (read-only containers, so ``dict[str, int]`` fits)."""
 
 MAX_NESTING: Final = 32
 """Deepest nesting of templates, parentheses and unary operators inside one template (levels)."""
@@ -341,9 +347,12 @@ class _Call(Node):
             else:
                 values.append(arg._eval(ctx))
         try:
-            return self.function.impl(ctx, values)
+            result = self.function.impl(ctx, values)
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise errors.ValidationError(f"!x:{self.name} failed: {exc}") from exc
+        if isinstance(result, float) and not math.isfinite(result):
+            raise errors.ValidationError(f"!x:{self.name} result is not a finite number")
+        return result
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

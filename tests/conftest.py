@@ -96,8 +96,8 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
-def store(pool: asyncpg.Pool) -> postgres.PostgresTaskStore:
-    return postgres.PostgresTaskStore(pool)
+def store(pool: asyncpg.Pool) -> postgres.PostgresEngineStore:
+    return postgres.PostgresEngineStore(pool)
 
 
 @pytest.fixture

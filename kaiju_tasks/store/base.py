@@ -129,3 +129,110 @@ class TaskStore(Protocol):
     ) -> bool:
         """Delete a notification the caller may change."""
         ...
+
+
+class EngineStore(TaskStore, Protocol):
+    """The transitions the manager and executors make; each is one guarded statement.
+
+    Batch methods take items of several tasks and return which applied: an item whose task
+    changed meanwhile (cancelled, timed out, rescued by the manager) is skipped, never forced.
+    """
+
+    async def register_executor(
+        self,
+        executor_id: str,
+        *,
+        apps: Sequence[str],
+        host: str,
+        pid: int,
+        concurrency: int,
+        now: datetime,
+    ) -> None:
+        """Record an executor coming online."""
+        ...
+
+    async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
+        """Record that an executor is alive."""
+        ...
+
+    async def executor_stopped(self, executor_id: str, *, now: datetime) -> None:
+        """Record an executor going offline."""
+        ...
+
+    async def claim(
+        self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
+    ) -> list[Row]:
+        """Claim QUEUED tasks of ``apps``, highest priority then oldest first."""
+        ...
+
+    async def record_stages(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Commit intermediate stage results ``[{id, stage, result}]``."""
+        ...
+
+    async def finish_tasks(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Finish tasks ``[{id, stage, result, append, next_run}]``."""
+        ...
+
+    async def fail_tasks(self, items: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Row]:
+        """Fail or retry tasks ``[{id, status, executor_id, stage, error, exit_code, ...}]``."""
+        ...
+
+    async def wait_tasks(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Park tasks on Timer/Message stages ``[{id, stage, wait_deadline}]``."""
+        ...
+
+    async def suspend_executor_tasks(
+        self, executor_id: str, ids: Sequence[str], *, now: datetime
+    ) -> set[str]:
+        """Hand back tasks an executor holds."""
+        ...
+
+    async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
+        """Return status, stage and executor of tasks."""
+        ...
+
+    async def queue_due(self, *, now: datetime, limit: int) -> int:
+        """Queue due IDLE tasks and ended cron tasks."""
+        ...
+
+    async def release_timers(self, *, now: datetime, limit: int) -> int:
+        """Resume tasks whose Timer is due."""
+        ...
+
+    async def overdue(self, *, now: datetime, limit: int) -> list[Row]:
+        """Return tasks past a deadline."""
+        ...
+
+    async def suspend_stale(self, *, now: datetime, silent_since: datetime, limit: int) -> int:
+        """Suspend tasks of silent or offline executors."""
+        ...
+
+    async def requeue_suspended(self, *, now: datetime, limit: int) -> int:
+        """Queue SUSPENDED tasks again."""
+        ...
+
+    async def prune(self, what: str, *, before: datetime, limit: int) -> int:
+        """Delete old rows of ``what``."""
+        ...
+
+    async def notify_cancel(self, ids: Sequence[str]) -> None:
+        """Tell executors to abandon the running stages of these tasks."""
+        ...
+
+
+class Leadership(Protocol):
+    """One leader per database among the managers."""
+
+    async def hold(self) -> bool:
+        """Take or keep the leadership; return whether this process holds it."""
+        ...
+
+    async def release(self) -> None:
+        """Give the leadership up."""
+        ...

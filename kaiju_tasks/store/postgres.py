@@ -282,3 +282,173 @@ class PostgresTaskStore(base.TaskStore):
             on_page=len(data),
             data=data,
         )
+
+
+class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
+    """The transitions the manager and executors make, each one guarded statement."""
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._connection() as connection:
+            return list(await connection.fetch(QUERIES[query], *args))
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        async with self._connection() as connection:
+            return await connection.fetchval(QUERIES[query], *args)
+
+    # -- executors ----------------------------------------------------------------------------
+
+    async def register_executor(
+        self,
+        executor_id: str,
+        *,
+        apps: Sequence[str],
+        host: str,
+        pid: int,
+        concurrency: int,
+        now: datetime,
+    ) -> None:
+        """Record an executor coming online (``worker-online``)."""
+        async with self._connection() as connection:
+            await connection.execute(
+                QUERIES["register_executor"],
+                executor_id,
+                list(apps),
+                host,
+                pid,
+                concurrency,
+                now,
+            )
+
+    async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
+        """Record that an executor is alive; False if its row is gone."""
+        return bool(await self._fetchval("heartbeat", executor_id, now, active))
+
+    async def executor_stopped(self, executor_id: str, *, now: datetime) -> None:
+        """Record an executor going offline (``worker-offline``)."""
+        async with self._connection() as connection:
+            await connection.execute(QUERIES["executor_stopped"], executor_id, now)
+
+    async def claim(
+        self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
+    ) -> list[Row]:
+        """Claim up to ``limit`` QUEUED tasks of ``apps`` (EXECUTED by ``executor_id``)."""
+        return [dict(r) for r in await self._fetch("claim", list(apps), executor_id, limit, now)]
+
+    async def record_stages(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Commit finished intermediate stages; return the ids that applied."""
+        rows = await self._fetch("record_stages", list(items), executor_id, now)
+        return {r["id"] for r in rows}
+
+    async def finish_tasks(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Finish tasks (notifications, chaining, cron next run); return the ids that applied."""
+        rows = await self._fetch("finish_tasks", list(items), executor_id, now)
+        return {r["id"] for r in rows}
+
+    async def fail_tasks(self, items: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Row]:
+        """Fail or retry tasks; return ``[{id, status, executor_id}]`` of those that applied."""
+        return [dict(r) for r in await self._fetch("fail_tasks", list(items), now)]
+
+    async def wait_tasks(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Park tasks on Timer/Message stages; return the ids that applied."""
+        rows = await self._fetch("wait_tasks", list(items), executor_id, now)
+        return {r["id"] for r in rows}
+
+    async def suspend_executor_tasks(
+        self, executor_id: str, ids: Sequence[str], *, now: datetime
+    ) -> set[str]:
+        """Hand back tasks an executor holds (SUSPENDED); return the ids that applied."""
+        rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(ids))
+        return {r["id"] for r in rows}
+
+    async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
+        """Return ``{id: {status, stage, executor_id}}`` for existing tasks."""
+        return {r["id"]: dict(r) for r in await self._fetch("task_status", list(ids))}
+
+    # -- manager ------------------------------------------------------------------------------
+
+    async def queue_due(self, *, now: datetime, limit: int) -> int:
+        """Queue due IDLE tasks and ended cron tasks at their fire time."""
+        return int(await self._fetchval("queue_due", now, limit))
+
+    async def release_timers(self, *, now: datetime, limit: int) -> int:
+        """Resume tasks whose Timer is due."""
+        return int(await self._fetchval("release_timers", now, limit))
+
+    async def overdue(self, *, now: datetime, limit: int) -> list[Row]:
+        """Return tasks past their run deadline or Message wait deadline."""
+        return [dict(r) for r in await self._fetch("overdue", now, limit)]
+
+    async def suspend_stale(self, *, now: datetime, silent_since: datetime, limit: int) -> int:
+        """Suspend tasks of executors silent since ``silent_since`` or offline."""
+        return int(await self._fetchval("suspend_stale", now, silent_since, limit))
+
+    async def requeue_suspended(self, *, now: datetime, limit: int) -> int:
+        """Queue SUSPENDED tasks again at their stage."""
+        return int(await self._fetchval("requeue_suspended", now, limit))
+
+    async def prune(self, what: str, *, before: datetime, limit: int) -> int:
+        """Delete ``tasks``, ``notifications``, ``events`` or ``executors`` older than before."""
+        query = {
+            "tasks": "prune_tasks",
+            "notifications": "prune_notifications",
+            "events": "prune_events",
+            "executors": "prune_executors",
+        }[what]
+        args: tuple[Any, ...] = (before,) if what == "executors" else (before, limit)
+        async with self._connection() as connection:
+            status = await connection.execute(QUERIES[query], *args)
+        return int(status.split()[-1])
+
+    async def notify_cancel(self, ids: Sequence[str]) -> None:
+        """Tell executors to abandon the running stages of these tasks."""
+        await self._fetchval("notify_cancel", list(ids))
+
+
+LEADER_LOCK_KEY = 0x6B61696A7500  # arbitrary, fixed: the manager leadership advisory lock
+
+
+class AdvisoryLeadership(base.Leadership):
+    """Leadership held as a session advisory lock on a dedicated connection.
+
+    If the leader dies or its connection drops, PostgreSQL releases the lock and a standby's
+    next ``hold()`` takes it.
+    """
+
+    def __init__(self, dsn: str, key: int = LEADER_LOCK_KEY) -> None:
+        self.dsn = dsn
+        self.key = key
+        self._connection: asyncpg.Connection | None = None
+
+    async def hold(self) -> bool:
+        """Take or keep the lock; False if another session holds it."""
+        if self._connection is not None and not self._connection.is_closed():
+            try:
+                await self._connection.fetchval("SELECT 1")
+                return True
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await self.release()
+        with _translate():
+            connection = await asyncpg.connect(self.dsn)
+        try:
+            got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+        except BaseException:
+            await connection.close()
+            raise
+        if not got:
+            await connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    async def release(self) -> None:
+        """Close the lock's connection, which releases it."""
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None

@@ -4,7 +4,9 @@
 -- to its own rows unless it may act on everybody's; time comes in as a parameter (`now`).
 
 -- name: insert_tasks
--- Insert new tasks from a JSON array of complete rows (the service computed status and times).
+-- Insert new tasks from a JSON array of complete rows (the service computed status and times);
+-- queued ones get a task-sent event and wake the executors of their app.
+WITH created AS (
 INSERT INTO tasks (id, app_name, commands, kws, enabled, cron, max_exec_timeout, max_retries,
                    restart_policy, retry_delay, next_task, notify, system, description, meta,
                    priority, status, stages, job_id, user_id, created, queued_at, exec_deadline,
@@ -20,7 +22,14 @@ FROM jsonb_to_recordset($1::jsonb) AS r(
     priority smallint, status text, stages integer, job_id text, user_id text,
     created timestamptz, queued_at timestamptz, exec_deadline timestamptz, next_run timestamptz,
     expires_at timestamptz, parent_id text, root_id text)
-RETURNING *;
+RETURNING *),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created)
+    SELECT 'task-sent', id, job_id, status, 0, created FROM created WHERE status = 'QUEUED'),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name)
+    FROM (SELECT DISTINCT app_name FROM created WHERE status = 'QUEUED') a)
+SELECT created.* FROM created, (SELECT count(*) FROM wake) w;
 
 -- name: get_task
 -- One task by id.
@@ -36,6 +45,7 @@ DELETE FROM tasks WHERE id = $1 AND ($2::boolean OR user_id = $3) RETURNING id;
 
 -- name: reset_task
 -- Return a task that is not running to its initial state and queue it (IDLE if disabled).
+WITH done AS (
 UPDATE tasks
 SET status = CASE WHEN enabled THEN 'QUEUED' ELSE 'IDLE' END,
     stage = 0, result = '[]', error = NULL, exit_code = NULL, retries = 0, executor_id = NULL,
@@ -47,26 +57,53 @@ SET status = CASE WHEN enabled THEN 'QUEUED' ELSE 'IDLE' END,
     next_run = CASE WHEN enabled THEN NULL ELSE $5::timestamptz END,
     status_change = $5::timestamptz
 WHERE id = $1 AND ($2::boolean OR user_id = $3) AND status <> 'EXECUTED'
-RETURNING *;
+RETURNING *),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created, data)
+    SELECT 'task-sent', id, job_id, status, 0, $5, '{"reset": true}'::jsonb
+    FROM done WHERE status = 'QUEUED'),
+wake AS (SELECT pg_notify('kaiju_tasks_queued', app_name) FROM done WHERE status = 'QUEUED')
+SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: write_message
 -- Deliver a message to a task waiting on a Message stage: it becomes that stage's result and
 -- the task is queued at the next stage.
+WITH done AS (
 UPDATE tasks
 SET result = result || jsonb_build_array($4::jsonb), stage = stage + 1, status = 'QUEUED',
     wait_deadline = NULL, status_change = $5::timestamptz
 WHERE id = $1 AND ($2::boolean OR user_id = $3) AND status = 'WAITING'
   AND commands -> stage ->> 'kind' = 'message'
-RETURNING *;
+RETURNING *),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created, data)
+    SELECT 'task-sent', id, job_id, 'QUEUED', stage, $5, '{"resumed": "message"}'::jsonb
+    FROM done),
+wake AS (SELECT pg_notify('kaiju_tasks_queued', app_name) FROM done)
+SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: cancel_task
--- Abort a task that has not ended: FAILED with exit code 130 (its executor drops the stage).
-UPDATE tasks
-SET status = 'FAILED', exit_code = 130, error = $4::jsonb, wait_deadline = NULL,
-    status_change = $5::timestamptz
-WHERE id = $1 AND ($2::boolean OR user_id = $3)
-  AND status IN ('IDLE', 'QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED')
-RETURNING *;
+-- Abort a task that has not ended: FAILED with exit code 130; a running stage's executor is
+-- told on kaiju_tasks_cancel and abandons the call.
+WITH old AS (
+    SELECT id, status, executor_id FROM tasks
+    WHERE id = $1 AND ($2::boolean OR user_id = $3)
+      AND status IN ('IDLE', 'QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED')
+    FOR UPDATE),
+done AS (
+    UPDATE tasks t
+    SET status = 'FAILED', exit_code = 130, error = $4::jsonb, wait_deadline = NULL,
+        executor_id = NULL, next_run = NULL, status_change = $5::timestamptz
+    FROM old WHERE t.id = old.id
+    RETURNING t.*),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-revoked', done.id, done.job_id, 'FAILED', done.stage, old.executor_id, $5,
+           jsonb_build_object('reason', 'cancelled')
+    FROM done JOIN old ON old.id = done.id),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_cancel', id) FROM old WHERE status = 'EXECUTED')
+SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: insert_notification
 -- Record a finished or failed run of a task.
@@ -85,3 +122,333 @@ UPDATE notifications SET read = $4 WHERE id = $1 AND ($2::boolean OR user_id = $
 -- name: delete_notification
 -- Delete a notification the caller may change.
 DELETE FROM notifications WHERE id = $1 AND ($2::boolean OR user_id = $3) RETURNING id;
+
+-- ==== engine: executors ========================================================================
+-- Events: every transition inserts its lifecycle event in the same statement, and the
+-- kaiju_tasks_events channel is notified (deduplicated by PostgreSQL within a transaction).
+
+-- name: register_executor
+-- An executor comes online (or back online under the same id).
+WITH e AS (
+    INSERT INTO executors (id, apps, host, pid, concurrency, started, heartbeat_at)
+    VALUES ($1, $2::text[], $3, $4, $5, $6, $6)
+    ON CONFLICT (id) DO UPDATE
+    SET apps = excluded.apps, host = excluded.host, pid = excluded.pid,
+        concurrency = excluded.concurrency, started = excluded.started,
+        heartbeat_at = excluded.heartbeat_at, stopped_at = NULL
+    RETURNING id)
+INSERT INTO events (type, executor_id, created, data)
+SELECT 'worker-online', e.id, $6,
+       jsonb_build_object('apps', $2::text[], 'host', $3, 'pid', $4, 'concurrency', $5)
+FROM e;
+
+-- name: heartbeat
+-- An executor is alive; returns the number of tasks it holds.
+WITH e AS (
+    UPDATE executors SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1 RETURNING id),
+ev AS (
+    INSERT INTO events (type, executor_id, created, data)
+    SELECT 'worker-heartbeat', e.id, $2, jsonb_build_object('active', $3::integer) FROM e)
+SELECT count(*) FROM e;
+
+-- name: executor_stopped
+-- An executor went offline cleanly.
+WITH e AS (
+    UPDATE executors SET stopped_at = $2, heartbeat_at = $2 WHERE id = $1 RETURNING id)
+INSERT INTO events (type, executor_id, created) SELECT 'worker-offline', e.id, $2 FROM e;
+
+-- name: claim
+-- Claim up to $3 QUEUED tasks of the given apps: highest priority first, then oldest.
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE status = 'QUEUED' AND app_name = ANY($1::text[]) AND enabled
+    ORDER BY priority DESC, queued_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED),
+claimed AS (
+    UPDATE tasks t SET status = 'EXECUTED', executor_id = $2, status_change = $4
+    FROM picked WHERE t.id = picked.id
+    RETURNING t.*),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
+    SELECT 'task-started', id, job_id, 'EXECUTED', stage, $2, $4 FROM claimed)
+SELECT * FROM claimed;
+
+-- name: record_stages
+-- Commit finished stages of running tasks (not the last one): result appended, next stage set.
+-- Items: [{id, stage, result}]. Returns the ids that applied (still ours, at that stage).
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(id text, stage integer, result jsonb)),
+done AS (
+    UPDATE tasks t
+    SET stage = r.stage + 1, result = t.result || jsonb_build_array(r.result)
+    FROM r
+    WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+    RETURNING t.id, t.job_id, t.stage),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
+    SELECT 'task-stage-succeeded', id, job_id, 'EXECUTED', stage - 1, $2, $3 FROM done)
+SELECT id FROM done;
+
+-- name: finish_tasks
+-- Finish running tasks: FINISHED, exit code 0, the last result appended (when `append`),
+-- a notification when `notify`, the `next_task` queued when it is idle or ended and enabled,
+-- and `next_run` set to the next cron fire time (the manager restarts the task then).
+-- Items: [{id, stage, result, append, next_run}]. Returns the ids that applied.
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS r(id text, stage integer, result jsonb, append boolean, next_run timestamptz)),
+done AS (
+    UPDATE tasks t
+    SET status = 'FINISHED', exit_code = 0, error = NULL, stage = t.stages,
+        result = CASE WHEN r.append THEN t.result || jsonb_build_array(r.result)
+                      ELSE t.result END,
+        next_run = r.next_run, wait_deadline = NULL, status_change = $3
+    FROM r
+    WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+    RETURNING t.*),
+notes AS (
+    INSERT INTO notifications (task_id, job_id, status, result, exit_code, user_id, created)
+    SELECT id, job_id, 'FINISHED', result, 0, user_id, $3 FROM done WHERE notify),
+chained AS (
+    UPDATE tasks n
+    SET status = 'QUEUED', stage = 0, result = '[]', error = NULL, exit_code = NULL,
+        retries = 0, executor_id = NULL, job_id = gen_random_uuid()::text, queued_at = $3,
+        exec_deadline = $3 + make_interval(secs => n.max_exec_timeout), wait_deadline = NULL,
+        next_run = NULL, status_change = $3
+    FROM done
+    WHERE n.id = done.next_task AND n.enabled
+      AND n.status IN ('IDLE', 'FINISHED', 'FAILED')
+    RETURNING n.id, n.job_id, n.app_name),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-succeeded', id, job_id, 'FINISHED', stages - 1, $2, $3,
+           jsonb_build_object('result', result -> -1)
+    FROM done
+    UNION ALL
+    SELECT 'task-sent', id, job_id, 'QUEUED', 0, NULL, $3, jsonb_build_object('chained', true)
+    FROM chained),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM chained) a)
+SELECT id FROM done, (SELECT count(*) FROM wake) w;
+
+-- name: fail_tasks
+-- A run failed (stage error, timeout, lost message): retry when retries are left and the failure
+-- is retryable — at once, or after `retry_delay * 2^retries` seconds (IDLE until then) — else
+-- FAILED with the exit code, a notification when `notify`, and `next_run` for cron. A retry
+-- keeps the job_id; restart_policy FIRST starts over at stage 0 with no results.
+-- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run}]; the row
+-- must still be in that status, stage and executor. Returns [{id, status, executor_id}].
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS r(id text, status text, executor_id text, stage integer, error jsonb,
+             exit_code integer, retryable boolean, next_run timestamptz)),
+cur AS (
+    SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
+           (r.retryable AND t.retries < t.max_retries) AS retry,
+           t.retry_delay > 0 AS delayed,
+           t.restart_policy = 'FIRST' AS first
+    FROM tasks t JOIN r ON t.id = r.id
+    WHERE t.status = r.status AND t.stage = r.stage
+      AND t.executor_id IS NOT DISTINCT FROM r.executor_id
+    FOR UPDATE OF t),
+done AS (
+    UPDATE tasks t
+    SET status = CASE WHEN NOT c.retry THEN 'FAILED' WHEN c.delayed THEN 'IDLE' ELSE 'QUEUED' END,
+        retries = t.retries + CASE WHEN c.retry THEN 1 ELSE 0 END,
+        stage = CASE WHEN c.retry AND c.first THEN 0 ELSE t.stage END,
+        result = CASE WHEN c.retry AND c.first THEN '[]'::jsonb ELSE t.result END,
+        error = c.error,
+        exit_code = CASE WHEN c.retry THEN NULL ELSE c.exit_code END,
+        executor_id = NULL,
+        wait_deadline = NULL,
+        queued_at = CASE WHEN c.retry AND NOT c.delayed THEN $2 ELSE t.queued_at END,
+        exec_deadline = CASE WHEN c.retry AND NOT c.delayed
+                             THEN $2 + make_interval(secs => t.max_exec_timeout)
+                             ELSE t.exec_deadline END,
+        next_run = CASE WHEN c.retry AND c.delayed
+                        THEN $2 + make_interval(secs => t.retry_delay * power(2, t.retries))
+                        WHEN c.retry THEN NULL
+                        ELSE c.next_run END,
+        status_change = $2
+    FROM cur c
+    WHERE t.id = c.id
+    RETURNING t.*, c.retry, c.old_executor),
+notes AS (
+    INSERT INTO notifications (task_id, job_id, status, result, exit_code, error, user_id,
+                               created)
+    SELECT id, job_id, 'FAILED', result, exit_code, error, user_id, $2
+    FROM done WHERE notify AND NOT retry),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT CASE WHEN retry THEN 'task-retried'
+                WHEN exit_code = 130 THEN 'task-revoked' ELSE 'task-failed' END,
+           id, job_id, status, stage, old_executor, $2,
+           jsonb_build_object('error', error, 'retries', retries, 'exit_code', exit_code)
+    FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name)
+    FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
+SELECT id, status, old_executor AS executor_id FROM done, (SELECT count(*) FROM wake) w;
+
+-- name: wait_tasks
+-- Park running tasks on a Timer or Message stage: WAITING until `wait_deadline`, executor freed.
+-- Items: [{id, stage, wait_deadline}]. Returns the ids that applied.
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS r(id text, stage integer, wait_deadline timestamptz)),
+done AS (
+    UPDATE tasks t
+    SET status = 'WAITING', wait_deadline = r.wait_deadline, executor_id = NULL,
+        status_change = $3
+    FROM r
+    WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+    RETURNING t.id, t.job_id, t.stage, t.wait_deadline),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-waiting', id, job_id, 'WAITING', stage, $2, $3,
+           jsonb_build_object('wait_deadline', wait_deadline)
+    FROM done)
+SELECT id FROM done;
+
+-- name: suspend_executor_tasks
+-- Hand back the tasks an executor still holds (shutdown): SUSPENDED at their current stage.
+WITH done AS (
+    UPDATE tasks SET status = 'SUSPENDED', executor_id = NULL, status_change = $2
+    WHERE status = 'EXECUTED' AND executor_id = $1 AND id = ANY($3::text[])
+    RETURNING id, job_id, stage),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
+    SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, $1, $2 FROM done)
+SELECT id FROM done;
+
+-- name: task_status
+-- The status, stage and executor of the given tasks (to notice cancellations).
+SELECT id, status, stage, executor_id FROM tasks WHERE id = ANY($1::text[]);
+
+-- ==== engine: manager duties ===================================================================
+
+-- name: queue_due
+-- Queue due tasks: IDLE ones (a new job_id unless a delayed retry kept one) and ended cron tasks
+-- at their next fire time (a fresh run: results cleared, new job_id).
+WITH due AS (
+    SELECT id FROM tasks
+    WHERE enabled AND next_run <= $1 AND status IN ('IDLE', 'FINISHED', 'FAILED')
+      AND (status = 'IDLE' OR cron IS NOT NULL)
+    ORDER BY next_run
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED),
+done AS (
+    UPDATE tasks t
+    SET status = 'QUEUED',
+        job_id = CASE WHEN t.status = 'IDLE' THEN coalesce(t.job_id, gen_random_uuid()::text)
+                      ELSE gen_random_uuid()::text END,
+        stage = CASE WHEN t.status = 'IDLE' THEN t.stage ELSE 0 END,
+        result = CASE WHEN t.status = 'IDLE' THEN t.result ELSE '[]'::jsonb END,
+        retries = CASE WHEN t.status = 'IDLE' THEN t.retries ELSE 0 END,
+        error = CASE WHEN t.status = 'IDLE' THEN t.error END,
+        exit_code = NULL, executor_id = NULL, queued_at = $1,
+        exec_deadline = $1 + make_interval(secs => t.max_exec_timeout),
+        next_run = NULL, wait_deadline = NULL, status_change = $1
+    FROM due WHERE t.id = due.id
+    RETURNING t.id, t.job_id, t.app_name),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created)
+    SELECT 'task-sent', id, job_id, 'QUEUED', 0, $1 FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
+
+-- name: release_timers
+-- Resume tasks whose Timer is due: the timer stage's result is null and the task is queued at
+-- the next stage (an executor finishes it at once if that was the last stage).
+WITH due AS (
+    SELECT id FROM tasks
+    WHERE status = 'WAITING' AND wait_deadline <= $1 AND commands -> stage ->> 'kind' = 'timer'
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED),
+done AS (
+    UPDATE tasks t
+    SET status = 'QUEUED', stage = t.stage + 1, result = t.result || '[null]'::jsonb,
+        wait_deadline = NULL, status_change = $1
+    FROM due WHERE t.id = due.id
+    RETURNING t.id, t.job_id, t.stage, t.app_name),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created, data)
+    SELECT 'task-sent', id, job_id, 'QUEUED', stage, $1, '{"resumed": "timer"}'::jsonb FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
+
+-- name: overdue
+-- Tasks past their deadline (the run's exec_deadline, or a Message stage's wait deadline).
+SELECT id, status, executor_id, stage, cron, max_exec_timeout,
+       (exec_deadline <= $1) AS run_expired
+FROM tasks
+WHERE (status IN ('QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED') AND exec_deadline <= $1)
+   OR (status = 'WAITING' AND wait_deadline <= $1 AND commands -> stage ->> 'kind' = 'message')
+LIMIT $2;
+
+-- name: suspend_stale
+-- Suspend the tasks of executors that stopped heartbeating or went offline.
+WITH stale AS (
+    SELECT t.id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
+    WHERE t.status = 'EXECUTED'
+      AND (e.id IS NULL OR e.stopped_at IS NOT NULL OR e.heartbeat_at < $2)
+    LIMIT $3
+    FOR UPDATE OF t SKIP LOCKED),
+done AS (
+    UPDATE tasks t SET status = 'SUSPENDED', status_change = $1
+    FROM stale WHERE t.id = stale.id
+    RETURNING t.id, t.job_id, t.stage, t.executor_id),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, executor_id, $1,
+           '{"reason": "executor lost"}'::jsonb
+    FROM done)
+SELECT count(*) FROM done;
+
+-- name: requeue_suspended
+-- Queue SUSPENDED tasks again at the stage they were on (results and job_id kept).
+WITH due AS (
+    SELECT id FROM tasks WHERE status = 'SUSPENDED' LIMIT $2 FOR UPDATE SKIP LOCKED),
+done AS (
+    UPDATE tasks t SET status = 'QUEUED', executor_id = NULL, status_change = $1
+    FROM due WHERE t.id = due.id
+    RETURNING t.id, t.job_id, t.stage, t.app_name),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, created, data)
+    SELECT 'task-sent', id, job_id, 'QUEUED', stage, $1, '{"resumed": "suspended"}'::jsonb
+    FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
+
+-- name: prune_tasks
+-- Delete ended tasks older than the retention period, except cron and system tasks.
+WITH doomed AS (
+    SELECT id FROM tasks
+    WHERE status IN ('FINISHED', 'FAILED') AND status_change < $1 AND cron IS NULL
+      AND NOT system
+    LIMIT $2)
+DELETE FROM tasks t USING doomed WHERE t.id = doomed.id;
+
+-- name: prune_notifications
+-- Delete notifications older than the retention period.
+DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE created < $1 LIMIT $2);
+
+-- name: prune_events
+-- Delete events older than the retention period.
+DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created < $1 LIMIT $2);
+
+-- name: prune_executors
+-- Forget executors that have been silent longer than the retention period.
+DELETE FROM executors WHERE heartbeat_at < $1;
+
+-- name: notify_cancel
+-- Tell executors to abandon the running stages of these tasks.
+SELECT count(pg_notify('kaiju_tasks_cancel', id)) FROM unnest($1::text[]) AS id;
+
+-- name: notify_queued
+-- Wake executors of these apps.
+SELECT count(pg_notify('kaiju_tasks_queued', app)) FROM unnest($1::text[]) AS app;

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -395,6 +396,12 @@ def test_bad_regular_expression_is_a_validation_error():
     assert "invalid regular expression '(unclosed'" in error.message
 
 
+def test_ambiguous_regular_expression_is_refused_instead_of_warning():
+    error = invalid({"a": {"match": "`[[a]`"}})
+    assert "invalid regular expression '[[a]'" in error.message
+    assert "nested set" in error.message
+
+
 def test_too_long_patterns_are_refused():
     long = "a" * (conditions.MAX_PATTERN_LENGTH + 1)
     assert "pattern is longer than" in invalid({"a": {"match": long}}).message
@@ -432,7 +439,7 @@ def test_not_operator_operand_is_validated():
 
 
 def test_absurd_nesting_is_refused():
-    spec: dict = {"a": 1}
+    spec: dict[str, Any] = {"a": 1}
     for _ in range(conditions.MAX_DEPTH + 1):
         spec = {"not": spec}
     assert "nested deeper than" in invalid(spec).message
@@ -508,7 +515,9 @@ json_values = st.recursive(
 )
 operand = (
     json_scalars
-    | st.sampled_from(["[a]", "[0.count:1]", "[!e:1 + 1]", "`[x]`", "%a_", "^a", "(", "[", "a\\"])
+    | st.sampled_from(
+        ["[a]", "[0.count:1]", "[!e:1 + 1]", "`[x]`", "%a_", "^a", "(", "[", "a\\", "`[[a]`"]
+    )
     | st.lists(json_scalars, max_size=3)
 )
 operator_object = st.dictionaries(

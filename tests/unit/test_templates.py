@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,14 +13,14 @@ from kaiju_tasks import errors, templates
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 # The template data of the user guide's "Sharing data between stages".
-GUIDE_DATA = {
+GUIDE_DATA: dict[str, Any] = {
     "id": "my_task",
     "kws": {"command_name": "items.delete"},
     "executor": {"some_value_from_executor_config": True},
     "0": {"data": [{"id": "001"}, {"id": "005"}, {"id": "101"}]},
 }
 
-DATA = {
+DATA: dict[str, Any] = {
     "id": "my_task",
     "kws": {
         "command_name": "items.m_delete",
@@ -34,6 +35,7 @@ DATA = {
         "text": "a,b,c",
         "when": "2030-01-02T00:00:00+00:00",
         "nested": {"a": 1, "b": [1, 2]},
+        "huge": [1e308, 1e308],
     },
     "executor": {"name": "ex-1"},
     "0": {"data": [{"id": "001", "n": 1}, {"id": "005", "n": 2}], "count": 2, "items": []},
@@ -432,6 +434,7 @@ def test_x_function_name_must_be_plain_text():
         ("[!x:upper:kws.n]", "upper() needs a string"),
         ("[!x:keys:kws.n]", "keys() needs an object"),
         ("[!x:float:`inf`]", "float() result is not a finite number"),
+        ("[!x:sum:kws.huge]", "!x:sum result is not a finite number"),
         ("[!x:len:kws.missing]", "'kws' has no key 'missing'"),
     ],
 )
@@ -664,7 +667,7 @@ def test_validate_names_list_indexes_in_the_path():
 
 
 def test_validate_refuses_absurdly_deep_values():
-    value: list = []
+    value: list[Any] = []
     for _ in range(templates.MAX_VALUE_DEPTH + 5):
         value = [value]
     with pytest.raises(errors.ValidationError, match="nested deeper"):
@@ -690,7 +693,7 @@ def test_condition_is_importable_from_templates():
 
     assert Condition is conditions.Condition
     with pytest.raises(AttributeError):
-        _ = templates.NoSuchName  # type: ignore[attr-defined]
+        _ = templates.NoSuchName
 
 
 # --- helpers ------------------------------------------------------------------------------------

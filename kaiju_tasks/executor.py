@@ -1,0 +1,498 @@
+"""Executor: claims tasks, runs their stages, heartbeats, records results.
+
+A claimed task runs as a pipeline: evaluate the stage's condition, render its method and params
+from ``{id, kws, executor, "0", "1", ...}``, call it (in-process or over HTTP) within the stage's
+``max_timeout`` and the task's ``exec_deadline``, and commit the result before the next stage
+starts. A Timer or Message stage parks the task (WAITING) and frees the slot. Every write is
+guarded by (status EXECUTED, this executor, this stage): if the task was cancelled, timed out or
+rescued meanwhile, the write does not apply and the executor lets the task go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from kaiju_tasks import clock as clock_
+from kaiju_tasks import conditions, cron, errors, notifications, templates
+from kaiju_tasks import methods as methods_
+from kaiju_tasks.rpc import client as rpc_client
+from kaiju_tasks.rpc import protocol
+from kaiju_tasks.store import base
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 10
+DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
+DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
+DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
+
+current_task: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "kaiju_tasks_current_task", default=None
+)
+"""While a stage runs: ``{task_id, job_id, stage, app_name, executor_id, deadline}``."""
+
+
+class _Revoked(Exception):
+    """The task was taken from this executor (cancelled, timed out, rescued)."""
+
+
+class Executor:
+    """Runs tasks of ``apps``; use ``async with Executor(...)`` or ``run()``.
+
+    Args:
+        store: the engine store.
+        apps: app names whose tasks this executor claims.
+        methods: in-process methods stages may call.
+        app_urls: ``app_name -> JSON-RPC URL`` for stages of apps served over HTTP.
+        dsn: enables LISTEN/NOTIFY wake-ups and cancellations (polling works without it).
+        concurrency: tasks run at once.
+        data: the ``executor`` part of the template data.
+        poll_interval: longest idle wait between claims when no notification arrives.
+        heartbeat_interval: how often liveness is recorded (the manager rescues tasks of
+            executors silent for several intervals).
+        shutdown_grace: how long ``stop()`` lets running stages finish before handing their
+            tasks back (SUSPENDED, re-queued at once).
+    """
+
+    def __init__(
+        self,
+        store: base.EngineStore,
+        *,
+        apps: Sequence[str] = ("default",),
+        methods: methods_.Methods | None = None,
+        app_urls: Mapping[str, str] | None = None,
+        dsn: str | None = None,
+        clock: clock_.Clock | None = None,
+        executor_id: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        data: Mapping[str, Any] | None = None,
+        poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
+        heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL,
+        shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE,
+    ) -> None:
+        if concurrency < 1:
+            raise errors.ConfigError("concurrency must be at least 1")
+        self.store = store
+        self.apps = list(apps)
+        self.methods = methods if methods is not None else methods_.Methods()
+        self.app_urls = dict(app_urls or {})
+        self.clock: clock_.Clock = clock or clock_.SystemClock()
+        self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.concurrency = concurrency
+        self.data = dict(data or {})
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.shutdown_grace = shutdown_grace
+        self.client = rpc_client.Client()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._revoked: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._listener = (
+            notifications.Listener(
+                dsn, {notifications.QUEUED: self._on_queued, notifications.CANCEL: self._on_cancel}
+            )
+            if dsn
+            else None
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Executor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Register, start listening, claiming and heartbeating in the background."""
+        await self.store.register_executor(
+            self.id,
+            apps=self.apps,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=self.concurrency,
+            now=self.clock.now(),
+        )
+        logger.info(
+            "Executor online",
+            extra={"event": "executor_online", "executor_id": self.id, "apps": self.apps},
+        )
+        if self._listener is not None:
+            await self._listener.start()
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name=f"kaiju-tasks-claim-{self.id}"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"kaiju-tasks-heartbeat-{self.id}"),
+        ]
+
+    async def run(self) -> None:
+        """Run until cancelled, then stop cleanly."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop claiming, let running stages finish within the grace period, hand back the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        running = list(self._running.values())
+        if running:
+            await asyncio.wait(running, timeout=self.shutdown_grace.total_seconds())
+        left = [task_id for task_id, runner in self._running.items() if not runner.done()]
+        for task_id in left:
+            self._running[task_id].cancel()
+        if left:
+            await asyncio.wait([self._running[t] for t in left])
+            handed = await self.store.suspend_executor_tasks(self.id, left, now=self.clock.now())
+            logger.info(
+                "Tasks handed back",
+                extra={"event": "tasks_handed_back", "executor_id": self.id, "count": len(handed)},
+            )
+        if self._listener is not None:
+            await self._listener.stop()
+        await self.store.executor_stopped(self.id, now=self.clock.now())
+        await self.client.close()
+        logger.info("Executor offline", extra={"event": "executor_offline", "executor_id": self.id})
+
+    @property
+    def active(self) -> int:
+        """Tasks running now."""
+        return len(self._running)
+
+    # -- wake-ups -----------------------------------------------------------------------------
+
+    def _on_queued(self, app: str) -> None:
+        if not app or app in self.apps:
+            self._wake.set()
+
+    def _on_cancel(self, task_id: str) -> None:
+        self._revoke(task_id)
+
+    def _revoke(self, task_id: str) -> None:
+        runner = self._running.get(task_id)
+        if runner is not None and not runner.done():
+            self._revoked.add(task_id)
+            runner.cancel()
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            try:
+                claimed = await self.tick()
+            except Exception:
+                logger.exception(
+                    "Claim failed", extra={"event": "claim_failed", "executor_id": self.id}
+                )
+                claimed = 0
+            if claimed and self.active < self.concurrency:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval.total_seconds())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval.total_seconds())
+            try:
+                await self.store.heartbeat(self.id, active=self.active, now=self.clock.now())
+                await self._check_running()
+            except Exception:
+                logger.exception(
+                    "Heartbeat failed", extra={"event": "heartbeat_failed", "executor_id": self.id}
+                )
+
+    async def _check_running(self) -> None:
+        """Abandon tasks no longer ours (a lost cancel notification costs only this delay)."""
+        if not self._running:
+            return
+        rows = await self.store.task_status(list(self._running))
+        for task_id in list(self._running):
+            row = rows.get(task_id)
+            if row is None or row["status"] != "EXECUTED" or row["executor_id"] != self.id:
+                self._revoke(task_id)
+
+    async def tick(self) -> int:
+        """Claim as many tasks as there are free slots and start them; return how many."""
+        free = self.concurrency - len(self._running)
+        if free <= 0 or self._stopping:
+            return 0
+        rows = await self.store.claim(self.apps, self.id, limit=free, now=self.clock.now())
+        for row in rows:
+            runner = asyncio.create_task(self._run_task(row), name=f"kaiju-task-{row['id']}")
+            self._running[row["id"]] = runner
+            runner.add_done_callback(functools.partial(self._done, row["id"]))
+        return len(rows)
+
+    def _done(self, task_id: str, _runner: object = None) -> None:
+        self._running.pop(task_id, None)
+        self._revoked.discard(task_id)
+        self._wake.set()
+
+    # -- one task -----------------------------------------------------------------------------
+
+    async def _run_task(self, row: dict[str, Any]) -> None:
+        task_id = row["id"]
+        stage = row["stage"]
+        try:
+            await self._pipeline(row)
+        except _Revoked:
+            logger.info(
+                "Task taken away",
+                extra={
+                    "event": "task_abandoned",
+                    "task_id": task_id,
+                    "job_id": row["job_id"],
+                    "stage": stage,
+                },
+            )
+        except asyncio.CancelledError:
+            if task_id in self._revoked:
+                logger.info(
+                    "Stage abandoned",
+                    extra={"event": "stage_abandoned", "task_id": task_id, "job_id": row["job_id"]},
+                )
+                return  # cancelled on purpose: the store already says what happened
+            raise  # shutdown: stop() hands the task back
+        except Exception:
+            logger.exception(
+                "Task crashed the executor pipeline",
+                extra={"event": "task_crashed", "task_id": task_id, "job_id": row["job_id"]},
+            )
+
+    async def _pipeline(self, row: dict[str, Any]) -> None:
+        task_id = row["id"]
+        commands: list[dict[str, Any]] = row["commands"]
+        results: list[Any] = list(row["result"])
+        stage: int = row["stage"]
+        stages = len(commands)
+        if stage >= stages:  # a Timer or Message was the last stage
+            await self._finish(row, stage, None, append=False)
+            return
+        while True:
+            command = commands[stage]
+            now = self.clock.now()
+            data = self._template_data(row, results)
+            token = current_task.set(
+                {
+                    "task_id": task_id,
+                    "job_id": row["job_id"],
+                    "stage": stage,
+                    "app_name": row["app_name"],
+                    "executor_id": self.id,
+                    "deadline": row["exec_deadline"],
+                }
+            )
+            try:
+                condition = command.get("condition")
+                if condition is not None and not conditions.evaluate(condition, data, now=now):
+                    result = None
+                elif command.get("kind") == "timer":
+                    await self._wait(row, stage, now + timedelta(seconds=command["seconds"]))
+                    return
+                elif command.get("kind") == "message":
+                    limit = command.get("max_timeout")
+                    deadline = _deadline(row, now)
+                    if limit is not None:
+                        deadline = min(deadline, now + timedelta(seconds=limit))
+                    await self._wait(row, stage, deadline)
+                    return
+                else:
+                    result = await self._call(row, stage, command, data, now)
+            except errors.StageError as exc:
+                await self._fail(row, stage, exc)
+                return
+            except errors.ValidationError as exc:  # a template or condition that cannot apply
+                await self._fail(row, stage, errors.StageError(exc.message, retryable=False))
+                return
+            finally:
+                current_task.reset(token)
+            results.append(result)
+            if stage + 1 == stages:
+                await self._finish(row, stage, result, append=True)
+                return
+            applied = await self.store.record_stages(
+                self.id,
+                [{"id": task_id, "stage": stage, "result": result}],
+                now=self.clock.now(),
+            )
+            if task_id not in applied:
+                raise _Revoked
+            stage += 1
+
+    def _template_data(self, row: Mapping[str, Any], results: Sequence[Any]) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": row["id"], "kws": row["kws"], "executor": self.data}
+        for index, value in enumerate(results):
+            data[str(index)] = value
+        return data
+
+    async def _call(
+        self,
+        row: Mapping[str, Any],
+        stage: int,
+        command: Mapping[str, Any],
+        data: Mapping[str, Any],
+        now: datetime,
+    ) -> Any:
+        method = templates.render(command["method"], data, now=now)
+        if not isinstance(method, str) or not method:
+            raise errors.StageError(
+                f"method template rendered to {method!r}, not a method name", retryable=False
+            )
+        params = templates.render(command.get("params"), data, now=now)
+        deadline = _deadline(row, now)
+        limit_name = f"task deadline (max_exec_timeout {row['max_exec_timeout']} s)"
+        stage_limit = command.get("max_timeout")
+        if stage_limit is not None and now + timedelta(seconds=stage_limit) < deadline:
+            deadline = now + timedelta(seconds=stage_limit)
+            limit_name = f"stage max_timeout ({stage_limit:g} s)"
+        timeout = (deadline - now).total_seconds()
+        if timeout <= 0:
+            raise errors.StageTimeout(f"{limit_name} exceeded before stage {stage} started")
+        request_id = f"{row['id']}:{row['job_id']}:{stage}:{row['retries']}"
+        try:
+            async with asyncio.timeout(timeout):
+                if method in self.methods:
+                    return await self.methods.call(method, params)
+                url = self.app_urls.get(row["app_name"])
+                if url is None:
+                    raise errors.RemoteCallError(
+                        f"method {method!r} not found: it is not registered here and app "
+                        f"{row['app_name']!r} has no URL",
+                        code=protocol.METHOD_NOT_FOUND,
+                        retryable=False,
+                    )
+                return await self.client.call(
+                    url,
+                    method,
+                    params,
+                    request_id=request_id,
+                    correlation_id=row["job_id"],
+                    deadline=deadline,
+                    seconds_left=timeout,
+                )
+        except TimeoutError:
+            raise errors.StageTimeout(f"{limit_name} exceeded") from None
+        except errors.StageError:
+            raise
+        except Exception as exc:
+            logger.exception(
+                "Stage method raised",
+                extra={
+                    "event": "stage_error",
+                    "task_id": row["id"],
+                    "stage": stage,
+                    "job_id": row["job_id"],
+                },
+            )
+            raise errors.RemoteCallError(
+                f"{type(exc).__name__}: {exc}", code=protocol.INTERNAL_ERROR
+            ) from exc
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def _next_run(self, row: Mapping[str, Any]) -> str | None:
+        if not row.get("cron"):
+            return None
+        return cron.next_fire(row["cron"], self.clock.now()).isoformat()
+
+    async def _finish(
+        self, row: Mapping[str, Any], stage: int, result: Any, *, append: bool
+    ) -> None:
+        applied = await self.store.finish_tasks(
+            self.id,
+            [
+                {
+                    "id": row["id"],
+                    "stage": stage,
+                    "result": result,
+                    "append": append,
+                    "next_run": self._next_run(row),
+                }
+            ],
+            now=self.clock.now(),
+        )
+        if row["id"] not in applied:
+            raise _Revoked
+        logger.info(
+            "Task finished",
+            extra={"event": "task_finished", "task_id": row["id"], "job_id": row["job_id"]},
+        )
+
+    async def _wait(self, row: Mapping[str, Any], stage: int, until: datetime) -> None:
+        applied = await self.store.wait_tasks(
+            self.id,
+            [{"id": row["id"], "stage": stage, "wait_deadline": until.isoformat()}],
+            now=self.clock.now(),
+        )
+        if row["id"] not in applied:
+            raise _Revoked
+
+    async def _fail(self, row: Mapping[str, Any], stage: int, exc: errors.StageError) -> None:
+        timeout = isinstance(exc, errors.StageTimeout)
+        error: dict[str, Any] = {
+            "code": exc.code
+            if isinstance(exc, errors.RemoteCallError)
+            else (protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR),
+            "message": exc.message,
+            "stage": stage,
+            "reason": "timeout" if timeout else "error",
+        }
+        if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
+            error["data"] = exc.remote_data
+        applied = await self.store.fail_tasks(
+            [
+                {
+                    "id": row["id"],
+                    "status": "EXECUTED",
+                    "executor_id": self.id,
+                    "stage": stage,
+                    "error": error,
+                    "exit_code": 130 if timeout else 1,
+                    "retryable": exc.retryable,
+                    "next_run": self._next_run(row),
+                }
+            ],
+            now=self.clock.now(),
+        )
+        if not applied:
+            raise _Revoked
+        logger.info(
+            "Stage failed",
+            extra={
+                "event": "stage_failed",
+                "task_id": row["id"],
+                "job_id": row["job_id"],
+                "stage": stage,
+                "status": applied[0]["status"],
+                "error": exc.message,
+            },
+        )
+
+
+def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:
+    deadline: datetime | None = row["exec_deadline"]
+    if deadline is None:  # rows written by hand may lack it
+        return now + timedelta(seconds=row["max_exec_timeout"])
+    return deadline

@@ -1,0 +1,153 @@
+"""Manager: ``run()`` (advisory-lock leadership, wake-ups, interval) and ``tick(now)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from kaiju_tasks import clock as clock_
+from kaiju_tasks import notifications
+from kaiju_tasks.manager import steps
+from kaiju_tasks.store import base
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = timedelta(seconds=1)
+DEFAULT_GC_INTERVAL = timedelta(minutes=5)
+DEFAULT_STANDBY_INTERVAL = timedelta(seconds=2)
+
+Duty = Callable[[base.EngineStore, datetime, steps.Settings], Awaitable[int]]
+
+SCHEDULER_DUTIES: tuple[tuple[str, Duty], ...] = (
+    ("expire_timeouts", steps.expire_timeouts),
+    ("rescue_stale", steps.rescue_stale),
+    ("requeue_suspended", steps.requeue_suspended),
+    ("release_timers", steps.release_timers),
+    ("schedule_due", steps.schedule_due),
+)
+
+
+class Manager:
+    """Moves tasks through their statuses; only the leader of a database does.
+
+    Args:
+        store: the engine store.
+        leadership: the advisory lock that elects one leader (None: always lead, for tests).
+        dsn: enables LISTEN wake-ups (handed-back tasks are re-queued at once).
+        interval: time between ticks (time-based duties: timers, deadlines, cron).
+        scheduler: run the scheduling duties.
+        gc: run garbage collection (every ``gc_interval``).
+    """
+
+    def __init__(
+        self,
+        store: base.EngineStore,
+        *,
+        leadership: base.Leadership | None = None,
+        dsn: str | None = None,
+        clock: clock_.Clock | None = None,
+        settings: steps.Settings | None = None,
+        interval: timedelta = DEFAULT_INTERVAL,
+        gc_interval: timedelta = DEFAULT_GC_INTERVAL,
+        standby_interval: timedelta = DEFAULT_STANDBY_INTERVAL,
+        scheduler: bool = True,
+        gc: bool = True,
+    ) -> None:
+        self.store = store
+        self.leadership = leadership
+        self.clock: clock_.Clock = clock or clock_.SystemClock()
+        self.settings = settings or steps.Settings()
+        self.interval = interval
+        self.gc_interval = gc_interval
+        self.standby_interval = standby_interval
+        self.scheduler = scheduler
+        self.gc = gc
+        self.is_leader = False
+        self._last_gc: datetime | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener = (
+            notifications.Listener(
+                dsn, {notifications.MANAGER: self._poke, notifications.QUEUED: lambda _: None}
+            )
+            if dsn
+            else None
+        )
+
+    def _poke(self, _payload: str) -> None:
+        self._wake.set()
+
+    async def tick(self, now: datetime) -> dict[str, int]:
+        """Run every duty once; return what each did."""
+        done: dict[str, int] = {}
+        if self.scheduler:
+            for name, duty in SCHEDULER_DUTIES:
+                done[name] = await duty(self.store, now, self.settings)
+        if self.gc and (self._last_gc is None or now - self._last_gc >= self.gc_interval):
+            done["collect_garbage"] = await steps.collect_garbage(self.store, now, self.settings)
+            self._last_gc = now
+        if any(done.values()):
+            logger.debug("Manager tick", extra={"event": "manager_tick", **done})
+        return done
+
+    async def __aenter__(self) -> Manager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Run in the background."""
+        if self._listener is not None:
+            await self._listener.start()
+        self._task = asyncio.create_task(self._run(), name="kaiju-tasks-manager")
+
+    async def stop(self) -> None:
+        """Stop and give up leadership."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listener is not None:
+            await self._listener.stop()
+        if self.leadership is not None:
+            await self.leadership.release()
+        self.is_leader = False
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        await self.start()
+        try:
+            assert self._task is not None
+            await self._task
+        finally:
+            await self.stop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                leading = self.leadership is None or await self.leadership.hold()
+            except Exception:
+                logger.exception("Leadership check failed", extra={"event": "leader_error"})
+                leading = False
+            if leading != self.is_leader:
+                self.is_leader = leading
+                logger.info(
+                    "Manager leadership changed",
+                    extra={"event": "leader_elected" if leading else "leader_standby"},
+                )
+            if not leading:
+                await asyncio.sleep(self.standby_interval.total_seconds())
+                continue
+            try:
+                await self.tick(self.clock.now())
+            except Exception:
+                logger.exception("Manager tick failed", extra={"event": "manager_tick_failed"})
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval.total_seconds())

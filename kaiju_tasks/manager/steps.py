@@ -1,0 +1,115 @@
+"""The manager's duties: one coroutine each, ``(store, now, settings) -> count``.
+
+Each duty is a guarded statement (or a read followed by guarded writes) and safe to run twice:
+an item that changed meanwhile is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from typing import Any
+
+from kaiju_tasks import cron
+from kaiju_tasks.rpc import protocol
+from kaiju_tasks.store import base
+
+DEFAULT_BATCH = 1000
+DEFAULT_STALE_AFTER = timedelta(seconds=30)
+DEFAULT_TASK_RETENTION = timedelta(days=7)
+DEFAULT_NOTIFICATION_RETENTION = timedelta(days=30)
+DEFAULT_EVENT_RETENTION = timedelta(days=7)
+DEFAULT_EXECUTOR_RETENTION = timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Tunables of the duties."""
+
+    batch: int = DEFAULT_BATCH
+    """Most rows one duty handles per tick."""
+    stale_after: timedelta = DEFAULT_STALE_AFTER
+    """An executor silent this long is lost; its tasks are suspended and re-queued."""
+    task_retention: timedelta = DEFAULT_TASK_RETENTION
+    """Ended non-cron, non-system tasks are deleted this long after they ended."""
+    notification_retention: timedelta = DEFAULT_NOTIFICATION_RETENTION
+    """Notifications are deleted this long after they were written."""
+    event_retention: timedelta = DEFAULT_EVENT_RETENTION
+    """Events are deleted this long after they were written."""
+    executor_retention: timedelta = DEFAULT_EXECUTOR_RETENTION
+    """Executors silent this long are forgotten."""
+
+
+async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Fail (or retry) tasks past their run deadline or their Message wait deadline.
+
+    Running stages of those tasks are told to stop (their executors abandon the call).
+    """
+    rows = await store.overdue(now=now, limit=settings.batch)
+    if not rows:
+        return 0
+    items = [_timeout_item(row, now) for row in rows]
+    applied = await store.fail_tasks(items, now=now)
+    running = [r["id"] for r in applied if r["executor_id"] is not None]
+    if running:
+        await store.notify_cancel(running)
+    return len(applied)
+
+
+def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
+    if row["run_expired"]:
+        message = (
+            f"task deadline exceeded: max_exec_timeout {row['max_exec_timeout']} s from queued_at"
+        )
+    else:
+        message = "no message arrived before the Message stage's max_timeout"
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "executor_id": row["executor_id"],
+        "stage": row["stage"],
+        "error": {
+            "code": protocol.TIMEOUT,
+            "message": message,
+            "stage": row["stage"],
+            "reason": "timeout",
+        },
+        "exit_code": 130,
+        "retryable": True,
+        "next_run": cron.next_fire(row["cron"], now).isoformat() if row["cron"] else None,
+    }
+
+
+async def rescue_stale(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Suspend the tasks of executors that stopped heartbeating or went offline."""
+    return await store.suspend_stale(
+        now=now, silent_since=now - settings.stale_after, limit=settings.batch
+    )
+
+
+async def requeue_suspended(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Queue SUSPENDED tasks again at the stage they were on."""
+    return await store.requeue_suspended(now=now, limit=settings.batch)
+
+
+async def release_timers(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Resume tasks whose Timer is due at the next stage."""
+    return await store.release_timers(now=now, limit=settings.batch)
+
+
+async def schedule_due(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Queue due IDLE tasks (new, delayed retries) and ended cron tasks at their fire time."""
+    return await store.queue_due(now=now, limit=settings.batch)
+
+
+async def collect_garbage(store: base.EngineStore, now: datetime, settings: Settings) -> int:
+    """Delete old ended tasks, notifications, events and forgotten executors."""
+    total = 0
+    for what, keep in (
+        ("tasks", settings.task_retention),
+        ("notifications", settings.notification_retention),
+        ("events", settings.event_retention),
+        ("executors", settings.executor_retention),
+    ):
+        total += await store.prune(what, before=now - keep, limit=settings.batch * 10)
+    return total

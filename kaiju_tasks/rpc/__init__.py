@@ -1,0 +1,1 @@
+"""JSON-RPC: protocol types, the outbound client and the HTTP server."""

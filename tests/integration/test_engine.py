@@ -1,0 +1,498 @@
+"""Executor and manager together against a real PostgreSQL, with in-process and HTTP stages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import pytest
+from aiohttp import web
+
+from kaiju_tasks import Message, Task, TaskCommand, Timer
+from kaiju_tasks.conditions import Condition
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import Manager
+from kaiju_tasks.methods import MethodError, Methods
+from kaiju_tasks.store import postgres
+
+
+async def until(predicate, within=5.0):
+    """Poll ``predicate`` until it holds."""
+    deadline = time.monotonic() + within
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def wait_for(store, task_id, *statuses, within=10.0):
+    """Poll the task row until it reaches one of ``statuses``."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await store.get_task(task_id)
+        if row is not None and row["status"] in statuses:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} is {row and row['status']}, not {statuses}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def calls():
+    return []
+
+
+@pytest.fixture
+def registry(calls):
+    methods = Methods()
+    state = {"flaky": 0}
+
+    @methods.register("items.m_get")
+    async def m_get(conditions):
+        calls.append(("items.m_get", conditions))
+        return {"data": [{"id": "001"}, {"id": "005"}, {"id": "101"}]}
+
+    @methods.register("items.m_delete")
+    def m_delete(id):
+        calls.append(("items.m_delete", id))
+        return {"deleted": len(id)}
+
+    @methods.register("echo")
+    def echo(**kw):
+        calls.append(("echo", kw))
+        return kw
+
+    @methods.register("count")
+    def count(n):
+        return {"count": n}
+
+    @methods.register("flaky")
+    def flaky(fail_times):
+        state["flaky"] += 1
+        calls.append(("flaky", state["flaky"]))
+        if state["flaky"] <= fail_times:
+            raise MethodError("not yet", code=-32010, data={"attempt": state["flaky"]})
+        return {"attempt": state["flaky"]}
+
+    @methods.register("boom")
+    def boom():
+        raise ValueError("broken")
+
+    @methods.register("hang")
+    async def hang():
+        calls.append(("hang", None))
+        await asyncio.sleep(3600)
+
+    return methods
+
+
+@pytest.fixture
+async def executor(store, registry, clock, dsn):
+    ex = Executor(
+        store,
+        apps=["default", "orders"],
+        methods=registry,
+        clock=clock,
+        dsn=dsn,
+        poll_interval=timedelta(milliseconds=50),
+        heartbeat_interval=timedelta(milliseconds=200),
+    )
+    async with ex:
+        yield ex
+
+
+@pytest.fixture
+def manager(store, clock):
+    return Manager(store, clock=clock)
+
+
+async def test_stages_share_data_through_templates(task_service, store, executor, calls):
+    task = await task_service.create(
+        Task(
+            id="my_task",
+            commands=[
+                TaskCommand(method="items.m_get", params={"conditions": {"marked": True}}),
+                TaskCommand(method="[kws.command_name]", params={"id": "[0.data.id]"}),
+            ],
+            kws={"command_name": "items.m_delete"},
+        )
+    )
+    row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert row["status"] == "FINISHED"
+    assert row["exit_code"] == 0
+    assert row["result"][1] == {"deleted": 3}
+    assert calls == [("items.m_get", {"marked": True}), ("items.m_delete", ["001", "005", "101"])]
+
+
+async def test_condition_skips_a_stage_and_records_none(task_service, store, executor, calls):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="count", params={"n": 0}),
+                TaskCommand(
+                    method="echo", params={"x": 1}, condition=Condition({"0.count": {"gt": 0}})
+                ),
+                TaskCommand(
+                    method="echo", params={"y": 2}, condition=Condition({"0.count": {"eq": 0}})
+                ),
+            ]
+        )
+    )
+    row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert row["result"] == [{"count": 0}, None, {"y": 2}]
+    assert [c for c in calls if c[0] == "echo"] == [("echo", {"y": 2})]
+
+
+async def test_notification_is_written_when_notify_is_on(
+    task_service, notifications, store, executor
+):
+    task = await task_service.create(
+        Task(commands=[TaskCommand(method="count", params=[7])], notify=True)
+    )
+    row = await wait_for(store, task["id"], "FINISHED")
+    page = await notifications.list(conditions={"task_id": task["id"]})
+    assert [(n["status"], n["result"], n["job_id"]) for n in page["data"]] == [
+        ("FINISHED", [{"count": 7}], row["job_id"])
+    ]
+
+
+async def test_timer_parks_the_task_and_manager_resumes_it(
+    task_service, store, executor, manager, clock
+):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="count", params=[1]),
+                Timer(100),
+                TaskCommand(method="count", params=[2]),
+            ]
+        )
+    )
+    row = await wait_for(store, task["id"], "WAITING")
+    assert row["stage"] == 1
+    assert row["executor_id"] is None
+    assert row["wait_deadline"] == clock.now() + timedelta(seconds=100)
+    assert (await manager.tick(clock.now()))["release_timers"] == 0
+    clock.advance(100)
+    assert (await manager.tick(clock.now()))["release_timers"] == 1
+    row = await wait_for(store, task["id"], "FINISHED")
+    assert row["result"] == [{"count": 1}, None, {"count": 2}]
+
+
+async def test_message_resumes_with_its_data_as_the_stage_result(task_service, store, executor):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="echo", params={"callback_id": "[id]"}),
+                Message(max_timeout=None),
+                TaskCommand(method="echo", params={"url": "[1.url]"}),
+            ]
+        )
+    )
+    await wait_for(store, task["id"], "WAITING")
+    await task_service.write_message(task["id"], {"url": "http://statistics.example/r/1"})
+    row = await wait_for(store, task["id"], "FINISHED")
+    assert row["result"][2] == {"url": "http://statistics.example/r/1"}
+
+
+async def test_message_as_last_stage_finishes_the_task(task_service, store, executor):
+    task = await task_service.create(
+        Task(commands=[TaskCommand(method="count", params=[1]), Message()])
+    )
+    await wait_for(store, task["id"], "WAITING")
+    await task_service.write_message(task["id"], "done")
+    row = await wait_for(store, task["id"], "FINISHED")
+    assert row["result"] == [{"count": 1}, "done"]
+
+
+async def test_retry_current_keeps_earlier_results_and_resumes_at_failed_stage(
+    task_service, store, executor, calls
+):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="count", params=[1]),
+                TaskCommand(method="flaky", params={"fail_times": 2}),
+            ],
+            max_retries=3,
+            restart_policy="CURRENT",
+        )
+    )
+    row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert row["status"] == "FINISHED"
+    assert row["retries"] == 2
+    assert row["result"] == [{"count": 1}, {"attempt": 3}]
+
+
+async def test_retry_first_starts_over_and_result_never_grows_past_stages(
+    task_service, store, executor, calls
+):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="echo", params={"a": 1}),
+                TaskCommand(method="flaky", params={"fail_times": 1}),
+            ],
+            max_retries=2,
+            restart_policy="FIRST",
+        )
+    )
+    row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert row["status"] == "FINISHED"
+    assert row["result"] == [{"a": 1}, {"attempt": 2}]
+    assert [c for c in calls if c[0] == "echo"] == [("echo", {"a": 1})] * 2
+
+
+async def test_final_failure_records_error_exit_code_and_notification(
+    task_service, notifications, store, executor
+):
+    task = await task_service.create(
+        Task(
+            commands=[
+                TaskCommand(method="count", params=[1]),
+                TaskCommand(method="flaky", params={"fail_times": 5}),
+            ],
+            max_retries=1,
+            notify=True,
+        )
+    )
+    row = await wait_for(store, task["id"], "FAILED")
+    assert row["exit_code"] == 1
+    assert row["retries"] == 1
+    assert row["error"]["code"] == -32010
+    assert row["error"]["stage"] == 1
+    assert row["error"]["data"] == {"attempt": 2}
+    page = await notifications.list(conditions={"task_id": task["id"]})
+    assert [n["status"] for n in page["data"]] == ["FAILED"]
+
+
+async def test_exception_in_method_fails_the_stage_with_its_message(task_service, store, executor):
+    task = await task_service.create(Task(commands=[TaskCommand(method="boom")]))
+    row = await wait_for(store, task["id"], "FAILED")
+    assert row["error"]["message"] == "ValueError: broken"
+    assert row["exit_code"] == 1
+
+
+async def test_unknown_method_fails_without_retry(task_service, store, executor):
+    task = await task_service.create(Task(commands=[TaskCommand(method="nope")], max_retries=3))
+    row = await wait_for(store, task["id"], "FAILED")
+    assert row["retries"] == 0
+    assert "not found" in row["error"]["message"]
+
+
+async def test_stage_timeout_cancels_the_call_and_fails_with_130(
+    task_service, store, executor, calls
+):
+    task = await task_service.create(Task(commands=[TaskCommand(method="hang", max_timeout=0.3)]))
+    row = await wait_for(store, task["id"], "FAILED")
+    assert row["exit_code"] == 130
+    assert "stage max_timeout (0.3 s) exceeded" in row["error"]["message"]
+    assert executor.active == 0
+
+
+async def test_cancel_abandons_a_running_stage(task_service, store, executor, calls):
+    task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
+    await wait_for(store, task["id"], "EXECUTED")
+    await until(lambda: ("hang", None) in calls)
+    await task_service.cancel(task["id"])
+    await until(lambda: executor.active == 0)
+    assert executor.active == 0
+    row = await store.get_task(task["id"])
+    assert (row["status"], row["exit_code"]) == ("FAILED", 130)
+
+
+async def test_chained_task_starts_when_the_first_finishes_not_when_it_fails(
+    task_service, store, executor
+):
+    nxt = await task_service.create(
+        Task(commands=[TaskCommand(method="count", params=[2])], enabled=True, cron=None)
+    )
+    await wait_for(store, nxt["id"], "FINISHED")
+    first_job = (await store.get_task(nxt["id"]))["job_id"]
+    ok = await task_service.create(
+        Task(commands=[TaskCommand(method="count", params=[1])], next_task=nxt["id"])
+    )
+    await wait_for(store, ok["id"], "FINISHED")
+    row = await wait_for(store, nxt["id"], "FINISHED", "QUEUED", "EXECUTED")
+    assert row["job_id"] != first_job
+    await wait_for(store, nxt["id"], "FINISHED")
+    second_job = (await store.get_task(nxt["id"]))["job_id"]
+    bad = await task_service.create(
+        Task(commands=[TaskCommand(method="boom")], next_task=nxt["id"])
+    )
+    await wait_for(store, bad["id"], "FAILED")
+    assert (await store.get_task(nxt["id"]))["job_id"] == second_job
+
+
+async def test_cron_task_restarts_at_next_fire_time_with_fresh_job(
+    task_service, store, executor, manager, clock
+):
+    task = await task_service.create(
+        Task(commands=[TaskCommand(method="count", params=[1])], cron="*/5 * * * *")
+    )
+    assert task["status"] == "IDLE"
+    clock.advance(timedelta(minutes=5))
+    assert (await manager.tick(clock.now()))["schedule_due"] == 1
+    row = await wait_for(store, task["id"], "FINISHED")
+    assert row["next_run"] == clock.now() + timedelta(minutes=5)
+    first_job = row["job_id"]
+    clock.advance(timedelta(minutes=5))
+    await manager.tick(clock.now())
+    row = await wait_for(store, task["id"], "QUEUED", "EXECUTED", "FINISHED")
+    assert row["job_id"] != first_job
+
+
+async def test_http_stage_sends_correlation_id_deadline_and_stable_request_id(
+    task_service, store, registry, clock, dsn, aiohttp_server
+):
+    seen = []
+
+    async def rpc(request):
+        body = await request.json()
+        seen.append((request.headers.copy(), body))
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": body["id"], "result": {"got": body["params"]}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/public/rpc", rpc)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/public/rpc"))
+    async with Executor(
+        store,
+        apps=["remote"],
+        app_urls={"remote": url},
+        clock=clock,
+        dsn=dsn,
+        poll_interval=timedelta(milliseconds=50),
+    ):
+        task = await task_service.create(
+            Task(
+                app="remote",
+                commands=[TaskCommand(method="orders.delete", params={"expired": True})],
+            )
+        )
+        row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert row["result"] == [{"got": {"expired": True}}]
+    headers, body = seen[0]
+    assert headers["X-Correlation-Id"] == row["job_id"]
+    assert headers["X-Deadline"] == row["exec_deadline"].isoformat()
+    assert body["id"] == f"{row['id']}:{row['job_id']}:0:0"
+    assert body["method"] == "orders.delete"
+
+
+async def test_manager_requeues_tasks_of_a_lost_executor_at_their_stage(
+    store, manager, clock, make_task
+):
+    await make_task(
+        id="lost",
+        status="EXECUTED",
+        executor_id="ghost",
+        stage=1,
+        commands=[{"method": "a"}, {"method": "b"}],
+        result=[{"a": 1}],
+        job_id="j1",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    done = await manager.tick(clock.now())
+    assert done["rescue_stale"] == 1
+    assert done["requeue_suspended"] == 1
+    row = await store.get_task("lost")
+    assert (row["status"], row["stage"], row["result"], row["job_id"]) == (
+        "QUEUED",
+        1,
+        [{"a": 1}],
+        "j1",
+    )
+
+
+async def test_manager_fails_tasks_past_their_deadline_with_130(store, manager, clock, make_task):
+    await make_task(
+        id="late",
+        status="QUEUED",
+        job_id="j",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(seconds=10),
+    )
+    assert (await manager.tick(clock.now()))["expire_timeouts"] == 0
+    clock.advance(11)
+    assert (await manager.tick(clock.now()))["expire_timeouts"] == 1
+    row = await store.get_task("late")
+    assert (row["status"], row["exit_code"]) == ("FAILED", 130)
+    assert "max_exec_timeout" in row["error"]["message"]
+
+
+async def test_deadline_applies_while_waiting(store, manager, clock, make_task):
+    await make_task(
+        id="w",
+        status="WAITING",
+        commands=[Timer(100), {"method": "a"}],
+        job_id="j",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(seconds=50),
+        wait_deadline=clock.now() + timedelta(seconds=100),
+    )
+    clock.advance(60)
+    await manager.tick(clock.now())
+    row = await store.get_task("w")
+    assert (row["status"], row["exit_code"]) == ("FAILED", 130)
+
+
+async def test_idle_due_task_is_queued_but_disabled_and_future_ones_are_not(
+    store, manager, clock, make_task
+):
+    await make_task(id="due", status="IDLE", next_run=clock.now())
+    await make_task(id="future", status="IDLE", next_run=clock.now() + timedelta(hours=1))
+    await make_task(id="off", status="IDLE", next_run=clock.now(), enabled=False)
+    assert (await manager.tick(clock.now()))["schedule_due"] == 1
+    assert (await store.get_task("due"))["status"] == "QUEUED"
+    assert (await store.get_task("future"))["status"] == "IDLE"
+    assert (await store.get_task("off"))["status"] == "IDLE"
+
+
+async def test_two_executors_run_each_task_exactly_once(
+    task_service, store, registry, clock, dsn, calls
+):
+    created = await task_service.create(
+        [Task(commands=[TaskCommand(method="echo", params={"i": i})]) for i in range(300)]
+    )
+    async with (
+        Executor(store, methods=registry, clock=clock, dsn=dsn, concurrency=10),
+        Executor(store, methods=registry, clock=clock, dsn=dsn, concurrency=10),
+    ):
+        for task in created:
+            await wait_for(store, task["id"], "FINISHED")
+    assert sorted(kw["i"] for name, kw in calls if name == "echo") == list(range(300))
+
+
+async def test_stop_hands_unfinished_tasks_back_and_manager_requeues_them(
+    task_service, store, registry, clock, dsn, manager
+):
+    ex = Executor(
+        store, methods=registry, clock=clock, dsn=dsn, shutdown_grace=timedelta(milliseconds=100)
+    )
+    await ex.start()
+    task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
+    await wait_for(store, task["id"], "EXECUTED")
+    await ex.stop()
+    row = await store.get_task(task["id"])
+    assert row["status"] == "SUSPENDED"
+    await manager.tick(clock.now())
+    assert (await store.get_task(task["id"]))["status"] == "QUEUED"
+
+
+async def test_leadership_is_held_by_one_manager_at_a_time(store, clock, dsn):
+    a = postgres.AdvisoryLeadership(dsn)
+    b = postgres.AdvisoryLeadership(dsn)
+    try:
+        assert await a.hold()
+        assert not await b.hold()
+        await a.release()
+        assert await b.hold()
+    finally:
+        await a.release()
+        await b.release()
