@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
 import os
@@ -22,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from kaiju_tasks import batch, conditions, context, cron, errors, notifications, templates
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import conditions, cron, errors, notifications, templates
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.rpc import client as rpc_client
 from kaiju_tasks.rpc import protocol
@@ -35,11 +34,6 @@ DEFAULT_CONCURRENCY = 10
 DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
-
-current_task: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "kaiju_tasks_current_task", default=None
-)
-"""While a stage runs: ``{task_id, job_id, stage, app_name, executor_id, deadline}``."""
 
 
 class _Revoked(Exception):
@@ -95,6 +89,11 @@ class Executor:
         self.shutdown_grace = shutdown_grace
         self.client = rpc_client.Client()
         self._running: dict[str, asyncio.Task[None]] = {}
+        # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
+        self._record = batch.Batcher(self._record_stages, batch.applied_ids)
+        self._finish_batch = batch.Batcher(self._finish_tasks, batch.applied_ids)
+        self._wait_batch = batch.Batcher(self._wait_tasks, batch.applied_ids)
+        self._fail_batch = batch.Batcher(self._fail_tasks, batch.applied_rows)
         self._revoked: set[str] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -294,7 +293,7 @@ class Executor:
             command = commands[stage]
             now = self.clock.now()
             data = self._template_data(row, results)
-            token = current_task.set(
+            token = context.current_task.set(
                 {
                     "task_id": task_id,
                     "job_id": row["job_id"],
@@ -327,17 +326,12 @@ class Executor:
                 await self._fail(row, stage, errors.StageError(exc.message, retryable=False))
                 return
             finally:
-                current_task.reset(token)
+                context.current_task.reset(token)
             results.append(result)
             if stage + 1 == stages:
                 await self._finish(row, stage, result, append=True)
                 return
-            applied = await self.store.record_stages(
-                self.id,
-                [{"id": task_id, "stage": stage, "result": result}],
-                now=self.clock.now(),
-            )
-            if task_id not in applied:
+            if not await self._record.submit({"id": task_id, "stage": stage, "result": result}):
                 raise _Revoked
             stage += 1
 
@@ -420,20 +414,14 @@ class Executor:
     async def _finish(
         self, row: Mapping[str, Any], stage: int, result: Any, *, append: bool
     ) -> None:
-        applied = await self.store.finish_tasks(
-            self.id,
-            [
-                {
-                    "id": row["id"],
-                    "stage": stage,
-                    "result": result,
-                    "append": append,
-                    "next_run": self._next_run(row),
-                }
-            ],
-            now=self.clock.now(),
-        )
-        if row["id"] not in applied:
+        item = {
+            "id": row["id"],
+            "stage": stage,
+            "result": result,
+            "append": append,
+            "next_run": self._next_run(row),
+        }
+        if not await self._finish_batch.submit(item):
             raise _Revoked
         logger.info(
             "Task finished",
@@ -441,12 +429,8 @@ class Executor:
         )
 
     async def _wait(self, row: Mapping[str, Any], stage: int, until: datetime) -> None:
-        applied = await self.store.wait_tasks(
-            self.id,
-            [{"id": row["id"], "stage": stage, "wait_deadline": until.isoformat()}],
-            now=self.clock.now(),
-        )
-        if row["id"] not in applied:
+        item = {"id": row["id"], "stage": stage, "wait_deadline": until.isoformat()}
+        if not await self._wait_batch.submit(item):
             raise _Revoked
 
     async def _fail(self, row: Mapping[str, Any], stage: int, exc: errors.StageError) -> None:
@@ -461,22 +445,19 @@ class Executor:
         }
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
-        applied = await self.store.fail_tasks(
-            [
-                {
-                    "id": row["id"],
-                    "status": "EXECUTED",
-                    "executor_id": self.id,
-                    "stage": stage,
-                    "error": error,
-                    "exit_code": 130 if timeout else 1,
-                    "retryable": exc.retryable,
-                    "next_run": self._next_run(row),
-                }
-            ],
-            now=self.clock.now(),
+        applied = await self._fail_batch.submit(
+            {
+                "id": row["id"],
+                "status": "EXECUTED",
+                "executor_id": self.id,
+                "stage": stage,
+                "error": error,
+                "exit_code": 130 if timeout else 1,
+                "retryable": exc.retryable,
+                "next_run": self._next_run(row),
+            }
         )
-        if not applied:
+        if applied is None:
             raise _Revoked
         logger.info(
             "Stage failed",
@@ -485,10 +466,24 @@ class Executor:
                 "task_id": row["id"],
                 "job_id": row["job_id"],
                 "stage": stage,
-                "status": applied[0]["status"],
+                "status": applied["status"],
                 "error": exc.message,
             },
         )
+
+    # -- batched writes (group commit across this executor's tasks) ---------------------------
+
+    async def _record_stages(self, items: list[dict[str, Any]]) -> set[str]:
+        return await self.store.record_stages(self.id, items, now=self.clock.now())
+
+    async def _finish_tasks(self, items: list[dict[str, Any]]) -> set[str]:
+        return await self.store.finish_tasks(self.id, items, now=self.clock.now())
+
+    async def _wait_tasks(self, items: list[dict[str, Any]]) -> set[str]:
+        return await self.store.wait_tasks(self.id, items, now=self.clock.now())
+
+    async def _fail_tasks(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self.store.fail_tasks(items, now=self.clock.now())
 
 
 def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:

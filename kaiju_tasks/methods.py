@@ -46,6 +46,7 @@ class Methods:
 
     def __init__(self) -> None:
         self._methods: dict[str, Method] = {}
+        self._signatures: dict[str, inspect.Signature] = {}
 
     def register(self, name: str) -> Callable[[F], F]:
         """Register the decorated callable as ``name``."""
@@ -63,6 +64,7 @@ class Methods:
         if name in self._methods:
             raise errors.ConfigError(f"method {name!r} is already registered")
         self._methods[name] = function
+        self._signatures[name] = inspect.signature(function)
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods
@@ -81,13 +83,14 @@ class Methods:
             raise errors.RemoteCallError(
                 f"method {name!r} not found", code=protocol.METHOD_NOT_FOUND, retryable=False
             )
+        signature = self._signatures[name]
         try:
             if params is None:
-                bound = inspect.signature(function).bind()
+                bound = signature.bind()
             elif isinstance(params, dict):
-                bound = inspect.signature(function).bind(**params)
+                bound = signature.bind(**params)
             elif isinstance(params, list):
-                bound = inspect.signature(function).bind(*params)
+                bound = signature.bind(*params)
             else:
                 raise TypeError("params must be an object, a list or absent")
         except TypeError as exc:

@@ -496,3 +496,47 @@ async def test_leadership_is_held_by_one_manager_at_a_time(store, clock, dsn):
     finally:
         await a.release()
         await b.release()
+
+
+async def test_every_log_record_of_a_stage_carries_the_job_id(task_service, store, clock, dsn,
+                                                              caplog):
+    import logging
+
+    from kaiju_tasks import logs
+
+    app_logger = logging.getLogger("orders.app")
+    methods = Methods()
+
+    @methods.register("orders.delete")
+    def delete():
+        app_logger.warning("deleting expired orders")
+        return 1
+
+    caplog.handler.addFilter(logs.TaskContextFilter())
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        task = await task_service.create(Task(commands=[TaskCommand(method="orders.delete")]))
+        row = await wait_for(store, task["id"], "FINISHED")
+    records = [r for r in caplog.records if r.name == "orders.app"]
+    assert [(r.job_id, r.task_id, r.stage) for r in records] == [(row["job_id"], row["id"], 0)]
+    about_task = [r for r in caplog.records if getattr(r, "task_id", None) == row["id"]]
+    assert about_task
+    assert all(r.job_id == row["job_id"] for r in about_task)
+
+
+def test_json_log_format_includes_task_fields():
+    import json
+    import logging
+
+    from kaiju_tasks import context, logs
+
+    record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x"})
+    token = context.current_task.set({"task_id": "t", "job_id": "j", "stage": 2,
+                                      "executor_id": "e"})
+    try:
+        logs.TaskContextFilter().filter(record)
+    finally:
+        context.current_task.reset(token)
+    line = json.loads(logs.JsonFormatter().format(record))
+    assert line["message"] == "hello"
+    assert (line["task_id"], line["job_id"], line["stage"], line["executor_id"]) == (
+        "t", "j", 2, "e")
