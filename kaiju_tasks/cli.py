@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,7 +30,9 @@ def database(settings: config.Settings) -> Iterator[str]:
     if settings.database.dsn:
         yield settings.database.dsn
         return
-    data_dir = Path(settings.database.embedded_dir) if settings.database.embedded_dir else None
+    data_dir = embedded.default_data_dir(
+        settings.database.embedded_dir or os.environ.get(embedded.ENV_DATA_DIR) or None
+    )
     server = embedded.EmbeddedPostgres(data_dir)
     dsn = server.start()
     try:

@@ -26,6 +26,7 @@ from kaiju_tasks import errors
 ENV_PREFIX = "KAIJU_TASKS_"
 DEFAULT_POOL_MIN = 2
 DEFAULT_POOL_MAX = 10
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ def _convert(section: str, option: str, raw: str, kind: type[Any], source: str) 
             raise errors.ConfigError(
                 f"[{section}] {option} must be an integer, got {raw!r} (from {source})"
             ) from None
-    return raw or None if kind is str else raw
+    return raw or None if kind is str else raw  # an empty value means "not set"
 
 
 def load(
@@ -102,7 +103,9 @@ def load(
     sources: dict[str, str] = {}
 
     def put(section: str, option: str, value: Any, source: str) -> None:
-        section, option = section.lower(), option.lower()
+        section = section.lower()
+        if section != "apps":  # app names are case-sensitive; env names arrive lowercased
+            option = option.lower()
         if section == "apps":
             values["apps"][option] = value
         else:
@@ -118,6 +121,10 @@ def load(
             field_type = str if "str" in str(fields[option].type) else int
             if isinstance(value, str):
                 value = _convert(section, option, value, field_type, source)
+            if value is None:  # empty: back to the default
+                values[section].pop(option, None)
+                sources.pop(f"{section}.{option}", None)
+                return
             values[section][option] = value
         sources[f"{section}.{option}"] = source
 
@@ -158,4 +165,33 @@ def load(
         logging=LoggingSettings(**values["logging"]),
         apps=dict(values["apps"]),
     )
+    _check(settings, sources)
     return settings, sources
+
+
+def _check(settings: Settings, sources: Mapping[str, str]) -> None:
+    def where(key: str) -> str:
+        return f" (from {sources[key]})" if key in sources else ""
+
+    level = settings.logging.level
+    if str(level).upper() not in LOG_LEVELS:
+        raise errors.ConfigError(
+            f"[logging] level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+            + where("logging.level")
+        )
+    if settings.logging.format not in ("text", "json"):
+        raise errors.ConfigError(
+            f"[logging] format must be text or json, got {settings.logging.format!r}"
+            + where("logging.format")
+        )
+    db = settings.database
+    if db.pool_min < 1 or db.pool_max < db.pool_min:
+        raise errors.ConfigError(
+            f"[database] needs 1 <= pool_min <= pool_max, got {db.pool_min} and {db.pool_max}"
+            + (where("database.pool_min") or where("database.pool_max"))
+        )
+    for app, url in settings.apps.items():
+        if not str(url).startswith(("http://", "https://")):
+            raise errors.ConfigError(
+                f"[apps] {app} must be an http(s) URL, got {url!r}" + where(f"apps.{app}")
+            )

@@ -107,7 +107,7 @@ class Permission(enum.StrEnum):
     VIEW_OTHERS = "view_others"
     """See tasks and notifications of other users."""
     MODIFY_OTHERS = "modify_others"
-    """Change tasks and notifications of other users (implies nothing about seeing them)."""
+    """Change tasks and notifications of other users; takes effect with VIEW_OTHERS."""
     SYSTEM = "system"
     """Everything, including system-only fields (``user_id``, ``system``)."""
 
@@ -137,7 +137,16 @@ class Caller:
     @classmethod
     def user(cls, user_id: str, permissions: Iterable[str] = ()) -> Caller:
         """Build a user caller; ``permissions`` are :class:`Permission` values."""
-        return cls(user_id=user_id, permissions=frozenset(Permission(p) for p in permissions))
+        found = []
+        for p in permissions:
+            try:
+                found.append(Permission(p))
+            except ValueError:
+                known = ", ".join(m.value for m in Permission)
+                raise errors.ValidationError(
+                    f"unknown permission {p!r}; known: {known}", field="permissions"
+                ) from None
+        return cls(user_id=user_id, permissions=frozenset(found))
 
 
 SYSTEM = Caller(user_id=None, permissions=frozenset({Permission.SYSTEM}))
@@ -166,7 +175,7 @@ def _located(exc: errors.ValidationError, top: str) -> str:
 
 
 ConditionSpec = Annotated[JSONValue, BeforeValidator(_condition_spec)]
-_Timeout = Annotated[float, Field(gt=0, le=Limit.MAX_T)]
+_Timeout = Annotated[int | float, Field(gt=0, le=Limit.MAX_T)]  # int stays int
 
 
 _VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("validating", default=False)

@@ -15,6 +15,7 @@ from typing import Any
 
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import cron, errors, models
+from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
 MAX_LIMIT = 1000
@@ -262,6 +263,8 @@ class TaskService:
         if not fields:
             raise errors.ValidationError("no fields to change", field="data")
         for name in fields & models.SYSTEM_ONLY_FIELDS:
+            if name == "user_id" and update.user_id == caller.user_id is not None:
+                continue
             if not caller.is_system:
                 raise errors.ValidationError(
                     "only a system caller may set it", field=f"data.{name}"
@@ -287,14 +290,32 @@ class TaskService:
             raise errors.ValidationError(exc.message, field=f"data.{exc.field}") from None
         if changes.get("next_task") is not None:
             await self._check_next_tasks({"data.next_task": changes["next_task"]}, access)
-        if changes.get("cron") and current["status"] == models.TaskStatus.IDLE:
-            changes["next_run"] = cron.next_fire(changes["cron"], self.clock.now())
+        allowed = _ALL_BUT_RUNNING
+        status = current["status"]
+        now = self.clock.now()
+        if "cron" in changes and status == models.TaskStatus.IDLE:
+            # A new schedule fires next at its own time; without one an idle task waits for a
+            # reset or an update instead of running once at the old fire time.
+            changes["next_run"] = cron.next_fire(changes["cron"], now) if changes["cron"] else None
+        if changes.get("enabled") is False and status == models.TaskStatus.QUEUED:
+            # Disabling a queued task takes it off the queue; enabling queues it again.
+            changes.update(status=models.TaskStatus.IDLE.value, next_run=now, job_id=None)
+            allowed = (models.TaskStatus.QUEUED.value,)
+        if (
+            "max_exec_timeout" in changes
+            and current["queued_at"] is not None
+            and status
+            in (models.TaskStatus.QUEUED, models.TaskStatus.WAITING, models.TaskStatus.SUSPENDED)
+        ):
+            changes["exec_deadline"] = current["queued_at"] + timedelta(
+                seconds=changes["max_exec_timeout"]
+            )
         row = await self.store.update_task(
             task_id,
             changes,
             modify_all=access.modify_all,
             user_id=access.user_id,
-            allowed_statuses=_ALL_BUT_RUNNING,
+            allowed_statuses=allowed,
             commands_statuses=_COMMANDS_EDITABLE if "commands" in changes else None,
         )
         if row is None:
@@ -311,14 +332,16 @@ class TaskService:
         return _json_ready(row, selected)
 
     async def delete(self, id: str, *, caller: models.Caller = models.SYSTEM) -> None:
-        """Delete a task (tasks chaining to it stop chaining)."""
+        """Delete a task that is not running (tasks chaining to it stop chaining)."""
         task_id = _id(id)
         access = _Access(caller)
         deleted = await self.store.delete_task(
             task_id, modify_all=access.modify_all, user_id=access.user_id
         )
         if not deleted:
-            raise await self._explain(task_id, access, "task {id!r} was not deleted")
+            raise await self._explain(
+                task_id, access, "task {id!r} is running ({status}): cancel it before deleting"
+            )
 
     async def reset(self, id: str, *, caller: models.Caller = models.SYSTEM) -> dict[str, Any]:
         """Return a task to its initial state and queue it again with a new ``job_id``.
@@ -373,7 +396,7 @@ class TaskService:
         access = _Access(caller)
         current = await self._visible(task_id, access)
         error = {
-            "code": models.ExitCode.ABORTED.value,
+            "code": protocol.CANCELLED,
             "message": "Task cancelled",
             "stage": current["stage"],
             "reason": "cancelled",

@@ -43,6 +43,8 @@ class Settings:
 async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Settings) -> int:
     """Fail (or retry) tasks past their run deadline or their Message wait deadline.
 
+    A task not started by its ``expires_at`` is revoked without retry.
+
     Running stages of those tasks are told to stop (their executors abandon the call).
     """
     rows = await store.overdue(now=now, limit=settings.batch)
@@ -57,7 +59,13 @@ async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Sett
 
 
 def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
-    if row["run_expired"]:
+    retryable = True
+    reason = "timeout"
+    if row["expired"]:
+        message = f"task expired at {row['expires_at'].isoformat()} before it started"
+        retryable = False
+        reason = "expired"
+    elif row["run_expired"]:
         message = (
             f"task deadline exceeded: max_exec_timeout {row['max_exec_timeout']} s from queued_at"
         )
@@ -72,10 +80,10 @@ def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
             "code": protocol.TIMEOUT,
             "message": message,
             "stage": row["stage"],
-            "reason": "timeout",
+            "reason": reason,
         },
         "exit_code": 130,
-        "retryable": True,
+        "retryable": retryable,
         "next_run": cron.next_fire(row["cron"], now).isoformat() if row["cron"] else None,
     }
 

@@ -15,6 +15,8 @@ NOT_FOUND: Final = -32002
 CONFLICT: Final = -32003
 TIMEOUT: Final = -32004
 REJECTED: Final = -32005
+CANCELLED: Final = -32006
+"""The error code of a task cancelled by a user."""
 
 CORRELATION_HEADER: Final = "X-Correlation-Id"
 """Carries the task's ``job_id`` on every stage call."""

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -66,7 +67,11 @@ def _translate() -> Any:
     try:
         yield
     except asyncpg.UniqueViolationError as exc:
-        raise errors.Conflict(_detail(exc) or "the object already exists") from exc
+        match = re.search(r"\(id\)=\((.*)\) already exists", _detail(exc) or "")
+        raise errors.Conflict(
+            f"task {match.group(1)!r} already exists" if match else "the object already exists",
+            field="id",
+        ) from exc
     except asyncpg.ForeignKeyViolationError as exc:
         raise errors.ValidationError(
             _detail(exc) or "a referenced task does not exist", field="next_task"

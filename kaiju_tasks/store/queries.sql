@@ -40,8 +40,10 @@ SELECT * FROM tasks WHERE id = $1;
 SELECT id, user_id FROM tasks WHERE id = ANY($1::text[]);
 
 -- name: delete_task
--- Delete a task the caller may change.
-DELETE FROM tasks WHERE id = $1 AND ($2::boolean OR user_id = $3) RETURNING id;
+-- Delete a task the caller may change, unless an executor is running it.
+DELETE FROM tasks
+WHERE id = $1 AND ($2::boolean OR user_id = $3) AND status <> 'EXECUTED'
+RETURNING id;
 
 -- name: reset_task
 -- Return a task that is not running to its initial state and queue it (IDLE if disabled).
@@ -162,6 +164,7 @@ INSERT INTO events (type, executor_id, created) SELECT 'worker-offline', e.id, $
 WITH picked AS (
     SELECT id FROM tasks
     WHERE status = 'QUEUED' AND app_name = ANY($1::text[]) AND enabled
+      AND (expires_at IS NULL OR expires_at > $4)
     ORDER BY priority DESC, queued_at, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED),
@@ -381,12 +384,17 @@ wake AS (
 SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: overdue
--- Tasks past their deadline (the run's exec_deadline, or a Message stage's wait deadline).
-SELECT id, status, executor_id, stage, cron, max_exec_timeout,
+-- Tasks past a deadline: the run's exec_deadline, a Message stage's wait deadline, or
+-- `expires_at` before the run started (Celery's `expires`).
+SELECT id, status, executor_id, stage, cron, max_exec_timeout, expires_at,
+       (status IN ('IDLE', 'QUEUED') AND stage = 0 AND result = '[]'::jsonb
+        AND expires_at <= $1) AS expired,
        (exec_deadline <= $1) AS run_expired
 FROM tasks
 WHERE (status IN ('QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED') AND exec_deadline <= $1)
    OR (status = 'WAITING' AND wait_deadline <= $1 AND commands -> stage ->> 'kind' = 'message')
+   OR (status IN ('IDLE', 'QUEUED') AND expires_at <= $1 AND stage = 0
+       AND result = '[]'::jsonb)
 LIMIT $2;
 
 -- name: suspend_stale
@@ -430,6 +438,7 @@ WITH doomed AS (
     SELECT id FROM tasks
     WHERE status IN ('FINISHED', 'FAILED') AND status_change < $1 AND cron IS NULL
       AND NOT system
+      AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.next_task = tasks.id)
     LIMIT $2)
 DELETE FROM tasks t USING doomed WHERE t.id = doomed.id;
 

@@ -226,6 +226,15 @@ def _filter_column(table: sa.Table, name: Any, field: str) -> sa.Column[Any]:
     return column
 
 
+def _sort_column(table: sa.Table, name: Any, field: str) -> sa.Column[Any]:
+    column = _column(table, name, field)
+    if _is_json(column):
+        raise errors.ValidationError(
+            f"column {name!r} holds JSON and cannot be sorted by", field=field
+        )
+    return column
+
+
 def compile_sort(table: sa.Table, sort: Any, field: str = "sort") -> list[sa.UnaryExpression[Any]]:
     """Compile ``sort``: a column name, or a list of names, ``{"desc": col}``, ``{"asc": col}``."""
     if sort is None:
@@ -240,12 +249,12 @@ def compile_sort(table: sa.Table, sort: Any, field: str = "sort") -> list[sa.Una
     for i, item in enumerate(sort):
         where = f"{field}.{i}"
         if isinstance(item, str):
-            order.append(_filter_column(table, item, where).asc())
+            order.append(_sort_column(table, item, where).asc())
         elif isinstance(item, Mapping) and len(item) == 1:
             ((direction, name),) = item.items()
             if direction not in ("asc", "desc"):
                 raise errors.ValidationError("direction is 'asc' or 'desc'", field=where)
-            column = _filter_column(table, name, where)
+            column = _sort_column(table, name, where)
             order.append(column.desc() if direction == "desc" else column.asc())
         else:
             raise errors.ValidationError(
@@ -260,6 +269,8 @@ def compile_columns(table: sa.Table, columns: Any, field: str = "columns") -> li
         return list(table.c)
     if isinstance(columns, str):
         columns = [columns]
+    if isinstance(columns, tuple):
+        columns = list(columns)
     if not isinstance(columns, list) or not columns:
         raise errors.ValidationError("columns is a non-empty list of column names", field=field)
     return [_column(table, name, f"{field}.{i}") for i, name in enumerate(columns)]

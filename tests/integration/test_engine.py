@@ -290,7 +290,7 @@ async def test_stage_timeout_cancels_the_call_and_fails_with_130(
     row = await wait_for(store, task["id"], "FAILED")
     assert row["exit_code"] == 130
     assert "stage max_timeout (0.3 s) exceeded" in row["error"]["message"]
-    assert executor.active == 0
+    await until(lambda: executor.active == 0)
 
 
 async def test_cancel_abandons_a_running_stage(task_service, store, executor, calls):
@@ -498,8 +498,9 @@ async def test_leadership_is_held_by_one_manager_at_a_time(store, clock, dsn):
         await b.release()
 
 
-async def test_every_log_record_of_a_stage_carries_the_job_id(task_service, store, clock, dsn,
-                                                              caplog):
+async def test_every_log_record_of_a_stage_carries_the_job_id(
+    task_service, store, clock, dsn, caplog
+):
     import logging
 
     from kaiju_tasks import logs
@@ -530,8 +531,9 @@ def test_json_log_format_includes_task_fields():
     from kaiju_tasks import context, logs
 
     record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x"})
-    token = context.current_task.set({"task_id": "t", "job_id": "j", "stage": 2,
-                                      "executor_id": "e"})
+    token = context.current_task.set(
+        {"task_id": "t", "job_id": "j", "stage": 2, "executor_id": "e"}
+    )
     try:
         logs.TaskContextFilter().filter(record)
     finally:
@@ -539,4 +541,50 @@ def test_json_log_format_includes_task_fields():
     line = json.loads(logs.JsonFormatter().format(record))
     assert line["message"] == "hello"
     assert (line["task_id"], line["job_id"], line["stage"], line["executor_id"]) == (
-        "t", "j", 2, "e")
+        "t",
+        "j",
+        2,
+        "e",
+    )
+
+
+async def test_task_not_started_by_expires_at_is_revoked_without_retry(
+    store, manager, clock, make_task
+):
+    await make_task(
+        id="exp",
+        status="QUEUED",
+        job_id="j",
+        queued_at=clock.now(),
+        max_retries=3,
+        exec_deadline=clock.now() + timedelta(minutes=5),
+        expires_at=clock.now() + timedelta(seconds=5),
+    )
+    assert (
+        await store.claim(["default"], "ex", limit=5, now=clock.now() + timedelta(seconds=6)) == []
+    )
+    clock.advance(6)
+    await manager.tick(clock.now())
+    row = await store.get_task("exp")
+    assert (row["status"], row["exit_code"], row["retries"]) == ("FAILED", 130, 0)
+    assert row["error"]["reason"] == "expired"
+
+
+async def test_garbage_collection_keeps_old_tasks_that_others_chain_to(
+    store, manager, clock, make_task
+):
+    old = clock.now() - timedelta(days=30)
+    await make_task(id="target", status="FINISHED", status_change=old, next_run=None)
+    await make_task(id="lonely", status="FINISHED", status_change=old, next_run=None)
+    await make_task(
+        id="chainer",
+        status="IDLE",
+        next_task="target",
+        cron="0 0 * * *",
+        next_run=clock.now() + timedelta(hours=1),
+    )
+    done = await manager.tick(clock.now())
+    assert done["collect_garbage"] >= 1
+    assert await store.get_task("lonely") is None
+    assert await store.get_task("target") is not None
+    assert (await store.get_task("chainer"))["next_task"] == "target"

@@ -109,7 +109,7 @@ async def test_create_many_can_return_selected_columns_only(task_service):
 
 async def test_create_refuses_an_existing_id(task_service):
     await task_service.create(simple(id="dup"))
-    with pytest.raises(errors.Conflict, match="dup"):
+    with pytest.raises(errors.Conflict, match=r"^task 'dup' already exists$"):
         await task_service.create(simple(id="dup"))
 
 
@@ -760,3 +760,72 @@ async def test_notifications_are_private_to_their_user(notifications, noted):
     with pytest.raises(NotAuthorized):
         await notifications.delete(bobs, caller=AUDITOR)
     assert (await notifications.list(caller=AUDITOR))["count"] == 3
+
+
+# -- regressions ----------------------------------------------------------------------------------
+
+
+def test_unknown_permission_is_a_validation_error():
+    with pytest.raises(ValidationError, match="unknown permission 'admin'") as exc:
+        Caller.user("u", ["admin"])
+    assert exc.value.field == "permissions"
+
+
+async def test_whole_second_timeouts_stay_integers(task_service):
+    task = await task_service.create(
+        Task(commands=[Timer(30), TaskCommand(method="a", max_timeout=5)])
+    )
+    assert isinstance(task["commands"][0]["seconds"], int)
+    assert isinstance(task["commands"][1]["max_timeout"], int)
+    assert Timer(0.5).seconds == 0.5
+
+
+async def test_disabling_a_queued_task_takes_it_off_the_queue(task_service, clock):
+    await task_service.create(simple(id="q"))
+    task = await task_service.update("q", {"enabled": False})
+    assert (task["status"], task["job_id"]) == ("IDLE", None)
+    task = await task_service.update("q", {"enabled": True})
+    assert task["next_run"] == clock.now().isoformat()
+
+
+async def test_removing_cron_from_an_idle_task_stops_its_schedule(task_service):
+    await task_service.create(simple(id="c", cron="0 * * * *"))
+    task = await task_service.update("c", {"cron": None})
+    assert (task["status"], task["next_run"]) == ("IDLE", None)
+
+
+async def test_changing_max_exec_timeout_of_a_queued_task_moves_its_deadline(task_service, clock):
+    await task_service.create(simple(id="d"))
+    task = await task_service.update("d", {"max_exec_timeout": 60})
+    assert task["exec_deadline"] == (clock.now() + timedelta(seconds=60)).isoformat()
+
+
+async def test_a_user_may_name_itself_as_user_id_in_an_update(task_service):
+    await task_service.create(simple(id="a"), caller=ALICE)
+    task = await task_service.update("a", {"user_id": "alice"}, caller=ALICE)
+    assert task["user_id"] == "alice"
+
+
+async def test_delete_refuses_a_running_task(task_service, make_task):
+    await make_task(id="run", status="EXECUTED", executor_id="x")
+    with pytest.raises(InvalidTransition, match="cancel it before deleting"):
+        await task_service.delete("run")
+    assert await task_service.exists("run")
+
+
+async def test_cancel_error_is_a_json_rpc_error_object(task_service):
+    await task_service.create(simple(id="c"))
+    error = (await task_service.cancel("c"))["error"]
+    assert error["code"] == -32006
+    assert error["message"] == "Task cancelled"
+
+
+async def test_sorting_by_a_json_column_says_so(task_service):
+    with pytest.raises(ValidationError, match="cannot be sorted by") as exc:
+        await task_service.list(sort=["kws"])
+    assert exc.value.field == "sort.0"
+
+
+async def test_list_accepts_a_tuple_of_columns(task_service, five):
+    page = await task_service.list(columns=("id",), limit=1)
+    assert page["data"] == [{"id": "task0"}]

@@ -89,3 +89,31 @@ def test_bad_configuration_is_a_clear_error(tmp_path, text, message):
 def test_missing_config_path_is_an_error(tmp_path):
     with pytest.raises(errors.ConfigError, match="does not exist"):
         config.load(paths=[], config_path=tmp_path / "nope.ini", environ={})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"KAIJU_TASKS_LOGGING_LEVEL": "LOUD"}, "level must be one of"),
+        ({"KAIJU_TASKS_LOGGING_FORMAT": "xml"}, "format must be text or json"),
+        ({"KAIJU_TASKS_DATABASE_POOL_MIN": "0"}, "pool_min <= pool_max"),
+        ({"KAIJU_TASKS_DATABASE_POOL_MIN": "20"}, "pool_min <= pool_max"),
+        ({"KAIJU_TASKS_APPS_ORDERS": "orders:8080"}, "must be an http"),
+    ],
+)
+def test_invalid_values_are_refused_with_their_source(environ, message):
+    with pytest.raises(errors.ConfigError, match=message) as exc:
+        config.load(paths=[], environ=environ)
+    assert "env KAIJU_TASKS_" in str(exc.value)
+
+
+def test_an_empty_value_falls_back_to_the_default():
+    settings, sources = config.load(paths=[], environ={"KAIJU_TASKS_LOGGING_LEVEL": ""})
+    assert settings.logging.level == "INFO"
+    assert "logging.level" not in sources
+
+
+def test_app_names_keep_their_case_in_files(tmp_path):
+    path = _write(tmp_path / "apps.ini", "[apps]\nOrders = http://orders/rpc\n")
+    settings, _ = config.load(paths=[path], environ={})
+    assert settings.apps == {"Orders": "http://orders/rpc"}

@@ -1,0 +1,1 @@
+"""Benchmark of kaiju-tasks against pgqueuer and procrastinate (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""Adapters of the peer task queues (same interface as bench/kaiju.py)."""

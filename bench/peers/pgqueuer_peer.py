@@ -1,0 +1,132 @@
+"""pgqueuer: producer side (Queries.enqueue with lists) and worker side (PgQueuer.run).
+
+Idiomatic API as documented for pgqueuer 1.x: ``Queries(AsyncpgDriver(conn)).install()`` (what
+``pgq install`` runs), ``Queries.enqueue(entrypoints, payloads, priorities)`` for a batch,
+``PgQueuer(AsyncpgDriver(conn))`` with ``@pgq.entrypoint(name)`` handlers and ``pgq.run(...)``
+(what ``pgq run`` runs). A pipeline is chained by enqueueing the next job from each handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, Job, PgQueuer, Queries
+
+from bench import common
+
+# One worker with at most 10 jobs in flight: pgqueuer requires
+# max_concurrent_tasks >= 2 * batch_size, so the largest batch for a cap of 10 is 5.
+BATCH_SIZE = 5
+
+
+def _payload(**data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+class PgQueuerPeer:
+    name = "pgqueuer"
+    database = "bench_pgqueuer"
+
+    def __init__(self) -> None:
+        self.connection: asyncpg.Connection | None = None
+        self.queries: Queries | None = None
+
+    async def install(self, dsn: str) -> None:
+        connection = await asyncpg.connect(dsn)
+        try:
+            await Queries(AsyncpgDriver(connection)).install()
+        finally:
+            await connection.close()
+
+    async def open(self, dsn: str) -> None:
+        self.connection = await asyncpg.connect(dsn)
+        self.queries = Queries(AsyncpgDriver(self.connection))
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+    async def enqueue_noop(self, n: int) -> None:
+        assert self.queries is not None
+        await self.queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+
+    async def enqueue_latency(self, t0: float) -> None:
+        assert self.queries is not None
+        await self.queries.enqueue("noop", _payload(t0=t0))
+
+    async def enqueue_pipelines(self, n: int) -> None:
+        assert self.queries is not None
+        first = _payload(x=1)
+        await self.queries.enqueue(["step1"] * n, [first] * n, [0] * n)
+
+    def done_query(self, mode: str) -> tuple[str, int]:
+        # A finished job is deleted from `pgqueuer` and logged once in `pgqueuer_log`.
+        stages = common.PIPELINE_STAGES if mode == common.PIPELINE else 1
+        return "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'", stages
+
+
+async def run_worker(
+    dsn: str,
+    mode: str,
+    reporter: common.Reporter,
+    stop: asyncio.Event,
+    *,
+    concurrency: int,
+    trace: bool = False,
+) -> None:
+    connection = await asyncpg.connect(dsn)
+    pgq = PgQueuer(AsyncpgDriver(connection))
+    # Handlers enqueue the next stage through their own small pool, so that they do not queue
+    # behind the worker's single dequeue/log connection.
+    enqueue_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
+    assert enqueue_pool is not None
+    producer = Queries(AsyncpgPoolDriver(enqueue_pool))
+
+    @pgq.entrypoint("noop")
+    async def noop(job: Job) -> None:
+        if job.payload:
+            reporter.latency(json.loads(job.payload)["t0"])
+        reporter.final()
+
+    @pgq.entrypoint("step1")
+    async def step1(job: Job) -> None:
+        x = json.loads(job.payload or b"{}")["x"]
+        await producer.enqueue("step2", _payload(x=x + 1))
+
+    @pgq.entrypoint("step2")
+    async def step2(job: Job) -> None:
+        x = json.loads(job.payload or b"{}")["x"]
+        await producer.enqueue("step3", _payload(x=x + 1))
+
+    @pgq.entrypoint("step3")
+    async def step3(job: Job) -> None:
+        reporter.final()
+
+    try:
+        reporter.ready()
+        runner = asyncio.create_task(
+            pgq.run(
+                batch_size=min(BATCH_SIZE, max(1, concurrency // 2)),
+                max_concurrent_tasks=concurrency,
+                dequeue_timeout=timedelta(seconds=30),
+            )
+        )
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        pgq.shutdown.set()
+        stopper.cancel()
+        try:
+            await asyncio.wait_for(runner, timeout=10)
+        except TimeoutError:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    finally:
+        await enqueue_pool.close()
+        if not connection.is_closed():
+            await connection.close()
