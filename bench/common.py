@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -117,7 +117,3 @@ class System(Protocol):
     def done_query(self, mode: str) -> tuple[str, int]:
         """SQL counting completed units, and the multiplier of ``n`` it must reach."""
         ...
-
-
-def worker_args(args: Any) -> tuple[str, str, int, int]:
-    return args.dsn, args.mode, args.expect, args.concurrency

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -137,29 +139,34 @@ class Worker:
             stderr.close()
         LIVE.add(self.proc)
         self._reader = asyncio.create_task(self._read())
-        if profiling and self.args.profile == "py-spy":
-            self.profile_path = self.args.profile_dir / f"{self.label}.raw"
-            self._spy = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(self.proc.pid),
-                "--rate",
-                "250",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "-o",
-                str(self.profile_path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            LIVE.add(self._spy)
+
+    async def attach_profiler(self) -> None:
+        """With --profile py-spy: sample the worker from now on (after its imports and start)."""
+        if self.args.profile != "py-spy" or self.system not in self.args.profile_systems:
+            return
+        self.profile_path = self.args.profile_dir / f"{self.label}.raw"
+        self._spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(self.profile_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        LIVE.add(self._spy)
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
             kind, _, rest = raw.decode().strip().partition(" ")
             if kind == "READY" and not self.ready.done():
@@ -242,7 +249,8 @@ async def wait_completed(
         if count >= target:
             return now, count
         if worker.exited():
-            raise RuntimeError(f"worker {worker.label} exited (code {worker.proc and worker.proc.returncode}); {count}/{target} done")
+            code = worker.proc.returncode if worker.proc else None
+            raise RuntimeError(f"worker {worker.label} exited (code {code}); {count}/{target} done")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{count}/{target} done")
         if worker.done.is_set():
@@ -255,11 +263,15 @@ async def wait_completed(
 # -- scenarios ----------------------------------------------------------------------------------
 
 
+Sample = tuple[str, str, float | None, str, dict[str, Any]]  # scenario, metric, value, unit, extra
+
+
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.results: list[dict[str, Any]] = []
-        self.out = args.out.open("a" if args.append else "w")
+        if not args.append:
+            args.out.write_text("")
         self.run_id = time.strftime("%Y%m%dT%H%M%S")
 
     def record(
@@ -278,14 +290,33 @@ class Run:
         self.results.append(line)
         text = json.dumps(line)
         print(text, flush=True)
-        self.out.write(text + "\n")
-        self.out.flush()
+        with self.args.out.open("a") as out:  # reopened per line: survives the file being replaced
+            out.write(text + "\n")
 
     async def fresh(self, system: common.System) -> str:
         dsn = await common.recreate_database(self.args.dsn, system.database)
         await system.install(dsn)
         await system.open(dsn)
         return dsn
+
+    async def timed_enqueue(
+        self, system: common.System, label: str, body: Awaitable[None]
+    ) -> float:
+        """Await ``body`` (an enqueue); with --profile, under pyinstrument into <label>.txt."""
+        profiler: Any = None
+        if self.args.profile and system.name in self.args.profile_systems:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+        started = time.perf_counter()
+        await body
+        seconds = time.perf_counter() - started
+        if profiler is not None:
+            profiler.stop()
+            path = self.args.profile_dir / f"{label}.txt"
+            path.write_text(profiler.output_text(unicode=True))
+        return seconds
 
     async def worker_measure(
         self, system: common.System, dsn: str, mode: str, label: str, expect: int, target: int
@@ -298,6 +329,7 @@ class Run:
             await worker.start(dsn, mode, expect)
             ready = await asyncio.wait_for(worker.ready, 60)
             cpu0 = proc_cpu(worker.pid) or 0.0
+            await worker.attach_profiler()
             deadline = time.monotonic() + self.args.timeout
             finished, count = await wait_completed(connection, sql, target, worker, deadline)
             worker_cpu = (proc_cpu(worker.pid) or 0.0) - cpu0
@@ -317,24 +349,38 @@ class Run:
             **({"profile": str(worker.profile_path)} if worker.profile_path else {}),
         }
 
-    async def scenario_ab(self, system: common.System, scenarios: set[str]) -> None:
+    async def scenario_ab(self, system: common.System, scenarios: set[str]) -> list[Sample]:
         n = self.args.n
         dsn = await self.fresh(system)
         try:
-            started = time.perf_counter()
-            await system.enqueue_noop(n)
-            seconds = time.perf_counter() - started
+            seconds = await self.timed_enqueue(system, f"{system.name}-a", system.enqueue_noop(n))
         finally:
             await system.close()
+        out: list[Sample] = []
         if "a" in scenarios:
-            self.record(system.name, "a_enqueue", "throughput", n / seconds, "jobs/s", n=n,
-                        elapsed_s=round(seconds, 3))
+            out.append(
+                (
+                    "a_enqueue",
+                    "throughput",
+                    n / seconds,
+                    "jobs/s",
+                    {"n": n, "elapsed_s": round(seconds, 3)},
+                )
+            )
         if "b" in scenarios:
             m = await self.worker_measure(system, dsn, common.NOOP, f"{system.name}-b", n, n)
-            self.record(system.name, "b_drain", "throughput", n / m["elapsed_s"], "jobs/s", n=n,
-                        concurrency=self.args.concurrency, **m)
+            out.append(
+                (
+                    "b_drain",
+                    "throughput",
+                    n / m["elapsed_s"],
+                    "jobs/s",
+                    {"n": n, "concurrency": self.args.concurrency, **m},
+                )
+            )
+        return out
 
-    async def scenario_c(self, system: common.System) -> None:
+    async def scenario_c(self, system: common.System) -> list[Sample]:
         count, interval = self.args.latency_count, self.args.latency_interval
         dsn = await self.fresh(system)
         worker = Worker(system.name, f"{system.name}-c", self.args)
@@ -343,6 +389,7 @@ class Run:
         try:
             await worker.start(dsn, common.LATENCY, count)
             await asyncio.wait_for(worker.ready, 60)
+            await worker.attach_profiler()
             await asyncio.sleep(self.args.settle)  # let it connect, listen and go idle
             base = time.perf_counter()
             for i in range(count):
@@ -369,60 +416,98 @@ class Run:
             "samples": len(lat),
             "create_call_p50_ms": round(common.percentile(create_s, 50) * 1000, 3),
         }
-        for p in (50, 95, 99):
-            self.record(system.name, "c_latency", f"p{p}", common.percentile(lat, p), "ms", **extra)
-        self.record(system.name, "c_latency", "max", max(lat) if lat else None, "ms", **extra)
+        out: list[Sample] = [
+            ("c_latency", f"p{p}", common.percentile(lat, p), "ms", extra) for p in (50, 95, 99)
+        ]
+        out.append(("c_latency", "max", max(lat) if lat else None, "ms", extra))
+        return out
 
-    async def scenario_d(self, system: common.System) -> None:
+    async def scenario_d(self, system: common.System) -> list[Sample]:
         n = self.args.pipelines
         dsn = await self.fresh(system)
         try:
-            started = time.perf_counter()
-            await system.enqueue_pipelines(n)
-            enqueue_s = time.perf_counter() - started
+            enqueue_s = await self.timed_enqueue(
+                system, f"{system.name}-d-enqueue", system.enqueue_pipelines(n)
+            )
         finally:
             await system.close()
         _, per = system.done_query(common.PIPELINE)
         m = await self.worker_measure(system, dsn, common.PIPELINE, f"{system.name}-d", n, n * per)
-        self.record(system.name, "d_pipeline", "throughput", n / m["elapsed_s"], "pipelines/s",
-                    n=n, stages=common.PIPELINE_STAGES, concurrency=self.args.concurrency,
-                    enqueue_s=round(enqueue_s, 3), **m)
+        return [
+            (
+                "d_pipeline",
+                "throughput",
+                n / m["elapsed_s"],
+                "pipelines/s",
+                {
+                    "n": n,
+                    "stages": common.PIPELINE_STAGES,
+                    "concurrency": self.args.concurrency,
+                    "enqueue_s": round(enqueue_s, 3),
+                    **m,
+                },
+            )
+        ]
 
-    async def guarded(self, name: str, scenario: str, body: Callable[[], Awaitable[None]]) -> None:
-        log(f"{name}: scenario {scenario} ...")
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(body(), self.args.timeout + 120)
-        except Exception as exc:  # one failing system/scenario must not stop the others
-            kill_all()
-            message = f"{type(exc).__name__}: {exc}"
-            log(f"{name}: scenario {scenario} FAILED: {message}")
-            self.record(name, scenario, "error", None, "", error=message)
-        else:
+    async def guarded(
+        self, name: str, scenario: str, body: Callable[[], Awaitable[list[Sample]]]
+    ) -> None:
+        """Run ``body`` --repeat times within the timeout; record the median of each metric."""
+        runs: list[list[Sample]] = []
+        for attempt in range(self.args.repeat):
+            tag = f" (repeat {attempt + 1}/{self.args.repeat})" if self.args.repeat > 1 else ""
+            log(f"{name}: scenario {scenario}{tag} ...")
+            started = time.monotonic()
+            load = round(os.getloadavg()[0], 2)  # other users of the machine show up here
+            try:
+                samples = await asyncio.wait_for(body(), self.args.timeout + 120)
+                runs.append(
+                    [(sc, m, v, u, {**x, "loadavg_1m": load}) for sc, m, v, u, x in samples]
+                )
+            except Exception as exc:  # noqa: BLE001 -- one failure must not stop the others
+                kill_all()
+                message = f"{type(exc).__name__}: {exc}"
+                log(f"{name}: scenario {scenario} FAILED: {message}")
+                for part in scenario:
+                    self.record(name, f"{part}_", "error", None, "", error=message)
+                return
             log(f"{name}: scenario {scenario} done in {time.monotonic() - started:.1f} s")
+        for i, (scen, metric, _, unit, extra) in enumerate(runs[-1]):
+            values = [r[i][2] for r in runs]
+            clean = [v for v in values if v is not None and not math.isnan(v)]
+            value = statistics.median(clean) if clean else None
+            if len(runs) > 1:
+                extra = {**extra, "repeats": [None if v is None else round(v, 3) for v in values]}
+            self.record(name, scen, metric, value, unit, **extra)
 
     async def main(self) -> None:
         scenarios = set(self.args.scenarios)
+        me = asyncio.current_task()
+        assert me is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly: workers down, databases gone
+            loop.add_signal_handler(sig, me.cancel)
         try:
             for group in ("ab", "c", "d"):
                 if not scenarios & set(group):
                     continue
                 for name in self.args.systems:
                     system = make_system(name)
+                    body: Callable[[], Awaitable[list[Sample]]]
                     if group == "ab":
-                        await self.guarded(name, "".join(sorted(scenarios & set("ab"))),
-                                           lambda s=system: self.scenario_ab(s, scenarios))
+                        label = "".join(sorted(scenarios & set("ab")))
+                        body = functools.partial(self.scenario_ab, system, scenarios)
                     elif group == "c":
-                        await self.guarded(name, "c", lambda s=system: self.scenario_c(s))
+                        label, body = "c", functools.partial(self.scenario_c, system)
                     else:
-                        await self.guarded(name, "d", lambda s=system: self.scenario_d(s))
+                        label, body = "d", functools.partial(self.scenario_d, system)
+                    await self.guarded(name, label, body)
         finally:
             kill_all()
             if not self.args.keep_databases:
                 for name in self.args.systems:
                     with contextlib.suppress(Exception):
                         await common.drop_database(self.args.dsn, make_system(name).database)
-            self.out.close()
         print(table(self.results, self.args.systems), flush=True)
         if self.args.profile == "py-spy":
             for path in sorted(self.args.profile_dir.glob("*.raw")):
@@ -444,7 +529,7 @@ ROWS = [
 
 def table(results: list[dict[str, Any]], systems: list[str]) -> str:
     values = {(r["system"], r["scenario"], r["metric"]): r["value"] for r in results}
-    errors = {(r["system"], r["scenario"]) for r in results if r["metric"] == "error"}
+    errors = {(r["system"], r["scenario"][0]) for r in results if r["metric"] == "error"}
     peers = [s for s in systems if s != "kaiju"]
     headers = ["metric", *systems]
     if "kaiju" in systems and peers:
@@ -452,25 +537,28 @@ def table(results: list[dict[str, Any]], systems: list[str]) -> str:
     rows = []
     for scenario, metric, label, better in ROWS:
         cells = [values.get((s, scenario, metric)) for s in systems]
-        if all(c is None for c in cells) and not any(
-            (s, scenario) in errors or (s, "ab") in errors for s in systems
-        ):
+        if all(c is None for c in cells) and not any((s, scenario[0]) in errors for s in systems):
             continue
-        row = [label] + [_fmt(c, failed=(s, scenario) in errors) for s, c in zip(systems, cells)]
+        row = [label] + [
+            _fmt(c, failed=(s, scenario[0]) in errors) for s, c in zip(systems, cells, strict=True)
+        ]
         if "kaiju" in systems and peers:
             mine = values.get(("kaiju", scenario, metric))
             theirs = [v for p in peers if (v := values.get((p, scenario, metric))) is not None]
-            if mine is not None and theirs and (best := (max if better == "higher" else min)(theirs)):
+            best = (max if better == "higher" else min)(theirs) if theirs else None
+            if mine is not None and best:
                 row.append(f"{mine / best:.2f}x")
             else:
                 row.append("-")
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     line = "+".join("-" * (w + 2) for w in widths)
-    out = [line, " | ".join(h.ljust(w) for h, w in zip(headers, widths)), line]
+    out = [line, " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
     out += [
-        " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
-                   enumerate(zip(r, widths)))
+        " | ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
         for r in rows
     ]
     out.append(line)
@@ -520,26 +608,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dsn", default=os.environ.get("BENCH_DSN", common.DEFAULT_DSN),
-                        help="admin DSN of the server (databases bench_* are created on it)")
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("BENCH_DSN", common.DEFAULT_DSN),
+        help="admin DSN of the server (databases bench_* are created on it)",
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--n", type=int, default=10_000, help="jobs for a and b")
     parser.add_argument("--pipelines", type=int, default=3_000, help="pipelines for d")
     parser.add_argument("--latency-count", type=int, default=200)
     parser.add_argument("--latency-interval", type=float, default=0.020, help="seconds")
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="seconds the idle worker gets before c starts")
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds the idle worker gets before c starts"
+    )
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per scenario")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: n=1000, pipelines=300, 50 latency samples")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each scenario this many times; report the median"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: n=1000, pipelines=300, 50 latency samples"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results.jsonl")
     parser.add_argument("--append", action="store_true", help="append to --out")
-    parser.add_argument("--trace", action="store_true",
-                        help="kaiju worker: time store calls (claim, record_stages, ...)")
-    parser.add_argument("--profile", choices=["py-spy", "pyinstrument"],
-                        help="profile the worker processes")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="kaiju worker: time store calls (claim, record_stages, ...)",
+    )
+    parser.add_argument(
+        "--profile", choices=["py-spy", "pyinstrument"], help="profile the worker processes"
+    )
     parser.add_argument("--profile-systems", default="kaiju")
     parser.add_argument("--profile-dir", type=Path, default=BENCH / "profiles")
     parser.add_argument("--keep-databases", action="store_true")
@@ -566,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args)
     try:
         asyncio.run(run.main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         kill_all()
         log("interrupted")
         return 130

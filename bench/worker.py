@@ -41,6 +41,11 @@ def _load(system: str) -> WorkerFn:
     raise SystemExit(f"unknown system {system!r}")
 
 
+def _write_profile(profiler: Any, path: Path) -> None:
+    path.write_text(profiler.output_text(unicode=True, show_all=False))
+    path.with_suffix(".html").write_text(profiler.output_html())
+
+
 async def _main(args: argparse.Namespace) -> None:
     run_worker = _load(args.system)
     reporter = common.Reporter(args.mode, args.expect)
@@ -62,9 +67,7 @@ async def _main(args: argparse.Namespace) -> None:
     finally:
         if profiler is not None:
             profiler.stop()
-            Path(args.pyinstrument).write_text(profiler.output_text(unicode=True, show_all=False))
-            html = Path(args.pyinstrument).with_suffix(".html")
-            html.write_text(profiler.output_html())
+            _write_profile(profiler, Path(args.pyinstrument))
         reporter.emit("STAT " + json.dumps({"worker_cpu_s": round(time.process_time() - cpu0, 3)}))
 
 

@@ -43,11 +43,14 @@ def database(settings: config.Settings) -> Iterator[str]:
 
 @contextlib.asynccontextmanager
 async def engine_store(
-    settings: config.Settings, dsn: str
+    settings: config.Settings, dsn: str, component: str = "kaiju-tasks"
 ) -> AsyncIterator[postgres.PostgresEngineStore]:
     """Open the pool and yield the engine store."""
     pool = await postgres.create_pool(
-        dsn, min_size=settings.database.pool_min, max_size=settings.database.pool_max
+        dsn,
+        min_size=settings.database.pool_min,
+        max_size=settings.database.pool_max,
+        application_name=component,
     )
     try:
         yield postgres.PostgresEngineStore(pool)
@@ -127,9 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(settings)
         if args.command == "executor":
-            return _serve(settings, lambda dsn, store: _executor(settings, args, dsn, store))
+            return _serve(
+                settings,
+                "kaiju-tasks-executor",
+                lambda dsn, store: _executor(settings, args, dsn, store),
+            )
         if args.command == "manager":
-            return _serve(settings, lambda dsn, store: _manager(args, dsn, store))
+            return _serve(
+                settings, "kaiju-tasks-manager", lambda dsn, store: _manager(args, dsn, store)
+            )
     except errors.KaijuTasksError as exc:
         print(f"kaiju-tasks: {exc}", file=sys.stderr)
         return 1
@@ -199,18 +208,18 @@ def _manager(args: argparse.Namespace, dsn: str, store: Any) -> Manager:
     )
 
 
-def _serve(settings: config.Settings, build: Any) -> int:
+def _serve(settings: config.Settings, component: str, build: Any) -> int:
     """Run a component until SIGINT or SIGTERM, then stop it cleanly."""
 
     async def serve(dsn: str) -> None:
-        async with engine_store(settings, dsn) as store:
-            component = build(dsn, store)
+        async with engine_store(settings, dsn, component) as store:
+            running = build(dsn, store)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
-            async with component:
-                print(f"kaiju-tasks {type(component).__name__.lower()} running", flush=True)
+            async with running:
+                print(f"kaiju-tasks {type(running).__name__.lower()} running", flush=True)
                 await stop.wait()
 
     with database(settings) as dsn:

@@ -96,6 +96,7 @@ class Executor:
         self._fail_batch = batch.Batcher(self._fail_tasks, batch.applied_rows)
         self._revoked: set[str] = set()
         self._wake = asyncio.Event()
+        self._claim_lock = asyncio.Lock()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._listener = (
@@ -222,12 +223,45 @@ class Executor:
                     "Heartbeat failed", extra={"event": "heartbeat_failed", "executor_id": self.id}
                 )
 
+    async def _hand_back(self, task_id: str) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.store.suspend_executor_tasks(self.id, [task_id], now=self.clock.now())
+                await self.store.notify_manager()
+                return
+            except errors.StoreError:
+                if self._stopping:
+                    return  # the heartbeat stops, so the manager rescues the task
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _check_running(self) -> None:
-        """Abandon tasks no longer ours (a lost cancel notification costs only this delay)."""
+        """Abandon tasks no longer ours, hand back tasks ours in the database but not running.
+
+        A lost cancel notification costs only this delay; a claim or hand-back whose reply was
+        lost leaves an orphan that this sweep returns to the queue.
+        """
+        async with self._claim_lock:  # a claim in flight is not an orphan
+            orphans = await self.store.orphans(self.id, list(self._running))
+        if orphans:
+            logger.warning(
+                "Orphaned tasks handed back",
+                extra={
+                    "event": "orphans_handed_back",
+                    "executor_id": self.id,
+                    "count": len(orphans),
+                    "task_ids": orphans,
+                },
+            )
+            await self.store.suspend_executor_tasks(self.id, orphans, now=self.clock.now())
+            await self.store.notify_manager()
         if not self._running:
             return
-        rows = await self.store.task_status(list(self._running))
-        for task_id in list(self._running):
+        # Only the tasks asked about: those claimed while the query ran are not in its answer.
+        asked = list(self._running)
+        rows = await self.store.task_status(asked)
+        for task_id in asked:
             row = rows.get(task_id)
             if row is None or row["status"] != "EXECUTED" or row["executor_id"] != self.id:
                 self._revoke(task_id)
@@ -237,12 +271,16 @@ class Executor:
         free = self.concurrency - len(self._running)
         if free <= 0 or self._stopping:
             return 0
-        rows = await self.store.claim(self.apps, self.id, limit=free, now=self.clock.now())
-        for row in rows:
-            runner = asyncio.create_task(self._run_task(row), name=f"kaiju-task-{row['id']}")
-            self._running[row["id"]] = runner
-            runner.add_done_callback(functools.partial(self._done, row["id"]))
+        async with self._claim_lock:
+            rows = await self.store.claim(self.apps, self.id, limit=free, now=self.clock.now())
+            for row in rows:
+                self._start(row)
         return len(rows)
+
+    def _start(self, row: dict[str, Any]) -> None:
+        runner = asyncio.create_task(self._run_task(row), name=f"kaiju-task-{row['id']}")
+        self._running[row["id"]] = runner
+        runner.add_done_callback(functools.partial(self._done, row["id"]))
 
     def _done(self, task_id: str, _runner: object = None) -> None:
         self._running.pop(task_id, None)
@@ -256,6 +294,19 @@ class Executor:
         stage = row["stage"]
         try:
             await self._pipeline(row)
+        except errors.StoreError as exc:
+            # The outcome of the last write is unknown: hand the task back so that the
+            # manager re-queues it at the last committed stage (at-least-once per stage).
+            logger.warning(
+                "Database error, handing the task back",
+                extra={
+                    "event": "task_handed_back",
+                    "task_id": task_id,
+                    "job_id": row["job_id"],
+                    "error": str(exc),
+                },
+            )
+            await self._hand_back(task_id)
         except _Revoked:
             logger.info(
                 "Task taken away",

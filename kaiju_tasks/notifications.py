@@ -67,7 +67,9 @@ class Listener:
     async def _keep_listening(self) -> None:
         while True:
             try:
-                connection = await asyncpg.connect(self.dsn)
+                connection = await asyncpg.connect(
+                    self.dsn, server_settings={"application_name": "kaiju-tasks-listener"}
+                )
                 self._connection = connection
                 lost = asyncio.Event()
                 connection.add_termination_listener(lambda _c, lost=lost: lost.set())

@@ -90,7 +90,7 @@ async def dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await postgres.create_pool(dsn, min_size=1, max_size=5)
+    pool = await postgres.create_pool(dsn, min_size=1, max_size=5, application_name="pytest")
     yield pool
     await pool.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -19,9 +20,13 @@ from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, Job, PgQueuer, Queries
 
 from bench import common
 
-# One worker with at most 10 jobs in flight: pgqueuer requires
-# max_concurrent_tasks >= 2 * batch_size, so the largest batch for a cap of 10 is 5.
-BATCH_SIZE = 5
+# One worker with at most `concurrency` (10) jobs in flight: `max_concurrent_tasks` is pgqueuer's
+# per-worker cap, and it requires max_concurrent_tasks >= 2 * batch_size, so the largest batch for
+# a cap of 10 is 5. Overrides for experiments (not used by the default run):
+#   BENCH_PGQ_BATCH_SIZE      dequeue batch size (default: concurrency // 2)
+#   BENCH_PGQ_MAX_CONCURRENT  max_concurrent_tasks (default: concurrency; 0 = unlimited)
+#   BENCH_PGQ_HANDLER_POOL    1 (default): handlers enqueue through their own pool;
+#                             0: through the worker's own single-connection driver
 
 
 def _payload(**data: Any) -> bytes:
@@ -79,13 +84,17 @@ async def run_worker(
     concurrency: int,
     trace: bool = False,
 ) -> None:
+    batch_size = int(os.environ.get("BENCH_PGQ_BATCH_SIZE", max(1, concurrency // 2)))
+    max_concurrent = int(os.environ.get("BENCH_PGQ_MAX_CONCURRENT", concurrency))
+    own_pool = os.environ.get("BENCH_PGQ_HANDLER_POOL", "1") == "1"
     connection = await asyncpg.connect(dsn)
-    pgq = PgQueuer(AsyncpgDriver(connection))
+    driver = AsyncpgDriver(connection)
+    pgq = PgQueuer(driver)
     # Handlers enqueue the next stage through their own small pool, so that they do not queue
-    # behind the worker's single dequeue/log connection.
+    # behind the worker's single dequeue/log connection (faster than sharing it; see README).
     enqueue_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
     assert enqueue_pool is not None
-    producer = Queries(AsyncpgPoolDriver(enqueue_pool))
+    producer = Queries(AsyncpgPoolDriver(enqueue_pool)) if own_pool else Queries(driver)
 
     @pgq.entrypoint("noop")
     async def noop(job: Job) -> None:
@@ -111,8 +120,8 @@ async def run_worker(
         reporter.ready()
         runner = asyncio.create_task(
             pgq.run(
-                batch_size=min(BATCH_SIZE, max(1, concurrency // 2)),
-                max_concurrent_tasks=concurrency,
+                batch_size=batch_size,
+                max_concurrent_tasks=max_concurrent or None,
                 dequeue_timeout=timedelta(seconds=30),
             )
         )

@@ -79,7 +79,8 @@ class ProcrastinatePeer:
 
     async def enqueue_pipelines(self, n: int) -> None:
         assert self.tasks is not None
-        await self.tasks.step1.batch_defer_async(*({"x": 1} for _ in range(n)))
+        first: dict[str, Any] = {"x": 1}
+        await self.tasks.step1.batch_defer_async(*(first for _ in range(n)))
 
     def done_query(self, mode: str) -> tuple[str, int]:
         stages = common.PIPELINE_STAGES if mode == common.PIPELINE else 1

@@ -197,6 +197,14 @@ class EngineStore(TaskStore, Protocol):
         """Return status, stage and executor of tasks."""
         ...
 
+    async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
+        """Return tasks held by ``executor_id`` in the database but not in ``running``."""
+        ...
+
+    async def notify_manager(self) -> None:
+        """Wake the manager."""
+        ...
+
     async def queue_due(self, *, now: datetime, limit: int) -> int:
         """Queue due IDLE tasks and ended cron tasks."""
         ...

@@ -49,12 +49,23 @@ async def init_connection(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = DEFAULT_POOL_MIN, max_size: int = DEFAULT_POOL_MAX
+    dsn: str,
+    *,
+    min_size: int = DEFAULT_POOL_MIN,
+    max_size: int = DEFAULT_POOL_MAX,
+    application_name: str = "kaiju-tasks",
 ) -> asyncpg.Pool:
-    """Open a connection pool with the JSON codecs installed."""
+    """Open a connection pool with the JSON codecs installed.
+
+    ``application_name`` shows in ``pg_stat_activity`` (e.g. ``kaiju-tasks-executor``).
+    """
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=init_connection
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=init_connection,
+            server_settings={"application_name": application_name},
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise errors.StoreError(f"cannot connect to the database: {exc}") from exc
@@ -371,6 +382,14 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(ids))
         return {r["id"] for r in rows}
 
+    async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
+        """Return tasks held by ``executor_id`` in the database but not in ``running``."""
+        return [r["id"] for r in await self._fetch("orphans", executor_id, list(running))]
+
+    async def notify_manager(self) -> None:
+        """Wake the manager."""
+        await self._fetchval("notify_manager")
+
     async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
         """Return ``{id: {status, stage, executor_id}}`` for existing tasks."""
         return {r["id"]: dict(r) for r in await self._fetch("task_status", list(ids))}
@@ -439,7 +458,9 @@ class AdvisoryLeadership(base.Leadership):
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 await self.release()
         with _translate():
-            connection = await asyncpg.connect(self.dsn)
+            connection = await asyncpg.connect(
+                self.dsn, server_settings={"application_name": "kaiju-tasks-leader"}
+            )
         try:
             got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
         except BaseException:

@@ -325,6 +325,15 @@ ev AS (
     SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, $1, $2 FROM done)
 SELECT id FROM done;
 
+-- name: orphans
+-- Tasks an executor holds in the database but does not run (a lost claim or hand-back reply).
+SELECT id FROM tasks
+WHERE status = 'EXECUTED' AND executor_id = $1 AND NOT (id = ANY($2::text[]));
+
+-- name: notify_manager
+-- Wake the manager (tasks were handed back).
+SELECT pg_notify('kaiju_tasks_manager', '');
+
 -- name: task_status
 -- The status, stage and executor of the given tasks (to notice cancellations).
 SELECT id, status, stage, executor_id FROM tasks WHERE id = ANY($1::text[]);

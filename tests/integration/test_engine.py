@@ -588,3 +588,33 @@ async def test_garbage_collection_keeps_old_tasks_that_others_chain_to(
     assert await store.get_task("lonely") is None
     assert await store.get_task("target") is not None
     assert (await store.get_task("chainer"))["next_task"] == "target"
+
+
+async def test_liveness_checks_never_take_away_tasks_claimed_meanwhile(
+    task_service, store, clock, dsn, caplog
+):
+    # Regression: a heartbeat-time status check used to revoke tasks claimed while it ran.
+    methods = Methods()
+
+    @methods.register("noop")
+    async def noop():
+        await asyncio.sleep(0.002)
+
+    async with Executor(
+        store, methods=methods, clock=clock, dsn=dsn, heartbeat_interval=timedelta(milliseconds=20)
+    ):
+        await task_service.create(
+            [Task(commands=[TaskCommand(method="noop")]) for _ in range(1500)], columns=["id"]
+        )
+
+        async def finished():
+            return (await task_service.list(conditions={"status": "FINISHED"}, limit=1))["count"]
+
+        deadline = time.monotonic() + 60
+        while True:
+            if await finished() == 1500 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    statuses = await task_service.list(conditions={"status": {"ne": "FINISHED"}}, limit=5)
+    assert statuses["count"] == 0, statuses["data"]
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "orphans_handed_back"]
