@@ -50,6 +50,9 @@ class Executor:
         app_urls: ``app_name -> JSON-RPC URL`` for stages of apps served over HTTP.
         dsn: enables LISTEN/NOTIFY wake-ups and cancellations (polling works without it).
         concurrency: tasks run at once.
+        prefetch: tasks claimed ahead of free slots (default: ``concurrency``; 0 for none).
+            Prefetched tasks are held by this executor (rescued if it dies) but their stages
+            have not started.
         data: the ``executor`` part of the template data.
         poll_interval: longest idle wait between claims when no notification arrives.
         heartbeat_interval: how often liveness is recorded (the manager rescues tasks of
@@ -69,6 +72,7 @@ class Executor:
         clock: clock_.Clock | None = None,
         executor_id: str | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        prefetch: int | None = None,
         data: Mapping[str, Any] | None = None,
         poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
         heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL,
@@ -83,6 +87,10 @@ class Executor:
         self.clock: clock_.Clock = clock or clock_.SystemClock()
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = concurrency
+        self.prefetch = concurrency if prefetch is None else prefetch
+        # Tasks run in at most `concurrency` slots; up to `prefetch` more are claimed ahead so
+        # that the next claim overlaps the running stages instead of following them.
+        self._slots = asyncio.Semaphore(concurrency)
         self.data = dict(data or {})
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
@@ -206,7 +214,7 @@ class Executor:
                     "Claim failed", extra={"event": "claim_failed", "executor_id": self.id}
                 )
                 claimed = 0
-            if claimed and self.active < self.concurrency:
+            if claimed and self.active < self.concurrency + self.prefetch:
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -268,7 +276,7 @@ class Executor:
 
     async def tick(self) -> int:
         """Claim as many tasks as there are free slots and start them; return how many."""
-        free = self.concurrency - len(self._running)
+        free = self.concurrency + self.prefetch - len(self._running)
         if free <= 0 or self._stopping:
             return 0
         async with self._claim_lock:
@@ -293,7 +301,8 @@ class Executor:
         task_id = row["id"]
         stage = row["stage"]
         try:
-            await self._pipeline(row)
+            async with self._slots:
+                await self._pipeline(row)
         except errors.StoreError as exc:
             # The outcome of the last write is unknown: hand the task back so that the
             # manager re-queues it at the last committed stage (at-least-once per stage).

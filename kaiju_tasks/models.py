@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeAlias
@@ -208,7 +207,8 @@ class _Command(_Model):
 
     def to_json(self) -> dict[str, JSONValue]:
         """Return the command as stored in the ``commands`` column."""
-        return self.model_dump(mode="json")
+        # Fields hold JSON values already; reading them is much faster than model_dump.
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
 class TaskCommand(_Command):
@@ -361,12 +361,6 @@ class Task(_TaskFields):
         if self.expires_at is not None and self.expires_at.tzinfo is None:
             raise ValueError("expires_at: must include a timezone")
         return self
-
-    def new_id(self) -> str:
-        """Return ``id``, generating and setting one first if it is missing."""
-        if self.id is None:
-            self.id = str(uuid.uuid4())
-        return self.id
 
 
 class TaskUpdate(_TaskFields):

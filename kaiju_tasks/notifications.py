@@ -19,6 +19,8 @@ QUEUED = "kaiju_tasks_queued"
 """Payload: an app name whose tasks were queued."""
 CANCEL = "kaiju_tasks_cancel"
 """Payload: a task id whose running stage must be abandoned."""
+EVENTS = "kaiju_tasks_events"
+"""Payload: the newest id of events just written (read the rest from the events table)."""
 MANAGER = "kaiju_tasks_manager"
 """Payload: empty; something for the manager to do now."""
 

@@ -126,11 +126,11 @@ class TaskService:
         for i, task in enumerate(tasks):
             where = f"{i}." if many else ""
             self._check_system_fields(task, caller, where)
-            task_id = task.new_id()
+            task_id = task.id or str(uuid.uuid4())
             if task_id in seen:
                 raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
             seen.add(task_id)
-            rows.append(self._new_row(task, caller, now))
+            rows.append(self._new_row(task, task_id, caller, now))
         await self._check_next_tasks(
             {
                 f"{f'{i}.' if many else ''}next_task": t.next_task
@@ -160,24 +160,40 @@ class TaskService:
                 )
 
     @staticmethod
-    def _new_row(task: models.Task, caller: models.Caller, now: datetime) -> dict[str, Any]:
-        row = task.model_dump(mode="json", by_alias=False)
-        row["commands"] = [c.to_json() for c in task.commands]
-        row["stages"] = len(task.commands)
-        row["user_id"] = task.user_id if task.user_id is not None else caller.user_id
-        row["root_id"] = task.root_id or task.id
-        row["created"] = now.isoformat()
-        if task.enabled and task.cron is None:
-            row["status"] = models.TaskStatus.QUEUED.value
-            row["job_id"] = str(uuid.uuid4())
-            row["queued_at"] = now.isoformat()
-            row["exec_deadline"] = (now + timedelta(seconds=task.max_exec_timeout)).isoformat()
-            row["next_run"] = None
-        else:
-            row["status"] = models.TaskStatus.IDLE.value
-            row["job_id"] = row["queued_at"] = row["exec_deadline"] = None
-            row["next_run"] = (cron.next_fire(task.cron, now) if task.cron else now).isoformat()
-        return row
+    def _new_row(
+        task: models.Task, task_id: str, caller: models.Caller, now: datetime
+    ) -> dict[str, Any]:
+        # Built field by field: this runs once per task of a bulk create (model_dump is slower).
+        due = task.enabled and task.cron is None
+        return {
+            "id": task_id,
+            "app_name": task.app_name,
+            "commands": [c.to_json() for c in task.commands],
+            "kws": task.kws,
+            "enabled": task.enabled,
+            "cron": task.cron,
+            "max_exec_timeout": task.max_exec_timeout,
+            "max_retries": task.max_retries,
+            "restart_policy": task.restart_policy.value,
+            "retry_delay": task.retry_delay,
+            "next_task": task.next_task,
+            "notify": task.notify,
+            "system": task.system,
+            "description": task.description,
+            "meta": task.meta,
+            "priority": task.priority,
+            "status": models.TaskStatus.QUEUED.value if due else models.TaskStatus.IDLE.value,
+            "stages": len(task.commands),
+            "job_id": str(uuid.uuid4()) if due else None,
+            "user_id": task.user_id if task.user_id is not None else caller.user_id,
+            "created": now,
+            "queued_at": now if due else None,
+            "exec_deadline": now + timedelta(seconds=task.max_exec_timeout) if due else None,
+            "next_run": None if due else (cron.next_fire(task.cron, now) if task.cron else now),
+            "expires_at": task.expires_at,
+            "parent_id": task.parent_id,
+            "root_id": task.root_id or task_id,
+        }
 
     async def _check_next_tasks(self, refs: Mapping[str, str], access: _Access) -> None:
         """Check that every referenced next_task exists and the caller may start it."""

@@ -58,7 +58,7 @@ CREATE INDEX tasks_wait_deadline_idx ON tasks (wait_deadline) WHERE status = 'WA
 CREATE INDEX tasks_executor_idx ON tasks (executor_id) WHERE status = 'EXECUTED';
 -- Retries and cron restarts of ended tasks; garbage collection of old ended tasks.
 CREATE INDEX tasks_ended_idx ON tasks (status_change) WHERE status IN ('FINISHED', 'FAILED');
-CREATE INDEX tasks_user_idx ON tasks (user_id, created);
+CREATE INDEX tasks_user_idx ON tasks (user_id, created) WHERE user_id IS NOT NULL;
 CREATE INDEX tasks_root_idx ON tasks (root_id) WHERE root_id IS NOT NULL;
 CREATE INDEX tasks_next_task_idx ON tasks (next_task) WHERE next_task IS NOT NULL;
 

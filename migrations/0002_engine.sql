@@ -25,5 +25,19 @@ CREATE TABLE events (
     data        jsonb       NOT NULL DEFAULT '{}'
 );
 
-CREATE INDEX events_created_idx ON events (created);
+-- Append-only and in time order: a BRIN index serves retention at almost no write cost.
+CREATE INDEX events_created_idx ON events USING brin (created);
 CREATE INDEX events_task_idx ON events (task_id, id) WHERE task_id IS NOT NULL;
+
+-- Monitors LISTEN on kaiju_tasks_events; the payload is the newest event id of the statement,
+-- and they read what they missed from the table (a lost notification costs latency only).
+CREATE FUNCTION kaiju_tasks_notify_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('kaiju_tasks_events', (SELECT max(id)::text FROM new_events));
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER events_notify AFTER INSERT ON events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION kaiju_tasks_notify_events();

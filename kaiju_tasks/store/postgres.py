@@ -7,7 +7,6 @@ connection); user-driven listings are compiled from ``tables.py`` with every val
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
@@ -16,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import sqlalchemy as sa
 
 from kaiju_tasks import errors
@@ -31,20 +31,15 @@ DEFAULT_POOL_MAX = 10
 
 
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    # orjson writes datetimes as RFC 3339, which PostgreSQL reads back as timestamptz.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 async def init_connection(connection: asyncpg.Connection) -> None:
     """Decode json/jsonb columns to Python values and encode Python values to JSON."""
     for name in ("json", "jsonb"):
         await connection.set_type_codec(
-            name, encoder=_json_dumps, decoder=json.loads, schema="pg_catalog"
+            name, encoder=_json_dumps, decoder=orjson.loads, schema="pg_catalog"
         )
 
 

@@ -160,14 +160,20 @@ WITH e AS (
 INSERT INTO events (type, executor_id, created) SELECT 'worker-offline', e.id, $2 FROM e;
 
 -- name: claim
--- Claim up to $3 QUEUED tasks of the given apps: highest priority first, then oldest.
+-- Claim up to $3 QUEUED tasks of the given apps: highest priority first, then oldest. One
+-- index scan per app (a plain `app_name = ANY(...)` would read and sort the whole queue);
+-- rows locked beyond the final LIMIT are released at commit, untouched.
 WITH picked AS (
-    SELECT id FROM tasks
-    WHERE status = 'QUEUED' AND app_name = ANY($1::text[]) AND enabled
-      AND (expires_at IS NULL OR expires_at > $4)
-    ORDER BY priority DESC, queued_at, id
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED),
+    SELECT q.id FROM unnest($1::text[]) AS a(app)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, queued_at FROM tasks
+        WHERE status = 'QUEUED' AND app_name = a.app AND enabled
+          AND (expires_at IS NULL OR expires_at > $4)
+        ORDER BY priority DESC, queued_at, id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED) q
+    ORDER BY q.priority DESC, q.queued_at, q.id
+    LIMIT $3),
 claimed AS (
     UPDATE tasks t SET status = 'EXECUTED', executor_id = $2, status_change = $4
     FROM picked WHERE t.id = picked.id

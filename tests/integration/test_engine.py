@@ -618,3 +618,44 @@ async def test_liveness_checks_never_take_away_tasks_claimed_meanwhile(
     statuses = await task_service.list(conditions={"status": {"ne": "FINISHED"}}, limit=5)
     assert statuses["count"] == 0, statuses["data"]
     assert not [r for r in caplog.records if getattr(r, "event", "") == "orphans_handed_back"]
+
+
+async def test_every_transition_writes_an_event_and_notifies(
+    task_service, store, executor, dsn, pool
+):
+    import asyncpg
+
+    heard = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener("kaiju_tasks_events", lambda *args: heard.append(args[3]))
+    try:
+        task = await task_service.create(
+            Task(
+                commands=[
+                    TaskCommand(method="count", params=[1]),
+                    TaskCommand(method="count", params=[2]),
+                ]
+            )
+        )
+        row = await wait_for(store, task["id"], "FINISHED")
+        await until(lambda: len(heard) >= 4)
+    finally:
+        await listener.close()
+    events = await pool.fetch(
+        "SELECT id, type, job_id, status, stage, executor_id FROM events WHERE task_id = $1"
+        " ORDER BY id",
+        task["id"],
+    )
+    assert [(e["type"], e["status"], e["stage"]) for e in events] == [
+        ("task-sent", "QUEUED", 0),
+        ("task-started", "EXECUTED", 0),
+        ("task-stage-succeeded", "EXECUTED", 0),
+        ("task-succeeded", "FINISHED", 1),
+    ]
+    assert {e["job_id"] for e in events} == {row["job_id"]}
+    assert events[1]["executor_id"] == executor.id
+    assert int(heard[-1]) >= events[-1]["id"]
+    online = await pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'worker-online' AND executor_id = $1", executor.id
+    )
+    assert online == 1
