@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -90,7 +91,8 @@ class Target:
     """A JSON-RPC service on loopback that records every call."""
 
     def __init__(self) -> None:
-        self.calls: list[dict] = []
+        self.url = ""
+        self.calls: list[dict[str, Any]] = []
         self.gate = asyncio.Event()
         self.in_flight: Counter[str] = Counter()
         self.max_in_flight: Counter[str] = Counter()
@@ -105,7 +107,7 @@ class Target:
             params = body.get("params") or {}
             if body["method"] == "slow":
                 await self.gate.wait()
-                result = "slow-done"
+                result: Any = "slow-done"
             elif body["method"] == "step":
                 result = {"x": params["x"] + 1}
             else:
@@ -115,7 +117,7 @@ class Target:
             self.in_flight[task_id] -= 1
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
 
-    def called(self, method: str) -> list[dict]:
+    def called(self, method: str) -> list[dict[str, Any]]:
         return [c for c in self.calls if c["method"] == method]
 
 
