@@ -25,6 +25,9 @@ from kaiju_tasks.errors import (
     TransportError,
     ValidationError,
 )
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import Manager
+from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.models import (
     SYSTEM,
     Caller,
@@ -40,6 +43,7 @@ from kaiju_tasks.models import (
     TaskUpdate,
     Timer,
 )
+from kaiju_tasks.runtime import TaskRuntime
 from kaiju_tasks.service import NotificationService, TaskService
 
 __version__ = "0.1.0"
@@ -51,11 +55,15 @@ __all__ = [
     "Condition",
     "ConfigError",
     "Conflict",
+    "Executor",
     "ExitCode",
     "InvalidTransition",
     "KaijuTasksError",
     "Limit",
+    "Manager",
     "Message",
+    "MethodError",
+    "Methods",
     "MigrationError",
     "NotAuthorized",
     "NotificationNotFound",
@@ -71,6 +79,7 @@ __all__ = [
     "Task",
     "TaskCommand",
     "TaskNotFound",
+    "TaskRuntime",
     "TaskService",
     "TaskStatus",
     "TaskUpdate",

@@ -309,7 +309,11 @@ class TaskService:
         allowed = _ALL_BUT_RUNNING
         status = current["status"]
         now = self.clock.now()
-        if "cron" in changes and status == models.TaskStatus.IDLE:
+        if (
+            "cron" in changes
+            and changes["cron"] != current["cron"]
+            and status == models.TaskStatus.IDLE
+        ):
             # A new schedule fires next at its own time; without one an idle task waits for a
             # reset or an update instead of running once at the old fire time.
             changes["next_run"] = cron.next_fire(changes["cron"], now) if changes["cron"] else None

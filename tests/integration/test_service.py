@@ -794,6 +794,12 @@ async def test_removing_cron_from_an_idle_task_stops_its_schedule(task_service):
     assert (task["status"], task["next_run"]) == ("IDLE", None)
 
 
+async def test_passing_an_unchanged_null_cron_keeps_an_idle_task_due(task_service, clock):
+    await task_service.create(simple(id="d", enabled=False))
+    task = await task_service.update("d", {"enabled": True, "cron": None})
+    assert (task["status"], task["next_run"]) == ("IDLE", clock.now().isoformat())
+
+
 async def test_changing_max_exec_timeout_of_a_queued_task_moves_its_deadline(task_service, clock):
     await task_service.create(simple(id="d"))
     task = await task_service.update("d", {"max_exec_timeout": 60})

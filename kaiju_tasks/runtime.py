@@ -1,0 +1,138 @@
+"""TaskRuntime: run kaiju-tasks inside an application's own asyncio process.
+
+```python
+from kaiju_tasks import Task, TaskCommand, TaskRuntime
+
+async with TaskRuntime(dsn, apps=["orders"]) as runtime:
+
+    @runtime.methods.register("orders.delete")
+    async def delete_orders(conditions: dict) -> dict:
+        ...
+
+    task = await runtime.tasks.create(Task(app="orders", commands=[...]))
+```
+
+It opens a pool, applies migrations, and runs an executor for ``apps`` (stages call the
+registered methods in-process, or ``app_urls`` over HTTP) and, unless told otherwise, a manager
+that competes for leadership with the other managers of the database. With ``dsn=None`` it
+starts the embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kaiju_tasks import methods as methods_
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import Manager, steps
+from kaiju_tasks.service import NotificationService, TaskService
+from kaiju_tasks.store import embedded, migrate, postgres
+
+
+class TaskRuntime:
+    """TaskService, NotificationService, an executor and a manager sharing one pool.
+
+    Args:
+        dsn: PostgreSQL DSN; None starts the embedded server (data in ``embedded_dir``).
+        apps: app names the executor serves (none: no executor).
+        methods: in-process methods (a new registry by default: ``runtime.methods``).
+        app_urls: ``app_name -> JSON-RPC URL`` for apps served over HTTP.
+        executor: run an executor; manager: run a manager.
+        apply_migrations: apply pending migrations on start.
+        executor_options / manager_options: extra keyword arguments for Executor / Manager.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        apps: Sequence[str] = ("default",),
+        methods: methods_.Methods | None = None,
+        app_urls: Mapping[str, str] | None = None,
+        executor: bool = True,
+        manager: bool = True,
+        apply_migrations: bool = True,
+        embedded_dir: Path | None = None,
+        pool_size: int = 10,
+        executor_options: Mapping[str, Any] | None = None,
+        manager_options: Mapping[str, Any] | None = None,
+        manager_settings: steps.Settings | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.apps = list(apps)
+        self.methods = methods if methods is not None else methods_.Methods()
+        self.app_urls = dict(app_urls or {})
+        self.run_executor = executor and bool(self.apps)
+        self.run_manager = manager
+        self.apply_migrations = apply_migrations
+        self.embedded_dir = embedded_dir
+        self.pool_size = pool_size
+        self.executor_options = dict(executor_options or {})
+        self.manager_options = dict(manager_options or {})
+        self.manager_settings = manager_settings
+        self._server: embedded.EmbeddedPostgres | None = None
+        self._pool: Any = None
+        self.store: postgres.PostgresEngineStore | None = None
+        self.tasks: TaskService
+        self.notifications: NotificationService
+        self.executor: Executor | None = None
+        self.manager: Manager | None = None
+
+    async def __aenter__(self) -> TaskRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect (starting the embedded server if needed), migrate, start the components."""
+        if self.dsn is None:
+            self._server = embedded.EmbeddedPostgres(self.embedded_dir)
+            self.dsn = await asyncio.to_thread(self._server.start)
+        dsn = self.dsn
+        if self.apply_migrations:
+            await migrate.migrate(dsn)
+        self._pool = await postgres.create_pool(
+            dsn, min_size=1, max_size=self.pool_size, application_name="kaiju-tasks-app"
+        )
+        self.store = postgres.PostgresEngineStore(self._pool)
+        self.tasks = TaskService(self.store)
+        self.notifications = NotificationService(self.store)
+        if self.run_manager:
+            self.manager = Manager(
+                self.store,
+                leadership=postgres.AdvisoryLeadership(dsn),
+                dsn=dsn,
+                settings=self.manager_settings,
+                **self.manager_options,
+            )
+            await self.manager.start()
+        if self.run_executor:
+            self.executor = Executor(
+                self.store,
+                apps=self.apps,
+                methods=self.methods,
+                app_urls=self.app_urls,
+                dsn=dsn,
+                **self.executor_options,
+            )
+            await self.executor.start()
+
+    async def stop(self) -> None:
+        """Stop the components (handing unfinished tasks back), close the pool."""
+        if self.executor is not None:
+            await self.executor.stop()
+            self.executor = None
+        if self.manager is not None:
+            await self.manager.stop()
+            self.manager = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._server = None
