@@ -32,8 +32,13 @@ CREATE INDEX events_task_idx ON events (task_id, id) WHERE task_id IS NOT NULL;
 -- Monitors LISTEN on kaiju_tasks_events; the payload is the newest event id of the statement,
 -- and they read what they missed from the table (a lost notification costs latency only).
 CREATE FUNCTION kaiju_tasks_notify_events() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    newest bigint;
 BEGIN
-    PERFORM pg_notify('kaiju_tasks_events', (SELECT max(id)::text FROM new_events));
+    SELECT max(id) INTO newest FROM new_events;
+    IF newest IS NOT NULL THEN  -- statements that wrote no event stay silent
+        PERFORM pg_notify('kaiju_tasks_events', newest::text);
+    END IF;
     RETURN NULL;
 END;
 $$;

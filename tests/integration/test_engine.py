@@ -654,6 +654,7 @@ async def test_every_transition_writes_an_event_and_notifies(
     ]
     assert {e["job_id"] for e in events} == {row["job_id"]}
     assert events[1]["executor_id"] == executor.id
+    assert all(payload.isdigit() for payload in heard)
     assert int(heard[-1]) >= events[-1]["id"]
     online = await pool.fetchval(
         "SELECT count(*) FROM events WHERE type = 'worker-online' AND executor_id = $1", executor.id
