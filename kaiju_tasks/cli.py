@@ -16,9 +16,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import config, errors, logs, methods
+from kaiju_tasks import config, errors, logs, methods, models
+from kaiju_tasks.clock import SystemClock
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
+from kaiju_tasks.service import NotificationService, TaskService, TokenService
 from kaiju_tasks.store import embedded, migrate, postgres
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,56 @@ def _parser() -> argparse.ArgumentParser:
         default=2.0,
         help="seconds between a standby's attempts to take the leadership",
     )
+
+    server = commands.add_parser("server", help="run the HTTP JSON-RPC API")
+    server.add_argument("--host", help="listen address (default [server] host, 127.0.0.1)")
+    server.add_argument("--port", type=int, help="TCP port (default [server] port, 8080)")
+
+    run = commands.add_parser(
+        "run",
+        help="everything in one process: migrations, manager, executor and HTTP API "
+        "(embedded PostgreSQL when no database is configured)",
+    )
+    run.add_argument("--host", help="listen address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="TCP port (default 8080)")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="register example methods and submit an example pipeline",
+    )
+    run.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="NAME[=URL]",
+        help="apps the executor serves (default: default)",
+    )
+    run.add_argument(
+        "--methods",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTRIBUTE",
+        help="import a Methods registry to run stages in-process",
+    )
+
+    token = commands.add_parser("token", help="manage API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="create a token and print it (once)")
+    create.add_argument("--user", required=True, help="the user id the token acts as")
+    create.add_argument(
+        "--permission",
+        action="append",
+        default=[],
+        choices=[p.value for p in models.Permission],
+        help="grant a permission (repeatable)",
+    )
+    create.add_argument("--system", action="store_true", help="grant everything")
+    create.add_argument("--name", help="a note to recognise the token by")
+    token_commands.add_parser("list", help="list tokens (never their secret)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=int)
+    for sub in (create, token_commands.choices["list"], revoke):
+        sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -139,6 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(
                 settings, "kaiju-tasks-manager", lambda dsn, store: _manager(args, dsn, store)
             )
+        if args.command == "server":
+            return _serve(
+                settings, "kaiju-tasks-server", lambda dsn, store: _server(settings, args, store)
+            )
+        if args.command == "token":
+            return _token(settings, args)
+        if args.command == "run":
+            return _run(settings, args)
     except errors.KaijuTasksError as exc:
         print(f"kaiju-tasks: {exc}", file=sys.stderr)
         return 1
@@ -221,6 +281,145 @@ def _serve(settings: config.Settings, component: str, build: Any) -> int:
             async with running:
                 print(f"kaiju-tasks {type(running).__name__.lower()} running", flush=True)
                 await stop.wait()
+
+    with database(settings) as dsn:
+        asyncio.run(serve(dsn))
+    return 0
+
+
+class _HttpServer:
+    """The HTTP API as an ``async with`` component."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        from aiohttp import web
+
+        self._runner = web.AppRunner(app, access_log=None)
+        self.host = host
+        self.port = port
+        self.url = ""
+
+    async def __aenter__(self) -> _HttpServer:
+        from aiohttp import web
+
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]  # the real port when 0 was asked for
+        self.url = f"http://{host}:{port}/public/rpc"
+        print(f"kaiju-tasks API on {self.url}", flush=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+def _api(store: Any, registry: methods.Methods, settings: config.Settings) -> Any:
+    from kaiju_tasks.rpc import server as rpc_server
+
+    async def health() -> dict[str, Any]:
+        now = SystemClock().now()
+        result: dict[str, Any] = await store.health(alive_since=now - timedelta(seconds=60))
+        result["status"] = "ok" if result["leader"] else "degraded"
+        return result
+
+    return rpc_server.Api(
+        tasks=TaskService(store),
+        notifications=NotificationService(store),
+        tokens=TokenService(store),
+        methods=registry,
+        health=health,
+        max_body=settings.server.max_body,
+        max_batch=settings.server.max_batch,
+        request_timeout=float(settings.server.request_timeout),
+    )
+
+
+def _server(settings: config.Settings, args: argparse.Namespace, store: Any) -> _HttpServer:
+    from kaiju_tasks.rpc import server as rpc_server
+
+    app = rpc_server.create_app(_api(store, methods.Methods(), settings))
+    return _HttpServer(
+        app,
+        args.host or settings.server.host,
+        args.port if args.port is not None else settings.server.port,
+    )
+
+
+def _token(settings: config.Settings, args: argparse.Namespace) -> int:
+    async def act(dsn: str) -> Any:
+        async with engine_store(settings, dsn, "kaiju-tasks-cli") as store:
+            tokens = TokenService(store)
+            if args.token_command == "create":
+                permissions = ["system"] if args.system else args.permission
+                return await tokens.create(args.user, permissions, args.name)
+            if args.token_command == "revoke":
+                return await tokens.revoke(args.id)
+            return await tokens.list()
+
+    with database(settings) as dsn:
+        result = asyncio.run(act(dsn))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.token_command == "create":
+        print(result["token"])
+    elif args.token_command == "revoke":
+        print(f"token {result['id']} revoked")
+    else:
+        print(f"{'id':>5}  {'user':20}  {'permissions':30}  {'created':25}  revoked")
+        for row in result:
+            print(
+                f"{row['id']:>5}  {row['user_id']:20}  {','.join(row['permissions']):30}  "
+                f"{row['created']:25}  {row['revoked_at'] or ''}"
+            )
+    return 0
+
+
+def _run(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Everything in one process, until Ctrl-C."""
+
+    async def serve(dsn: str) -> None:
+        from kaiju_tasks import demo
+        from kaiju_tasks.rpc import server as rpc_server
+
+        await migrate.migrate(dsn)
+        registry = _load_methods(args.methods)
+        apps = [spec.partition("=")[0] for spec in args.app] or ["default"]
+        if args.demo:
+            demo.register(registry)
+            if demo.APP not in apps:
+                apps.append(demo.APP)
+        urls = dict(settings.apps)
+        urls.update({n: u for n, _, u in (s.partition("=") for s in args.app) if u})
+        async with engine_store(settings, dsn, "kaiju-tasks-run") as store:
+            tokens = TokenService(store)
+            token = await tokens.create("admin", ["system"], "kaiju-tasks run")
+            app = rpc_server.create_app(_api(store, registry, settings))
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            manager = Manager(store, leadership=postgres.AdvisoryLeadership(dsn), dsn=dsn)
+            executor = Executor(store, apps=apps, methods=registry, app_urls=urls, dsn=dsn)
+            http = _HttpServer(
+                app,
+                args.host or settings.server.host,
+                args.port if args.port is not None else settings.server.port,
+            )
+            async with manager, executor, http:
+                print(f"system token: {token['token']}", flush=True)
+                if args.demo:
+                    task = await demo.submit(TaskService(store))
+                    print(
+                        f"demo task {task['id']} submitted; follow it with:\n"
+                        f"  curl -s {http.url} -H 'Authorization: Bearer {token['token']}' "
+                        f'-d \'{{"jsonrpc": "2.0", "id": 1, "method": "tasks.get", '
+                        f'"params": {{"id": "{task["id"]}", "columns": '
+                        f'["status", "stage", "result"]}}}}\'',
+                        flush=True,
+                    )
+                print("kaiju-tasks running; Ctrl-C stops", flush=True)
+                await stop.wait()
+                print("stopping", flush=True)
 
     with database(settings) as dsn:
         asyncio.run(serve(dsn))

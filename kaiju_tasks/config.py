@@ -54,16 +54,37 @@ class LoggingSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """``[server]``."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP API listens on (0.0.0.0 for every interface)."""
+    port: int = 8080
+    """TCP port of the HTTP API."""
+    max_body: int = 1024 * 1024
+    """Largest request body accepted, in bytes; larger ones get HTTP 413."""
+    max_batch: int = 100
+    """Most calls in one JSON-RPC batch."""
+    request_timeout: int = 30
+    """Seconds one call may take before it is answered with a timeout error."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The effective configuration."""
 
     database: DatabaseSettings = dataclasses.field(default_factory=DatabaseSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
+    server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     apps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """``[apps]``: app name -> JSON-RPC URL that runs its stages over HTTP."""
 
 
-_SECTIONS: dict[str, type[Any]] = {"database": DatabaseSettings, "logging": LoggingSettings}
+_SECTIONS: dict[str, type[Any]] = {
+    "database": DatabaseSettings,
+    "logging": LoggingSettings,
+    "server": ServerSettings,
+}
 SECRET_OPTIONS = frozenset({("database", "dsn")})
 
 
@@ -163,6 +184,7 @@ def load(
     settings = Settings(
         database=DatabaseSettings(**values["database"]),
         logging=LoggingSettings(**values["logging"]),
+        server=ServerSettings(**values["server"]),
         apps=dict(values["apps"]),
     )
     _check(settings, sources)

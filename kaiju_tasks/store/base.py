@@ -108,6 +108,30 @@ class TaskStore(Protocol):
         """Record a run of a task."""
         ...
 
+    async def insert_token(
+        self,
+        token_hash: str,
+        *,
+        user_id: str,
+        permissions: Sequence[str],
+        name: str | None,
+        now: datetime,
+    ) -> Row:
+        """Store a token's hash and grants."""
+        ...
+
+    async def find_token(self, token_hash: str) -> Row | None:
+        """Return the grants of an active token."""
+        ...
+
+    async def list_tokens(self) -> list[Row]:
+        """Return every token without its hash."""
+        ...
+
+    async def revoke_token(self, token_id: int, *, now: datetime) -> Row | None:
+        """Revoke an active token."""
+        ...
+
     async def get_notification(
         self, notification_id: int, *, view_all: bool, user_id: str | None
     ) -> Row | None:

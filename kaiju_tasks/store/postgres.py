@@ -255,6 +255,37 @@ class PostgresTaskStore(base.TaskStore):
         found = await self._fetchrow("delete_notification", notification_id, modify_all, user_id)
         return found is not None
 
+    # -- API tokens ---------------------------------------------------------------------------
+
+    async def insert_token(
+        self,
+        token_hash: str,
+        *,
+        user_id: str,
+        permissions: Sequence[str],
+        name: str | None,
+        now: datetime,
+    ) -> Row:
+        """Store a token's hash and grants."""
+        row = await self._fetchrow(
+            "insert_token", token_hash, user_id, list(permissions), name, now
+        )
+        assert row is not None
+        return row
+
+    async def find_token(self, token_hash: str) -> Row | None:
+        """Return the grants of an active token."""
+        return await self._fetchrow("find_token", token_hash)
+
+    async def list_tokens(self) -> list[Row]:
+        """Return every token without its hash."""
+        async with self._connection() as connection:
+            return [dict(r) for r in await connection.fetch(QUERIES["list_tokens"])]
+
+    async def revoke_token(self, token_id: int, *, now: datetime) -> Row | None:
+        """Revoke an active token."""
+        return await self._fetchrow("revoke_token", token_id, now)
+
     # -- listings -----------------------------------------------------------------------------
 
     async def _list(self, table: sa.Table, query: base.ListQuery) -> base.Page:
@@ -423,6 +454,17 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         async with self._connection() as connection:
             status = await connection.execute(QUERIES[query], *args)
         return int(status.split()[-1])
+
+    async def health(self, *, alive_since: datetime) -> dict[str, Any]:
+        """Return ``{database, leader, executors}``.
+
+        The database answered, whether a manager leads, and how many executors heartbeated
+        since ``alive_since``.
+        """
+        key = LEADER_LOCK_KEY
+        row = await self._fetchrow("health", key >> 32, key & 0xFFFFFFFF, alive_since)
+        assert row is not None
+        return {"database": True, "leader": row["leader"], "executors": row["executors"]}
 
     async def notify_cancel(self, ids: Sequence[str]) -> None:
         """Tell executors to abandon the running stages of these tasks."""

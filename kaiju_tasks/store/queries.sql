@@ -476,3 +476,35 @@ SELECT count(pg_notify('kaiju_tasks_cancel', id)) FROM unnest($1::text[]) AS id;
 -- name: notify_queued
 -- Wake executors of these apps.
 SELECT count(pg_notify('kaiju_tasks_queued', app)) FROM unnest($1::text[]) AS app;
+
+-- ==== API tokens ===============================================================================
+
+-- name: insert_token
+-- Store a new token's hash and what it grants.
+INSERT INTO tokens (token_hash, user_id, permissions, name, created)
+VALUES ($1, $2, $3::text[], $4, $5)
+RETURNING id, user_id, permissions, name, created, revoked_at;
+
+-- name: find_token
+-- The grants of a token that is not revoked.
+SELECT id, user_id, permissions FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL;
+
+-- name: list_tokens
+-- Every token, newest first (hashes are not returned).
+SELECT id, user_id, permissions, name, created, revoked_at FROM tokens ORDER BY id DESC;
+
+-- name: revoke_token
+-- Revoke a token; returns it if it was active.
+UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, user_id, permissions, name, created, revoked_at;
+
+-- name: health
+-- Is a manager leading (holding the leadership lock in this database), how many executors live.
+SELECT EXISTS (
+           SELECT 1 FROM pg_locks
+           WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2
+             AND objsubid = 1
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       ) AS leader,
+       (SELECT count(*) FROM executors
+        WHERE stopped_at IS NULL AND heartbeat_at > $3) AS executors;

@@ -1,0 +1,209 @@
+"""The ``kaiju-tasks`` command line as subprocesses: tokens, ``server``, ``run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cli(*args, env=None, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "kaiju_tasks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def post(url, body, token=None):
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+class Running:
+    """A long-running CLI subprocess whose stdout lines are collected."""
+
+    def __init__(self, *args, env=None):
+        self.out = Path(tempfile.mkstemp(suffix=".out")[1])
+        self.err = Path(tempfile.mkstemp(suffix=".err")[1])
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kaiju_tasks.cli", *args],
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+
+    def wait_for(self, prefix, within=60):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for line in self.out.read_text().splitlines():
+                if line.startswith(prefix):
+                    return line[len(prefix) :].strip()
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {prefix!r}:\n{self.out.read_text()}\n{self.err.read_text()}")
+
+    def interrupt(self):
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(30)
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.out.unlink(missing_ok=True)
+        self.err.unlink(missing_ok=True)
+
+
+def test_token_create_list_revoke(dsn):
+    created = cli(
+        "--dsn",
+        dsn,
+        "token",
+        "create",
+        "--user",
+        "alice",
+        "--permission",
+        "view_others",
+        "--name",
+        "ci",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    token = json.loads(created.stdout)
+    assert token["token"].startswith("kt_")
+    assert token["permissions"] == ["view_others"]
+    listed = cli("--dsn", dsn, "token", "list", "--json")
+    rows = json.loads(listed.stdout)
+    assert [(r["id"], r["user_id"]) for r in rows] == [(token["id"], "alice")]
+    assert "token" not in rows[0]
+    assert "token_hash" not in rows[0]
+    revoked = cli("--dsn", dsn, "token", "revoke", str(token["id"]))
+    assert revoked.returncode == 0
+    assert "revoked" in revoked.stdout
+    again = cli("--dsn", dsn, "token", "revoke", str(token["id"]))
+    assert again.returncode == 1
+    assert "no active token" in again.stderr
+
+
+def test_plain_token_create_prints_only_the_token(dsn):
+    created = cli("--dsn", dsn, "token", "create", "--user", "u", "--system")
+    assert created.returncode == 0
+    assert created.stdout.strip().startswith("kt_")
+    assert len(created.stdout.strip().splitlines()) == 1
+
+
+def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
+    run = Running(
+        "--dsn", dsn, "run", "--port", "0", "--methods", "tests.acceptance.methods_for_cli:methods"
+    )
+    try:
+        url = run.wait_for("kaiju-tasks API on ")
+        token = run.wait_for("system token: ")
+        run.wait_for("kaiju-tasks running")
+        created = post(
+            url,
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tasks.create",
+                "params": {
+                    "data": {
+                        "id": "slow",
+                        "commands": [{"method": "cli.slow", "params": {"seconds": 1}}],
+                    }
+                },
+            },
+            token,
+        )
+        assert created["result"]["status"] == "QUEUED"
+        deadline = time.monotonic() + 10
+        while (
+            post(
+                url,
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tasks.get",
+                    "params": {"id": "slow", "columns": ["status"]},
+                },
+                token,
+            )["result"]["status"]
+            != "EXECUTED"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert run.interrupt() == 0  # the running stage finishes within the grace period
+    finally:
+        run.close()
+    got = cli("--dsn", dsn, "token", "create", "--user", "x", "--system")
+    assert got.returncode == 0
+    import asyncio
+
+    import asyncpg
+
+    async def status():
+        connection = await asyncpg.connect(dsn)
+        try:
+            return await connection.fetchrow("SELECT status, result FROM tasks WHERE id='slow'")
+        finally:
+            await connection.close()
+
+    row = asyncio.run(status())
+    assert row["status"] == "FINISHED"
+    assert json.loads(row["result"]) == ["slept"]
+
+
+def test_run_on_the_embedded_database_with_the_demo():
+    data_dir = tempfile.mkdtemp(prefix="kaiju-tasks-embedded-", dir="/tmp")
+    os.chmod(data_dir, 0o755)
+    env = {
+        "KAIJU_TASKS_DATABASE_DSN": "",
+        "KAIJU_TASKS_TEST_DSN": "",
+        "KAIJU_TASKS_EMBEDDED_DIR": str(Path(data_dir) / "pg"),
+    }
+    run = Running("run", "--demo", "--port", "0", env=env)
+    try:
+        url = run.wait_for("kaiju-tasks API on ", within=90)
+        token = run.wait_for("system token: ")
+        task_id = run.wait_for("demo task ").split()[0]
+        deadline = time.monotonic() + 30
+        while True:
+            task = post(
+                url,
+                {"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": {"id": task_id}},
+                token,
+            )["result"]
+            if task["status"] == "FINISHED":
+                break
+            assert time.monotonic() < deadline, task
+            time.sleep(0.2)
+        assert task["result"][-1] == "deleted 2 expired orders: A-1, A-3"
+        assert run.interrupt() == 0
+    finally:
+        run.close()
+        subprocess.run(["rm", "-rf", data_dir], check=False)

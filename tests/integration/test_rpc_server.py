@@ -1,0 +1,268 @@
+"""The HTTP JSON-RPC API over real HTTP on loopback (aiohttp test server), real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kaiju_tasks.methods import MethodError, Methods
+from kaiju_tasks.rpc import server as rpc_server
+from kaiju_tasks.service import NotificationService, TaskService, TokenService
+
+
+@pytest.fixture
+def registry():
+    methods = Methods()
+
+    @methods.register("app.add")
+    def add(a, b):
+        return a + b
+
+    @methods.register("app.broken")
+    def broken():
+        raise RuntimeError("secret internals /etc/passwd")
+
+    @methods.register("app.refuse")
+    def refuse():
+        raise MethodError("no way", code=-32050, data={"why": "because"})
+
+    return methods
+
+
+@pytest.fixture
+async def api(store, clock, registry):
+    async def health():
+        return {"database": True, "leader": False, "status": "degraded"}
+
+    return rpc_server.Api(
+        tasks=TaskService(store, clock),
+        notifications=NotificationService(store),
+        tokens=TokenService(store, clock),
+        methods=registry,
+        health=health,
+        max_body=64 * 1024,
+        max_batch=10,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, api):
+    return await aiohttp_client(rpc_server.create_app(api))
+
+
+@pytest.fixture
+async def tokens(api):
+    return {
+        "system": (await api.tokens.create("root", ["system"]))["token"],
+        "alice": (await api.tokens.create("alice"))["token"],
+        "bob": (await api.tokens.create("bob"))["token"],
+    }
+
+
+class Rpc:
+    def __init__(self, client, token):
+        self.client = client
+        self.token = token
+
+    async def raw(self, body: Any, token: str | None = "default", headers=None):
+        token = self.token if token == "default" else token
+        all_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        all_headers.update(headers or {})
+        data = body if isinstance(body, str | bytes) else json.dumps(body)
+        response = await self.client.post("/public/rpc", data=data, headers=all_headers)
+        text = await response.text()
+        return response.status, (json.loads(text) if text else None)
+
+    async def call(self, method: str, params: Any = None, **kw):
+        body = {"jsonrpc": "2.0", "id": 1, "method": method}
+        if params is not None:
+            body["params"] = params
+        _, reply = await self.raw(body, **kw)
+        return reply
+
+    async def ok(self, method: str, params: Any = None, **kw):
+        reply = await self.call(method, params, **kw)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+
+@pytest.fixture
+def rpc(client, tokens):
+    return Rpc(client, tokens["system"])
+
+
+TASK = {"commands": [{"method": "do.something"}], "id": "t1"}
+
+
+async def test_every_task_method_over_http(rpc, store, clock, make_task):
+    created = await rpc.ok("tasks.create", {"data": TASK})
+    assert (created["id"], created["status"]) == ("t1", "QUEUED")
+    many = await rpc.ok(
+        "tasks.create", {"data": [{"commands": [{"method": "x"}]}] * 3, "columns": ["id"]}
+    )
+    assert len(many) == 3
+    assert await rpc.ok("tasks.get", {"id": "t1", "columns": ["status"]}) == {"status": "QUEUED"}
+    assert await rpc.ok("tasks.exists", {"id": "t1"}) is True
+    page = await rpc.ok("tasks.list", {"conditions": {"id": "t1"}, "columns": ["id"]})
+    assert (page["count"], page["data"]) == (1, [{"id": "t1"}])
+    updated = await rpc.ok("tasks.update", {"id": "t1", "data": {"description": "hi"}})
+    assert updated["description"] == "hi"
+    cancelled = await rpc.ok("tasks.cancel", {"id": "t1"})
+    assert (cancelled["status"], cancelled["exit_code"]) == ("FAILED", 130)
+    reset = await rpc.ok("tasks.reset", {"id": "t1"})
+    assert reset["status"] == "QUEUED"
+    await make_task(
+        id="my_task_id", status="WAITING", commands=[{"kind": "message"}, {"method": "a"}]
+    )
+    message = await rpc.ok(
+        "tasks.write_message",
+        {"id": "my_task_id", "data": {"url": "http://statistics.example/reports/324934"}},
+    )
+    assert message["result"] == [{"url": "http://statistics.example/reports/324934"}]
+    assert await rpc.ok("tasks.delete", {"id": "t1"}) is None
+    assert await rpc.ok("tasks.exists", {"id": "t1"}) is False
+
+
+async def test_every_notification_method_over_http(rpc, store, clock):
+    from kaiju_tasks import testing
+
+    row = await store.insert_notification(testing.notification_row(clock.now(), task_id="t"))
+    nid = row["id"]
+    assert (await rpc.ok("notifications.get", {"id": nid}))["task_id"] == "t"
+    page = await rpc.ok(
+        "notifications.list", {"conditions": {"task_id": "t"}, "sort": [{"desc": "created"}]}
+    )
+    assert page["count"] == 1
+    assert (await rpc.ok("notifications.update", {"id": nid, "data": {"read": True}}))["read"]
+    assert await rpc.ok("notifications.delete", {"id": nid}) is None
+    reply = await rpc.call("notifications.get", {"id": nid})
+    assert reply["error"]["code"] == -32002
+
+
+async def test_application_methods_are_served_too(rpc):
+    assert await rpc.ok("app.add", {"a": 2, "b": 3}) == 5
+    assert await rpc.ok("app.add", [2, 3]) == 5
+    reply = await rpc.call("app.refuse")
+    assert reply["error"] == {"code": -32050, "message": "no way", "data": {"why": "because"}}
+
+
+async def test_batch_and_notifications(rpc):
+    status, replies = await rpc.raw(
+        [
+            {"jsonrpc": "2.0", "id": 1, "method": "app.add", "params": [1, 1]},
+            {"jsonrpc": "2.0", "method": "tasks.create", "params": {"data": TASK}},
+            {"jsonrpc": "2.0", "id": "x", "method": "nope"},
+        ]
+    )
+    assert status == 200
+    assert [r["id"] for r in replies] == [1, "x"]
+    assert replies[0]["result"] == 2
+    assert replies[1]["error"]["code"] == -32601
+    assert await rpc.ok("tasks.exists", {"id": "t1"}) is True  # the notification ran
+    status, reply = await rpc.raw({"jsonrpc": "2.0", "method": "app.add", "params": [1, 2]})
+    assert (status, reply) == (204, None)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("{not json", -32700),
+        ("[]", -32600),
+        ('"a string"', -32600),
+        ({"jsonrpc": "1.0", "id": 1, "method": "tasks.list"}, -32600),
+        ({"jsonrpc": "2.0", "id": 1, "method": 5}, -32600),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": "x"}, -32600),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.nope"}, -32601),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": {}}, -32602),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": {"id": "x", "oops": 1}},
+            -32602,
+        ),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": ["x"]}, -32602),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": {"id": "x"}}, -32002),
+        ({"jsonrpc": "2.0", "id": 1, "method": "app.broken"}, -32603),
+    ],
+)
+async def test_error_codes(rpc, body, code):
+    status, reply = await rpc.raw(body)
+    assert status == 200
+    assert reply["error"]["code"] == code
+    assert "Traceback" not in json.dumps(reply)
+    assert "/etc/passwd" not in json.dumps(reply)
+
+
+async def test_invalid_params_name_the_field(rpc):
+    reply = await rpc.call(
+        "tasks.create", {"data": {"commands": [{"method": "x"}], "max_retries": 99}}
+    )
+    assert reply["error"]["code"] == -32602
+    assert reply["error"]["data"]["errors"][0]["field"] == "max_retries"
+    reply = await rpc.call("tasks.get", {"id": "t", "extra": 1})
+    assert reply["error"]["data"]["errors"][0]["field"] == "extra"
+
+
+async def test_conflict_codes(rpc):
+    await rpc.ok("tasks.create", {"data": TASK})
+    assert (await rpc.call("tasks.create", {"data": TASK}))["error"]["code"] == -32003
+    reply = await rpc.call("tasks.write_message", {"id": "t1", "data": 1})
+    assert reply["error"]["code"] == -32003
+    assert "not waiting for a message" in reply["error"]["message"]
+
+
+async def test_missing_bad_and_revoked_tokens_are_not_authorised(rpc, api, tokens):
+    for token in (None, "garbage", "kt_" + "x" * 43):
+        reply = await rpc.call("tasks.list", token=token)
+        assert reply["error"] == {"code": -32001, "message": "Not authorised."}
+    created = await api.tokens.create("carol")
+    assert "error" not in await rpc.call("tasks.list", token=created["token"])
+    await api.tokens.revoke(created["id"])
+    reply = await rpc.call("tasks.list", token=created["token"])
+    assert reply["error"]["code"] == -32001
+
+
+async def test_two_users_cannot_see_or_change_each_others_tasks(rpc, tokens):
+    await rpc.ok("tasks.create", {"data": {**TASK, "id": "alices"}}, token=tokens["alice"])
+    assert (await rpc.ok("tasks.list", token=tokens["bob"]))["count"] == 0
+    for method, params in [
+        ("tasks.get", {"id": "alices"}),
+        ("tasks.cancel", {"id": "alices"}),
+        ("tasks.delete", {"id": "alices"}),
+    ]:
+        reply = await rpc.call(method, params, token=tokens["bob"])
+        assert reply["error"]["code"] == -32002
+    assert (await rpc.ok("tasks.list", token=tokens["alice"]))["count"] == 1
+    everything = await rpc.ok("tasks.list")  # the system token
+    assert everything["data"][0]["user_id"] == "alice"
+
+
+async def test_oversized_body_and_long_batch_are_refused(rpc):
+    status, reply = await rpc.raw(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tasks.create",
+            "params": {"data": {**TASK, "description": "x" * 70000}},
+        }
+    )
+    assert status == 413
+    assert reply["error"]["code"] == -32600
+    status, reply = await rpc.raw(
+        [{"jsonrpc": "2.0", "id": i, "method": "app.add", "params": [1, 1]} for i in range(11)]
+    )
+    assert reply["error"]["code"] == -32600
+
+
+async def test_health_and_openrpc_description(client, api):
+    response = await client.get("/health")
+    assert response.status == 200
+    assert (await response.json())["database"] is True
+    response = await client.get("/public/rpc/openrpc.json")
+    document = await response.json()
+    names = {m["name"] for m in document["methods"]}
+    assert set(rpc_server.SERVICE_METHODS) <= names
+    assert "app.add" in names
+    get = next(m for m in document["methods"] if m["name"] == "tasks.get")
+    assert [(p["name"], p["required"]) for p in get["params"]] == [("id", True), ("columns", False)]
+    assert "commands" in document["components"]["schemas"]["Task"]["properties"]
