@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -273,7 +274,7 @@ async def test_dropped_database_connections_lose_no_task(
     await ex.wait_for_output("executor running")
     manager = procs("manager", *MANAGER_ARGS)
     await manager.wait_for_output("manager running")
-    database = dsn.rsplit("/", 1)[1].split("?")[0]
+    database = urlsplit(dsn).path.lstrip("/")
     ids = []
     for round_ in range(5):
         created = await task_service.create(
