@@ -164,6 +164,40 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     for sub in (create, token_commands.choices["list"], revoke):
         sub.add_argument("--json", action="store_true", help="print JSON")
+
+    task = commands.add_parser("task", help="create, inspect and control tasks")
+    task_commands = task.add_subparsers(dest="task_command", required=True)
+    t_create = task_commands.add_parser("create", help="create a task from JSON")
+    t_create.add_argument("data", help="the task as JSON (a list creates many), or - for stdin")
+    t_get = task_commands.add_parser("get", help="show a task")
+    t_get.add_argument("id")
+    t_get.add_argument("--columns", help="comma-separated columns")
+    t_list = task_commands.add_parser("list", help="list tasks, newest first")
+    t_list.add_argument("--status", action="append", help="only these statuses (repeatable)")
+    t_list.add_argument("--app", action="append", help="only these apps (repeatable)")
+    t_list.add_argument("--conditions", help="filter as JSON (see the guide)")
+    t_list.add_argument("--limit", type=int, default=20)
+    t_list.add_argument("--offset", type=int, default=0)
+    for name, text in (
+        ("reset", "reset a task and queue it again"),
+        ("cancel", "cancel a task that has not ended"),
+    ):
+        task_commands.add_parser(name, help=text).add_argument("id")
+    t_message = task_commands.add_parser("message", help="send a message to a waiting task")
+    t_message.add_argument("id")
+    t_message.add_argument("data", help="the message as JSON")
+
+    notes = commands.add_parser("notifications", help="read notifications")
+    notes_commands = notes.add_subparsers(dest="notifications_command", required=True)
+    n_list = notes_commands.add_parser("list", help="list notifications, newest first")
+    n_list.add_argument("--task", help="only those of this task")
+    n_list.add_argument("--limit", type=int, default=20)
+
+    config_command = commands.add_parser(
+        "config", help="print the effective configuration and where each value came from"
+    )
+    for sub in (*task_commands.choices.values(), n_list, config_command):
+        sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -171,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     try:
-        settings, _ = config.load(
+        settings, sources = config.load(
             config_path=args.config_path,
             overrides={
                 "database": {"dsn": args.dsn},
@@ -199,8 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "run":
             return _run(settings, args)
+        if args.command in ("task", "notifications"):
+            return _task(settings, args)
+        if args.command == "config":
+            return _config(settings, sources, args)
     except errors.KaijuTasksError as exc:
         print(f"kaiju-tasks: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `kaiju-tasks task list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 2
 
@@ -423,6 +464,105 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
 
     with database(settings) as dsn:
         asyncio.run(serve(dsn))
+    return 0
+
+
+def _json_arg(text: str, what: str) -> Any:
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise errors.ValidationError(f"{what} is not valid JSON: {exc}", field=what) from None
+
+
+TASK_TABLE = ("id", "app_name", "status", "stage", "stages", "exit_code", "created")
+
+
+def _task(settings: config.Settings, args: argparse.Namespace) -> int:
+    """``task ...`` and ``notifications list``, as the system caller."""
+
+    async def act(dsn: str) -> Any:
+        async with engine_store(settings, dsn, "kaiju-tasks-cli") as store:
+            tasks = TaskService(store)
+            if args.command == "notifications":
+                conditions = {"task_id": args.task} if args.task else None
+                return await NotificationService(store).list(
+                    conditions=conditions, sort=[{"desc": "created"}], limit=args.limit
+                )
+            command = args.task_command
+            if command == "create":
+                return await tasks.create(_json_arg(args.data, "data"))
+            if command == "get":
+                columns = args.columns.split(",") if args.columns else None
+                return await tasks.get(args.id, columns)
+            if command == "list":
+                conditions = _json_arg(args.conditions, "conditions") if args.conditions else {}
+                if args.status:
+                    conditions["status"] = args.status
+                if args.app:
+                    conditions["app_name"] = args.app
+                return await tasks.list(
+                    conditions=conditions,
+                    sort=[{"desc": "created"}],
+                    offset=args.offset,
+                    limit=args.limit,
+                    columns=list(TASK_TABLE),
+                )
+            if command == "message":
+                return await tasks.write_message(args.id, _json_arg(args.data, "data"))
+            return await getattr(tasks, command)(args.id)
+
+    with database(settings) as dsn:
+        result = asyncio.run(act(dsn))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif isinstance(result, dict) and "data" in result and "on_page" in result:
+        columns = (
+            TASK_TABLE
+            if args.command == "task"
+            else ("id", "task_id", "status", "exit_code", "read", "created")
+        )
+        _print_table(result["data"], columns)
+        print(f"{result['on_page']} of {result['count']}")
+    elif isinstance(result, list):
+        _print_table(result, ("id", "status", "job_id"))
+    elif isinstance(result, dict):
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            shown = value if isinstance(value, str) or value is None else json.dumps(value)
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _config(settings: config.Settings, sources: dict[str, str], args: argparse.Namespace) -> int:
+    """Print every option with its value and where it came from; secrets masked."""
+    import dataclasses as dc
+
+    shown: dict[str, dict[str, Any]] = {}
+    for section in ("database", "server", "logging"):
+        values = dc.asdict(getattr(settings, section))
+        for option, value in values.items():
+            key = f"{section}.{option}"
+            if (section, option) in config.SECRET_OPTIONS and value:
+                value = config.mask(str(value))
+            shown[key] = {"value": value, "source": sources.get(key, "default")}
+    for app, url in settings.apps.items():
+        shown[f"apps.{app}"] = {"value": url, "source": sources.get(f"apps.{app}", "default")}
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        width = max(len(k) for k in shown)
+        for key, item in shown.items():
+            print(f"{key:<{width}}  {item['value']!s:<40}  ({item['source']})")
     return 0
 
 

@@ -88,6 +88,17 @@ _SECTIONS: dict[str, type[Any]] = {
 SECRET_OPTIONS = frozenset({("database", "dsn")})
 
 
+def mask(value: str) -> str:
+    """Hide the password of a DSN (``postgresql://user:***@host/db``) or a whole secret."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(value)
+    if parts.scheme and parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return value if parts.scheme else "***"
+
+
 def default_paths(cwd: Path | None = None, home: Path | None = None) -> list[Path]:
     """Return the configuration files read before ``--config-path``, lowest priority first."""
     cwd = cwd or Path.cwd()

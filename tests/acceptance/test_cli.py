@@ -207,3 +207,57 @@ def test_run_on_the_embedded_database_with_the_demo():
     finally:
         run.close()
         subprocess.run(["rm", "-rf", data_dir], check=False)
+
+
+def test_task_commands_create_get_list_cancel_message(dsn):
+    created = cli(
+        "--dsn",
+        dsn,
+        "task",
+        "create",
+        '{"id": "c1", "commands": [{"method": "x"}], "app": "orders"}',
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["status"] == "QUEUED"
+    got = cli("--dsn", dsn, "task", "get", "c1", "--columns", "status,app_name", "--json")
+    assert json.loads(got.stdout) == {"status": "QUEUED", "app_name": "orders"}
+    listed = cli("--dsn", dsn, "task", "list", "--app", "orders")
+    assert listed.stdout.splitlines()[0].split()[:3] == ["ID", "APP_NAME", "STATUS"]
+    assert "c1" in listed.stdout
+    assert "1 of 1" in listed.stdout
+    refused = cli("--dsn", dsn, "task", "message", "c1", '{"a": 1}')
+    assert refused.returncode == 1
+    assert "not waiting for a message" in refused.stderr
+    cancelled = cli("--dsn", dsn, "task", "cancel", "c1", "--json")
+    assert json.loads(cancelled.stdout)["exit_code"] == 130
+    bad = cli("--dsn", dsn, "task", "create", '{"commands": []}')
+    assert bad.returncode == 1
+    assert "commands" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    notes = cli("--dsn", dsn, "notifications", "list", "--json")
+    assert json.loads(notes.stdout)["count"] == 0
+
+
+def test_config_shows_values_sources_and_masks_secrets(tmp_path):
+    ini = tmp_path / "k.ini"
+    ini.write_text("[server]\nport = 9999\n")
+    shown = cli(
+        "--config-path",
+        str(ini),
+        "--log-level",
+        "DEBUG",
+        "config",
+        "--json",
+        env={"KAIJU_TASKS_DATABASE_DSN": "postgresql://u:hunter2@db/x"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    values = json.loads(shown.stdout)
+    assert values["server.port"] == {"value": 9999, "source": str(ini)}
+    assert values["database.dsn"] == {
+        "value": "postgresql://u:***@db/x",
+        "source": "env KAIJU_TASKS_DATABASE_DSN",
+    }
+    assert values["logging.level"] == {"value": "DEBUG", "source": "command line"}
+    assert values["server.host"]["source"] == "default"
+    assert "hunter2" not in shown.stdout
