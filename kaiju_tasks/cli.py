@@ -86,24 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTRIBUTE",
         help="import a kaiju_tasks.methods.Methods registry to run stages in-process",
     )
-    executor.add_argument("--concurrency", type=int, default=10, help="tasks run at once")
+    executor.add_argument("--concurrency", type=int, help="tasks run at once ([executor])")
+    executor.add_argument("--prefetch", type=int, help="tasks claimed ahead of free slots")
     executor.add_argument("--id", help="executor id (default: host-pid-random)")
-    executor.add_argument(
-        "--shutdown-grace", type=float, default=10.0, help="seconds to finish stages on stop"
-    )
-    executor.add_argument(
-        "--heartbeat", type=float, default=5.0, help="seconds between liveness records"
-    )
-    executor.add_argument(
-        "--poll", type=float, default=1.0, help="longest seconds between claims when idle"
-    )
+    executor.add_argument("--shutdown-grace", type=float, help="seconds to finish stages on stop")
+    executor.add_argument("--heartbeat", type=float, help="seconds between liveness records")
+    executor.add_argument("--poll", type=float, help="longest seconds between claims when idle")
 
     manager = commands.add_parser("manager", help="run the manager (one leader per database)")
-    manager.add_argument("--interval", type=float, default=1.0, help="seconds between ticks")
+    manager.add_argument("--interval", type=float, help="seconds between ticks ([manager])")
     manager.add_argument(
         "--stale-after",
         type=float,
-        default=30.0,
         help="seconds of executor silence before its tasks are rescued",
     )
     manager.add_argument("--disable-gc", action="store_true", help="no garbage collection")
@@ -111,7 +105,6 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_argument(
         "--standby-interval",
         type=float,
-        default=2.0,
         help="seconds between a standby's attempts to take the leadership",
     )
 
@@ -223,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "manager":
             return _serve(
-                settings, "kaiju-tasks-manager", lambda dsn, store: _manager(args, dsn, store)
+                settings,
+                "kaiju-tasks-manager",
+                lambda dsn, store: _manager(settings, args, dsn, store),
             )
         if args.command == "server":
             return _serve(
@@ -270,42 +265,78 @@ def _load_methods(specs: Sequence[str]) -> methods.Methods:
     return registry
 
 
+def _pick(given: Any, configured: Any) -> Any:
+    """A command-line value when given, else the configured one."""
+    return configured if given is None else given
+
+
 def _executor(
     settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any
 ) -> Executor:
     apps: list[str] = []
     urls = dict(settings.apps)
-    for spec in args.app or ["default"]:
+    configured_apps = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
+    for spec in args.app or configured_apps:
         name, _, url = spec.partition("=")
         apps.append(name)
         if url:
             urls[name] = url
+    return _build_executor(settings, store, dsn, apps, _load_methods(args.methods), urls, args)
+
+
+def _build_executor(
+    settings: config.Settings,
+    store: Any,
+    dsn: str,
+    apps: list[str],
+    registry: methods.Methods,
+    urls: dict[str, str],
+    args: argparse.Namespace,
+) -> Executor:
+    conf = settings.executor
     return Executor(
         store,
         apps=apps,
-        methods=_load_methods(args.methods),
+        methods=registry,
         app_urls=urls,
         dsn=dsn,
-        executor_id=args.id,
-        concurrency=args.concurrency,
-        shutdown_grace=timedelta(seconds=args.shutdown_grace),
-        heartbeat_interval=timedelta(seconds=args.heartbeat),
-        poll_interval=timedelta(seconds=args.poll),
+        executor_id=getattr(args, "id", None),
+        concurrency=_pick(getattr(args, "concurrency", None), conf.concurrency),
+        prefetch=_pick(getattr(args, "prefetch", None), conf.prefetch),
+        shutdown_grace=timedelta(
+            seconds=_pick(getattr(args, "shutdown_grace", None), conf.shutdown_grace)
+        ),
+        heartbeat_interval=timedelta(
+            seconds=_pick(getattr(args, "heartbeat", None), conf.heartbeat_interval)
+        ),
+        poll_interval=timedelta(seconds=_pick(getattr(args, "poll", None), conf.poll_interval)),
     )
 
 
-def _manager(args: argparse.Namespace, dsn: str, store: Any) -> Manager:
+def _manager(settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any) -> Manager:
     from kaiju_tasks.manager import steps
 
+    conf = settings.manager
+    days = timedelta(days=1)
     return Manager(
         store,
         leadership=postgres.AdvisoryLeadership(dsn),
         dsn=dsn,
-        interval=timedelta(seconds=args.interval),
-        standby_interval=timedelta(seconds=args.standby_interval),
-        settings=steps.Settings(stale_after=timedelta(seconds=args.stale_after)),
-        scheduler=not args.disable_scheduler,
-        gc=not args.disable_gc,
+        interval=timedelta(seconds=_pick(getattr(args, "interval", None), conf.interval)),
+        standby_interval=timedelta(
+            seconds=_pick(getattr(args, "standby_interval", None), conf.standby_interval)
+        ),
+        gc_interval=timedelta(seconds=conf.gc_interval),
+        settings=steps.Settings(
+            stale_after=timedelta(
+                seconds=_pick(getattr(args, "stale_after", None), conf.stale_after)
+            ),
+            task_retention=days * conf.task_retention,
+            notification_retention=days * conf.notification_retention,
+            event_retention=days * conf.event_retention,
+        ),
+        scheduler=not getattr(args, "disable_scheduler", False),
+        gc=not getattr(args, "disable_gc", False),
     )
 
 
@@ -424,7 +455,8 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
 
         await migrate.migrate(dsn)
         registry = _load_methods(args.methods)
-        apps = [spec.partition("=")[0] for spec in args.app] or ["default"]
+        configured = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
+        apps = [spec.partition("=")[0] for spec in args.app] or configured
         if args.demo:
             demo.register(registry)
             if demo.APP not in apps:
@@ -439,8 +471,8 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
-            manager = Manager(store, leadership=postgres.AdvisoryLeadership(dsn), dsn=dsn)
-            executor = Executor(store, apps=apps, methods=registry, app_urls=urls, dsn=dsn)
+            manager = _manager(settings, args, dsn, store)
+            executor = _build_executor(settings, store, dsn, apps, registry, urls, args)
             http = _HttpServer(
                 app,
                 args.host or settings.server.host,
@@ -548,7 +580,7 @@ def _config(settings: config.Settings, sources: dict[str, str], args: argparse.N
     import dataclasses as dc
 
     shown: dict[str, dict[str, Any]] = {}
-    for section in ("database", "server", "logging"):
+    for section in ("database", "server", "executor", "manager", "logging"):
         values = dc.asdict(getattr(settings, section))
         for option, value in values.items():
             key = f"{section}.{option}"

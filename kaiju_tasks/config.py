@@ -70,12 +70,52 @@ class ServerSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ExecutorSettings:
+    """``[executor]``."""
+
+    apps: str = "default"
+    """Comma-separated app names whose tasks the executor claims."""
+    concurrency: int = 10
+    """Tasks run at once."""
+    prefetch: int = 10
+    """Tasks claimed ahead of free slots (0: none; lower it for long stages on many hosts)."""
+    heartbeat_interval: float = 5.0
+    """Seconds between liveness records (keep it well under [manager] stale_after)."""
+    poll_interval: float = 1.0
+    """Longest seconds between claims when no notification arrives."""
+    shutdown_grace: float = 10.0
+    """Seconds running stages get to finish on stop before their tasks are handed back."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    """``[manager]``."""
+
+    interval: float = 1.0
+    """Seconds between ticks (timers, deadlines, cron, rescues)."""
+    stale_after: float = 30.0
+    """Seconds of executor silence after which its tasks are re-queued."""
+    standby_interval: float = 2.0
+    """Seconds between a standby's attempts to take the leadership."""
+    gc_interval: float = 300.0
+    """Seconds between garbage collections."""
+    task_retention: float = 7.0
+    """Days ended tasks (not cron, not system, not chained to) are kept."""
+    notification_retention: float = 30.0
+    """Days notifications are kept."""
+    event_retention: float = 7.0
+    """Days events are kept."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The effective configuration."""
 
     database: DatabaseSettings = dataclasses.field(default_factory=DatabaseSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    executor: ExecutorSettings = dataclasses.field(default_factory=ExecutorSettings)
+    manager: ManagerSettings = dataclasses.field(default_factory=ManagerSettings)
     apps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """``[apps]``: app name -> JSON-RPC URL that runs its stages over HTTP."""
 
@@ -84,6 +124,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseSettings,
     "logging": LoggingSettings,
     "server": ServerSettings,
+    "executor": ExecutorSettings,
+    "manager": ManagerSettings,
 }
 SECRET_OPTIONS = frozenset({("database", "dsn")})
 
@@ -111,12 +153,13 @@ def default_paths(cwd: Path | None = None, home: Path | None = None) -> list[Pat
 
 
 def _convert(section: str, option: str, raw: str, kind: type[Any], source: str) -> Any:
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(raw)
+            return kind(raw)
         except ValueError:
             raise errors.ConfigError(
-                f"[{section}] {option} must be an integer, got {raw!r} (from {source})"
+                f"[{section}] {option} must be {'an integer' if kind is int else 'a number'}, "
+                f"got {raw!r} (from {source})"
             ) from None
     return raw or None if kind is str else raw  # an empty value means "not set"
 
@@ -150,7 +193,8 @@ def load(
                     f"unknown option {option!r} in [{section}] (from {source}); "
                     f"known: {', '.join(fields)}"
                 )
-            field_type = str if "str" in str(fields[option].type) else int
+            annotation = str(fields[option].type)
+            field_type = str if "str" in annotation else float if "float" in annotation else int
             if isinstance(value, str):
                 value = _convert(section, option, value, field_type, source)
             if value is None:  # empty: back to the default
@@ -196,6 +240,8 @@ def load(
         database=DatabaseSettings(**values["database"]),
         logging=LoggingSettings(**values["logging"]),
         server=ServerSettings(**values["server"]),
+        executor=ExecutorSettings(**values["executor"]),
+        manager=ManagerSettings(**values["manager"]),
         apps=dict(values["apps"]),
     )
     _check(settings, sources)
@@ -223,6 +269,17 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
             f"[database] needs 1 <= pool_min <= pool_max, got {db.pool_min} and {db.pool_max}"
             + (where("database.pool_min") or where("database.pool_max"))
         )
+    executor = settings.executor
+    if executor.concurrency < 1 or executor.prefetch < 0:
+        raise errors.ConfigError(
+            "[executor] needs concurrency >= 1 and prefetch >= 0" + where("executor.concurrency")
+        )
+    for section in (settings.executor, settings.manager):
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if isinstance(value, float) and value <= 0:
+                name = f"{type(section).__name__.removesuffix('Settings').lower()}.{field.name}"
+                raise errors.ConfigError(f"[{name.replace('.', '] ')} must be > 0" + where(name))
     for app, url in settings.apps.items():
         if not str(url).startswith(("http://", "https://")):
             raise errors.ConfigError(

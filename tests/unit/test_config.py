@@ -117,3 +117,30 @@ def test_app_names_keep_their_case_in_files(tmp_path):
     path = _write(tmp_path / "apps.ini", "[apps]\nOrders = http://orders/rpc\n")
     settings, _ = config.load(paths=[path], environ={})
     assert settings.apps == {"Orders": "http://orders/rpc"}
+
+
+def test_executor_and_manager_sections_take_numbers(tmp_path):
+    path = _write(
+        tmp_path / "k.ini",
+        "[executor]\napps = orders, billing\nconcurrency = 4\n"
+        "heartbeat_interval = 0.5\n[manager]\nstale_after = 12.5\n",
+    )
+    settings, _ = config.load(paths=[path], environ={"KAIJU_TASKS_MANAGER_INTERVAL": "0.2"})
+    assert settings.executor.concurrency == 4
+    assert settings.executor.heartbeat_interval == 0.5
+    assert settings.executor.apps == "orders, billing"
+    assert settings.manager.stale_after == 12.5
+    assert settings.manager.interval == 0.2
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"KAIJU_TASKS_EXECUTOR_CONCURRENCY": "0"}, "concurrency >= 1"),
+        ({"KAIJU_TASKS_EXECUTOR_POLL_INTERVAL": "-1"}, "poll_interval must be > 0"),
+        ({"KAIJU_TASKS_MANAGER_INTERVAL": "fast"}, "interval must be a number"),
+    ],
+)
+def test_bad_executor_and_manager_values_are_refused(environ, message):
+    with pytest.raises(errors.ConfigError, match=message):
+        config.load(paths=[], environ=environ)
