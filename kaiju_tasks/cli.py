@@ -318,9 +318,12 @@ def _manager(settings: config.Settings, args: argparse.Namespace, dsn: str, stor
 
     conf = settings.manager
     days = timedelta(days=1)
+    scheduler = not getattr(args, "disable_scheduler", False)
     return Manager(
         store,
-        leadership=postgres.AdvisoryLeadership(dsn),
+        leadership=postgres.AdvisoryLeadership(
+            dsn, postgres.LEADER_LOCK_KEY if scheduler else postgres.GC_LOCK_KEY
+        ),
         dsn=dsn,
         interval=timedelta(seconds=_pick(getattr(args, "interval", None), conf.interval)),
         standby_interval=timedelta(
@@ -335,7 +338,7 @@ def _manager(settings: config.Settings, args: argparse.Namespace, dsn: str, stor
             notification_retention=days * conf.notification_retention,
             event_retention=days * conf.event_retention,
         ),
-        scheduler=not getattr(args, "disable_scheduler", False),
+        scheduler=scheduler,
         gc=not getattr(args, "disable_gc", False),
     )
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from kaiju_tasks import batch, conditions, context, cron, errors, notifications, templates
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
@@ -126,14 +128,7 @@ class Executor:
 
     async def start(self) -> None:
         """Register, start listening, claiming and heartbeating in the background."""
-        await self.store.register_executor(
-            self.id,
-            apps=self.apps,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            concurrency=self.concurrency,
-            now=self.clock.now(),
-        )
+        await self._register()
         logger.info(
             "Executor online",
             extra={"event": "executor_online", "executor_id": self.id, "apps": self.apps},
@@ -144,6 +139,16 @@ class Executor:
             asyncio.create_task(self._claim_loop(), name=f"kaiju-tasks-claim-{self.id}"),
             asyncio.create_task(self._heartbeat_loop(), name=f"kaiju-tasks-heartbeat-{self.id}"),
         ]
+
+    async def _register(self) -> None:
+        await self.store.register_executor(
+            self.id,
+            apps=self.apps,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=self.concurrency,
+            now=self.clock.now(),
+        )
 
     async def run(self) -> None:
         """Run until cancelled, then stop cleanly."""
@@ -173,6 +178,7 @@ class Executor:
         if left:
             await asyncio.wait([self._running[t] for t in left])
             handed = await self.store.suspend_executor_tasks(self.id, left, now=self.clock.now())
+            await self.store.notify_manager()  # re-queued at once, not at the next tick
             logger.info(
                 "Tasks handed back",
                 extra={"event": "tasks_handed_back", "executor_id": self.id, "count": len(handed)},
@@ -207,6 +213,8 @@ class Executor:
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
+            # Cleared before the claim, so a notification that arrives during it is kept.
+            self._wake.clear()
             try:
                 claimed = await self.tick()
             except Exception:
@@ -216,7 +224,6 @@ class Executor:
                 claimed = 0
             if claimed and self.active < self.concurrency + self.prefetch:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval.total_seconds())
 
@@ -224,7 +231,11 @@ class Executor:
         while True:
             await asyncio.sleep(self.heartbeat_interval.total_seconds())
             try:
-                await self.store.heartbeat(self.id, active=self.active, now=self.clock.now())
+                alive = await self.store.heartbeat(
+                    self.id, active=self.active, now=self.clock.now()
+                )
+                if not alive:  # our row was pruned (a long outage): come back online
+                    await self._register()
                 await self._check_running()
             except Exception:
                 logger.exception(
@@ -378,7 +389,7 @@ class Executor:
                     await self._wait(row, stage, deadline)
                     return
                 else:
-                    result = await self._call(row, stage, command, data, now)
+                    result = _json_checked(await self._call(row, stage, command, data, now))
             except errors.StageError as exc:
                 await self._fail(row, stage, exc)
                 return
@@ -551,3 +562,14 @@ def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:
     if deadline is None:  # rows written by hand may lack it
         return now + timedelta(seconds=row["max_exec_timeout"])
     return deadline
+
+
+def _json_checked(result: Any) -> Any:
+    """Refuse a stage result that cannot be stored as JSON (it would fail every write)."""
+    try:
+        orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise errors.StageError(
+            f"the stage returned a value that is not JSON: {exc}", retryable=False
+        ) from None
+    return result

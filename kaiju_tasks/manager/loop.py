@@ -70,11 +70,7 @@ class Manager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener = (
-            notifications.Listener(
-                dsn, {notifications.MANAGER: self._poke, notifications.QUEUED: lambda _: None}
-            )
-            if dsn
-            else None
+            notifications.Listener(dsn, {notifications.MANAGER: self._poke}) if dsn else None
         )
 
     def _poke(self, _payload: str) -> None:
@@ -144,10 +140,10 @@ class Manager:
             if not leading:
                 await asyncio.sleep(self.standby_interval.total_seconds())
                 continue
+            self._wake.clear()  # before the tick: a poke during it is kept
             try:
                 await self.tick(self.clock.now())
             except Exception:
                 logger.exception("Manager tick failed", extra={"event": "manager_tick_failed"})
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval.total_seconds())

@@ -74,11 +74,17 @@ class Client:
         if "error" in reply and reply["error"] is not None:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
             code = err.get("code", protocol.INTERNAL_ERROR)
+            data = err.get("data")
+            # Retrying cannot help a missing method, bad params, or an error whose data says
+            # {"retryable": false} (what MethodError(retryable=False) sends over HTTP).
+            final = code in (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS) or (
+                isinstance(data, dict) and data.get("retryable") is False
+            )
             raise errors.RemoteCallError(
                 str(err.get("message", "remote error")),
                 code=code if isinstance(code, int) else protocol.INTERNAL_ERROR,
-                data=err.get("data"),
-                retryable=code not in (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS),
+                data=data,
+                retryable=not final,
             )
         if "result" not in reply:
             raise errors.TransportError(f"{url} answered HTTP {status} without a JSON-RPC result")

@@ -181,7 +181,14 @@ def _error(exc: Exception, method: str) -> dict[str, Any]:
     if isinstance(exc, _RpcError):
         return protocol.error(exc.code, exc.message, exc.data)
     if isinstance(exc, errors.RemoteCallError):  # an application method's own error
-        return protocol.error(exc.code, exc.message, exc.remote_data)
+        data = exc.remote_data
+        if not exc.retryable:  # tell a calling executor not to retry
+            data = (
+                {**data, "retryable": False}
+                if isinstance(data, dict)
+                else ({"retryable": False} if data is None else data)
+            )
+        return protocol.error(exc.code, exc.message, data)
     if isinstance(exc, TimeoutError):
         return protocol.error(protocol.TIMEOUT, "request timed out")
     for kind, code in ERROR_CODES:

@@ -472,6 +472,9 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
 
 
 LEADER_LOCK_KEY = 0x6B61696A7500  # arbitrary, fixed: the manager leadership advisory lock
+GC_LOCK_KEY = LEADER_LOCK_KEY + 1
+"""Leadership of managers that only collect garbage (``--disable-scheduler``), so that they
+do not stand by behind a scheduling leader."""
 
 
 class AdvisoryLeadership(base.Leadership):

@@ -103,6 +103,10 @@ ev AS (
     SELECT 'task-revoked', done.id, done.job_id, 'FAILED', done.stage, old.executor_id, $5,
            jsonb_build_object('reason', 'cancelled')
     FROM done JOIN old ON old.id = done.id),
+notes AS (
+    INSERT INTO notifications (task_id, job_id, status, result, exit_code, error, user_id,
+                               created)
+    SELECT id, job_id, 'FAILED', result, 130, error, user_id, $5 FROM done WHERE notify),
 wake AS (
     SELECT pg_notify('kaiju_tasks_cancel', id) FROM old WHERE status = 'EXECUTED')
 SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
@@ -269,7 +273,7 @@ done AS (
         result = CASE WHEN c.retry AND c.first THEN '[]'::jsonb ELSE t.result END,
         error = c.error,
         exit_code = CASE WHEN c.retry THEN NULL ELSE c.exit_code END,
-        executor_id = NULL,
+        executor_id = CASE WHEN c.retry THEN NULL ELSE t.executor_id END,
         wait_deadline = NULL,
         queued_at = CASE WHEN c.retry AND NOT c.delayed THEN $2 ELSE t.queued_at END,
         exec_deadline = CASE WHEN c.retry AND NOT c.delayed
@@ -402,14 +406,14 @@ SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 -- Tasks past a deadline: the run's exec_deadline, a Message stage's wait deadline, or
 -- `expires_at` before the run started (Celery's `expires`).
 SELECT id, status, executor_id, stage, cron, max_exec_timeout, expires_at,
-       (status IN ('IDLE', 'QUEUED') AND stage = 0 AND result = '[]'::jsonb
+       (status IN ('IDLE', 'QUEUED') AND stage = 0 AND result = '[]'::jsonb AND retries = 0
         AND expires_at <= $1) AS expired,
        (exec_deadline <= $1) AS run_expired
 FROM tasks
 WHERE (status IN ('QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED') AND exec_deadline <= $1)
    OR (status = 'WAITING' AND wait_deadline <= $1 AND commands -> stage ->> 'kind' = 'message')
    OR (status IN ('IDLE', 'QUEUED') AND expires_at <= $1 AND stage = 0
-       AND result = '[]'::jsonb)
+       AND result = '[]'::jsonb AND retries = 0)
 LIMIT $2;
 
 -- name: suspend_stale

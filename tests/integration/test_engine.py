@@ -660,3 +660,83 @@ async def test_every_transition_writes_an_event_and_notifies(
         "SELECT count(*) FROM events WHERE type = 'worker-online' AND executor_id = $1", executor.id
     )
     assert online == 1
+
+
+async def test_a_result_that_is_not_json_fails_only_its_task(task_service, store, clock, dsn):
+    methods = Methods()
+
+    @methods.register("bad")
+    def bad():
+        return {1, 2}
+
+    @methods.register("good")
+    def good():
+        return "ok"
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        tasks = await task_service.create(
+            [Task(commands=[TaskCommand(method="bad")], max_retries=3)]
+            + [Task(commands=[TaskCommand(method="good")]) for _ in range(5)]
+        )
+        bad_row = await wait_for(store, tasks[0]["id"], "FAILED", "FINISHED")
+        goods = [await wait_for(store, t["id"], "FINISHED", "FAILED") for t in tasks[1:]]
+    assert bad_row["status"] == "FAILED"
+    assert bad_row["retries"] == 0
+    assert "not JSON" in bad_row["error"]["message"]
+    assert {g["status"] for g in goods} == {"FINISHED"}
+
+
+async def test_cancel_writes_a_notification_when_notify_is_on(task_service, notifications):
+    task = await task_service.create(
+        Task(commands=[TaskCommand(method="x")], notify=True, enabled=False)
+    )
+    await task_service.cancel(task["id"])
+    page = await notifications.list(conditions={"task_id": task["id"]})
+    assert [(n["status"], n["exit_code"]) for n in page["data"]] == [("FAILED", 130)]
+
+
+async def test_a_remote_error_marked_not_retryable_is_not_retried(
+    task_service, store, clock, dsn, aiohttp_server
+):
+    async def rpc(request):
+        body = await request.json()
+        error = {"code": -32000, "message": "bad input", "data": {"retryable": False}}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
+
+    app = web.Application()
+    app.router.add_post("/rpc", rpc)
+    server = await aiohttp_server(app)
+    async with Executor(
+        store, apps=["r"], app_urls={"r": str(server.make_url("/rpc"))}, clock=clock, dsn=dsn
+    ):
+        task = await task_service.create(
+            Task(app="r", commands=[TaskCommand(method="m")], max_retries=3)
+        )
+        row = await wait_for(store, task["id"], "FAILED", "FINISHED")
+    assert (row["status"], row["retries"]) == ("FAILED", 0)
+
+
+async def test_a_retried_task_back_at_stage_zero_is_not_expired(store, manager, clock, make_task):
+    await make_task(
+        id="r",
+        status="QUEUED",
+        job_id="j",
+        retries=1,
+        max_retries=3,
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+        expires_at=clock.now() - timedelta(seconds=1),
+    )
+    await manager.tick(clock.now())
+    assert (await store.get_task("r"))["status"] == "QUEUED"
+
+
+async def test_a_gc_only_manager_does_not_wait_behind_the_scheduling_leader(dsn):
+    scheduling = postgres.AdvisoryLeadership(dsn, postgres.LEADER_LOCK_KEY)
+    collecting = postgres.AdvisoryLeadership(dsn, postgres.GC_LOCK_KEY)
+    try:
+        assert await scheduling.hold()
+        assert await collecting.hold()
+    finally:
+        await scheduling.release()
+        await collecting.release()

@@ -28,6 +28,10 @@ def registry():
     def refuse():
         raise MethodError("no way", code=-32050, data={"why": "because"})
 
+    @methods.register("app.final")
+    def final():
+        raise MethodError("never", retryable=False)
+
     return methods
 
 
@@ -146,6 +150,8 @@ async def test_application_methods_are_served_too(rpc):
     assert await rpc.ok("app.add", [2, 3]) == 5
     reply = await rpc.call("app.refuse")
     assert reply["error"] == {"code": -32050, "message": "no way", "data": {"why": "because"}}
+    reply = await rpc.call("app.final")
+    assert reply["error"]["data"] == {"retryable": False}
 
 
 async def test_batch_and_notifications(rpc):
