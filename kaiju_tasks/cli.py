@@ -440,13 +440,16 @@ def _token(settings: config.Settings, args: argparse.Namespace) -> int:
     elif args.token_command == "revoke":
         print(f"token {result['id']} revoked")
     else:
-        print(f"{'id':>5}  {'user':20}  {'permissions':30}  {'created':25}  revoked")
+        print(f"{'id':>5}  {'user':20}  {'permissions':30}  {'created':32}  revoked")
         for row in result:
             print(
                 f"{row['id']:>5}  {row['user_id']:20}  {','.join(row['permissions']):30}  "
-                f"{row['created']:25}  {row['revoked_at'] or ''}"
+                f"{row['created']:32}  {row['revoked_at'] or ''}"
             )
     return 0
+
+
+RUN_TOKEN_NAME = "kaiju-tasks run"
 
 
 def _run(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -468,7 +471,10 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
         urls.update({n: u for n, _, u in (s.partition("=") for s in args.app) if u})
         async with engine_store(settings, dsn, "kaiju-tasks-run") as store:
             tokens = TokenService(store)
-            token = await tokens.create("admin", ["system"], "kaiju-tasks run")
+            for old in await tokens.list():  # one live token per `run`, not one per start
+                if old["name"] == RUN_TOKEN_NAME and old["revoked_at"] is None:
+                    await tokens.revoke(old["id"])
+            token = await tokens.create("admin", ["system"], RUN_TOKEN_NAME)
             app = rpc_server.create_app(_api(store, registry, settings))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

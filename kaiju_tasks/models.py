@@ -387,6 +387,9 @@ class TaskUpdate(_TaskFields):
     user_id: str | None = Field(None, max_length=256)
 
 
+NULLABLE = frozenset({"cron", "next_task", "description", "expires_at", "user_id"})
+"""Fields an update may set to null (the others always hold a value)."""
+
 SYSTEM_ONLY_FIELDS = frozenset({"system", "user_id", "parent_id", "root_id"})
 """Fields only a system caller may set."""
 
@@ -504,6 +507,11 @@ def parse_update(data: TaskUpdate | Mapping[str, Any], prefix: str = "data") -> 
         return data
     if not isinstance(data, Mapping):
         raise errors.ValidationError("changes are an object", field=prefix)
+    nulls = [name for name, value in data.items() if value is None and name not in NULLABLE]
+    if nulls:
+        raise errors.ValidationError(
+            errors=[{"field": f"{prefix}.{name}", "message": "cannot be null"} for name in nulls]
+        )
     token = _VALIDATING.set(True)
     try:
         return TaskUpdate.model_validate(data)

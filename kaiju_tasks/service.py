@@ -53,9 +53,12 @@ def _columns(columns: Any, known: Sequence[str], field: str = "columns") -> list
     return list(columns)
 
 
+MAX_OFFSET = 2**53
+
+
 def _paging(offset: Any, limit: Any) -> tuple[int, int]:
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise errors.ValidationError("offset is an integer >= 0", field="offset")
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
+        raise errors.ValidationError(f"offset is an integer from 0 to {MAX_OFFSET}", field="offset")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise errors.ValidationError("limit is an integer >= 1", field="limit")
     return offset, min(limit, MAX_LIMIT)
@@ -518,7 +521,7 @@ class NotificationService:
 
 
 def _notification_id(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**63:
         raise errors.ValidationError("a notification id is a positive integer", field="id")
     return value
 

@@ -117,9 +117,12 @@ async def _rpc(request: web.Request) -> web.Response:
         )
         return _json(_reply(None, error=error), status=413)
     try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        payload = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _json(_reply(None, error=protocol.error(protocol.PARSE_ERROR, "parse error")))
+    if b"\\u0000" in raw:  # PostgreSQL text and jsonb cannot hold NUL characters
+        error = protocol.error(protocol.INVALID_PARAMS, "NUL characters (\\u0000) are not allowed")
+        return _json(_reply(None, error=error))
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
 
@@ -133,11 +136,16 @@ async def _rpc(request: web.Request) -> web.Response:
             )
             return _json(_reply(None, error=error))
         caller = await _caller(api, token)
-        replies = [await _call(api, call, caller) for call in payload]
+        # The calls of a batch are independent (JSON-RPC 2.0 allows any order): run them at once.
+        replies = await asyncio.gather(*(_call(api, call, caller) for call in payload))
         answered = [r for r in replies if r is not None]
         return _json(answered) if answered else web.Response(status=204)
     reply = await _call(api, payload, await _caller(api, token))
     return _json(reply) if reply is not None else web.Response(status=204)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _caller(api: Api, token: str | None) -> models.Caller | errors.NotAuthorized:
@@ -166,13 +174,17 @@ async def _call(
             request_id if isinstance(request_id, str | int) else None,
             error=protocol.error(protocol.INVALID_REQUEST, "invalid request"),
         )
+    deadline = asyncio.timeout(api.request_timeout)
     try:
         if isinstance(caller, errors.NotAuthorized):
             raise caller
-        async with asyncio.timeout(api.request_timeout):
+        async with deadline:
             result = await _dispatch(api, call["method"], call.get("params"), caller)
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into replies
-        error = _error(exc, call["method"])
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            error = protocol.error(protocol.TIMEOUT, "request timed out")
+        else:
+            error = _error(exc, call["method"])
         return None if notification else _reply(request_id, error=error)
     return None if notification else _reply(request_id, result=result)
 
@@ -189,8 +201,6 @@ def _error(exc: Exception, method: str) -> dict[str, Any]:
                 else ({"retryable": False} if data is None else data)
             )
         return protocol.error(exc.code, exc.message, data)
-    if isinstance(exc, TimeoutError):
-        return protocol.error(protocol.TIMEOUT, "request timed out")
     for kind, code in ERROR_CODES:
         if isinstance(exc, kind):
             data = exc.data if isinstance(exc, errors.ValidationError) else None
@@ -287,7 +297,7 @@ def openrpc_document(api: Api) -> dict[str, Any]:
         )
     return {
         "openrpc": "1.2.6",
-        "info": {"title": "kaiju-tasks", "version": "0.1.0"},
+        "info": {"title": "kaiju-tasks", "version": _version()},
         "servers": [{"name": "kaiju-tasks", "url": "/public/rpc"}],
         "methods": described,
         "components": {
@@ -296,8 +306,21 @@ def openrpc_document(api: Api) -> dict[str, Any]:
                 "TaskUpdate": models.TaskUpdate.model_json_schema(),
             }
         },
-        "x-errors": {str(code): kind.__name__ for kind, code in ERROR_CODES},
+        "x-errors": [{"code": code, "error": kind.__name__} for kind, code in ERROR_CODES]
+        + [
+            {"code": protocol.TIMEOUT, "error": "request timed out"},
+            {"code": protocol.INTERNAL_ERROR, "error": "internal error"},
+        ],
     }
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kaiju-tasks")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _schema_for(method: str, param: str) -> Mapping[str, Any]:
@@ -308,8 +331,10 @@ def _schema_for(method: str, param: str) -> Mapping[str, Any]:
         return {"$ref": "#/components/schemas/TaskUpdate"}
     if param in ("id",):
         return {"type": "integer"} if method.startswith("notifications.") else {"type": "string"}
-    if param in ("offset", "limit"):
+    if param == "offset":
         return {"type": "integer", "minimum": 0}
+    if param == "limit":
+        return {"type": "integer", "minimum": 1, "maximum": 1000}
     if param == "count":
         return {"type": "boolean"}
     return {}

@@ -272,3 +272,63 @@ async def test_health_and_openrpc_description(client, api):
     get = next(m for m in document["methods"] if m["name"] == "tasks.get")
     assert [(p["name"], p["required"]) for p in get["params"]] == [("id", True), ("columns", False)]
     assert "commands" in document["components"]["schemas"]["Task"]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("[" * 5000 + "]" * 5000, -32700),
+        ('{"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": {"limit": NaN}}', -32700),
+        (
+            '{"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": '
+            '{"commands": [{"method": "a\\u0000b"}]}}}',
+            -32602,
+        ),
+        ({"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": {"offset": 10**30}}, -32602),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": "notifications.get", "params": {"id": 10**30}},
+            -32602,
+        ),
+    ],
+)
+async def test_hostile_bodies_get_clean_errors(client, rpc, body, code):
+    status, reply = await rpc.raw(body)
+    assert status == 200
+    assert reply["error"]["code"] == code
+    assert "$" not in reply["error"]["message"]  # no SQL placeholders leak
+
+
+@pytest.mark.parametrize("field", ["enabled", "max_retries", "kws", "priority", "commands"])
+async def test_null_for_a_field_that_always_holds_a_value_is_invalid_params(rpc, field):
+    await rpc.ok("tasks.create", {"data": TASK})
+    reply = await rpc.call("tasks.update", {"id": "t1", "data": {field: None}})
+    assert reply["error"]["code"] == -32602
+    assert reply["error"]["data"]["errors"] == [
+        {"field": f"data.{field}", "message": "cannot be null"}
+    ]
+
+
+async def test_a_batch_runs_its_calls_concurrently(rpc, registry):
+    import asyncio
+    import time
+
+    @registry.register("app.sleep")
+    async def sleep():
+        await asyncio.sleep(0.3)
+        return True
+
+    started = time.monotonic()
+    _, replies = await rpc.raw(
+        [{"jsonrpc": "2.0", "id": i, "method": "app.sleep"} for i in range(5)]
+    )
+    assert [r["result"] for r in replies] == [True] * 5
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_timeout_inside_a_method_is_not_reported_as_the_request_timing_out(rpc, registry):
+    @registry.register("app.inner_timeout")
+    async def inner():
+        raise TimeoutError("the method's own call timed out")
+
+    reply = await rpc.call("app.inner_timeout")
+    assert reply["error"]["code"] == -32603
