@@ -89,6 +89,23 @@ async def dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database with no schema at all."""
+    name = f"kaiju_tasks_empty_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    yield with_database(server_dsn, name)
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await postgres.create_pool(dsn, min_size=1, max_size=5, application_name="pytest")
     yield pool

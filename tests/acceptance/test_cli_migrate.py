@@ -6,25 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-
-import asyncpg
-import pytest
 
 from kaiju_tasks.store import migrate
-from tests.conftest import with_database
-
-
-@pytest.fixture
-async def empty_dsn(server_dsn):
-    name = f"kaiju_tasks_cli_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server_dsn)
-    await connection.execute(f'CREATE DATABASE "{name}"')
-    await connection.close()
-    yield with_database(server_dsn, name)
-    connection = await asyncpg.connect(server_dsn)
-    await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await connection.close()
 
 
 def _cli(*args, env=None):

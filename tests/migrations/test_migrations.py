@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 import pytest
@@ -11,19 +10,6 @@ import sqlalchemy as sa
 
 from kaiju_tasks import errors
 from kaiju_tasks.store import migrate, tables
-from tests.conftest import with_database
-
-
-@pytest.fixture
-async def empty_dsn(server_dsn):
-    name = f"kaiju_tasks_empty_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server_dsn)
-    await connection.execute(f'CREATE DATABASE "{name}"')
-    await connection.close()
-    yield with_database(server_dsn, name)
-    connection = await asyncpg.connect(server_dsn)
-    await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await connection.close()
 
 
 async def test_migrate_takes_an_empty_database_to_head(empty_dsn):
