@@ -372,6 +372,8 @@ class Executor:
                     "app_name": row["app_name"],
                     "executor_id": self.id,
                     "deadline": row["exec_deadline"],
+                    "root_id": row["root_id"] or task_id,
+                    "priority": row["priority"],
                 }
             )
             try:

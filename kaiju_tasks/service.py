@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import cron, errors, models
+from kaiju_tasks import context, cron, errors, models
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
@@ -112,7 +112,9 @@ class TaskService:
 
         A task that is enabled and has no ``cron`` is queued at once (status QUEUED, a new
         ``job_id``); a cron task waits in IDLE for its first fire time; a disabled one waits in
-        IDLE until enabled. Returns the created task(s) as dicts of ``columns`` (default: all).
+        IDLE until enabled. A task created while a stage runs (in that stage's method) becomes
+        a child of the running task: ``parent_id`` is that task, ``root_id`` its root, and it
+        takes the root's priority. Returns the created task(s) as dicts of ``columns``.
         """
         many = isinstance(data, Sequence) and not isinstance(data, str | bytes | Mapping)
         items: Sequence[Any] = data if many else [data]  # type: ignore[assignment]
@@ -128,6 +130,7 @@ class TaskService:
         ]
         rows = []
         seen: set[str] = set()
+        parent = context.get()
         for i, task in enumerate(tasks):
             where = f"{i}." if many else ""
             self._check_system_fields(task, caller, where)
@@ -135,7 +138,14 @@ class TaskService:
             if task_id in seen:
                 raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
             seen.add(task_id)
-            rows.append(self._new_row(task, task_id, caller, now))
+            row = self._new_row(task, task_id, caller, now)
+            if parent is not None and row["parent_id"] is None:
+                # Created from inside a running stage: a child in that task's tree, with the
+                # root's priority (as in Karton, a different priority asked for is ignored).
+                row["parent_id"] = parent["task_id"]
+                row["root_id"] = parent["root_id"]
+                row["priority"] = parent["priority"]
+            rows.append(row)
         await self._check_next_tasks(
             {
                 f"{f'{i}.' if many else ''}next_task": t.next_task

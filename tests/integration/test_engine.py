@@ -740,3 +740,70 @@ async def test_a_gc_only_manager_does_not_wait_behind_the_scheduling_leader(dsn)
     finally:
         await scheduling.release()
         await collecting.release()
+
+
+async def test_tasks_created_inside_a_stage_form_a_tree_with_the_roots_priority(
+    task_service, store, clock, dsn
+):
+    methods = Methods()
+
+    @methods.register("fan_out")
+    async def fan_out(n):
+        children = await task_service.create(
+            [Task(commands=[TaskCommand(method="leaf")], priority="LOW") for _ in range(n)]
+        )
+        return [c["id"] for c in children]
+
+    @methods.register("leaf")
+    async def leaf():
+        grandchild = await task_service.create(Task(commands=[TaskCommand(method="noop")]))
+        return grandchild["id"]
+
+    @methods.register("noop")
+    def noop():
+        return None
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        root = await task_service.create(
+            Task(commands=[TaskCommand(method="fan_out", params={"n": 2})], priority="HIGH")
+        )
+        row = await wait_for(store, root["id"], "FINISHED")
+        children = row["result"][0]
+        leaves = [await wait_for(store, c, "FINISHED") for c in children]
+        grandchildren = [await wait_for(store, leaf["result"][0], "FINISHED") for leaf in leaves]
+    tree = await task_service.list(conditions={"root_id": root["id"]}, columns=["id"])
+    assert {t["id"] for t in tree["data"]} == {
+        root["id"],
+        *children,
+        *(g["id"] for g in grandchildren),
+    }
+    assert {leaf["parent_id"] for leaf in leaves} == {root["id"]}
+    assert {g["parent_id"] for g in grandchildren} == set(children)
+    assert {r["priority"] for r in [*leaves, *grandchildren]} == {10}
+
+
+async def test_under_backlog_high_priority_tasks_start_before_older_low_ones(
+    task_service, store, clock, dsn
+):
+    started = []
+    methods = Methods()
+
+    @methods.register("work")
+    def work(name):
+        started.append(name)
+
+    low = [
+        Task(commands=[TaskCommand(method="work", params={"name": f"low{i}"})], priority="LOW")
+        for i in range(20)
+    ]
+    await task_service.create(low)
+    clock.advance(1)
+    high = [
+        Task(commands=[TaskCommand(method="work", params={"name": f"high{i}"})], priority="HIGH")
+        for i in range(5)
+    ]
+    created = await task_service.create(high)
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn, concurrency=1, prefetch=0):
+        await wait_for(store, created[-1]["id"], "FINISHED")
+        await until(lambda: len(started) == 25)
+    assert sorted(started[:5]) == [f"high{i}" for i in range(5)]  # same queued_at: any order
