@@ -27,7 +27,7 @@ from kaiju_tasks.errors import (
 )
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
-from kaiju_tasks.methods import MethodError, Methods
+from kaiju_tasks.methods import MethodError, Methods, Reject
 from kaiju_tasks.models import (
     SYSTEM,
     Caller,
@@ -70,6 +70,7 @@ __all__ = [
     "NotificationService",
     "Permission",
     "Priority",
+    "Reject",
     "RemoteCallError",
     "RestartPolicy",
     "StageError",

@@ -86,6 +86,14 @@ class StageError(KaijuTasksError):
         self.retryable = retryable
 
 
+class StageRejected(StageError):
+    """The stage's method rejected the task."""
+
+    def __init__(self, message: str | None = None, *, requeue: bool = False) -> None:
+        super().__init__(message, retryable=False)
+        self.requeue = requeue
+
+
 class StageTimeout(StageError):
     """The stage timed out."""
 

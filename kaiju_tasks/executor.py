@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import batch, conditions, context, cron, errors, notifications, templates
+from kaiju_tasks import batch, conditions, context, cron, errors, models, notifications, templates
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.rpc import client as rpc_client
@@ -507,6 +507,26 @@ class Executor:
             raise _Revoked
 
     async def _fail(self, row: Mapping[str, Any], stage: int, exc: errors.StageError) -> None:
+        rejected = isinstance(exc, errors.StageRejected)
+        if (
+            isinstance(exc, errors.StageRejected)
+            and exc.requeue
+            and row["requeues"] < models.MAX_REQUEUES
+        ):
+            reject_error = {
+                "code": protocol.REJECTED,
+                "message": exc.message,
+                "stage": stage,
+                "reason": "rejected",
+            }
+            applied = await self.store.requeue_rejected(
+                self.id,
+                [{"id": row["id"], "stage": stage, "error": reject_error}],
+                now=self.clock.now(),
+            )
+            if row["id"] not in applied:
+                raise _Revoked
+            return
         timeout = isinstance(exc, errors.StageTimeout)
         error: dict[str, Any] = {
             "code": exc.code
@@ -514,8 +534,10 @@ class Executor:
             else (protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR),
             "message": exc.message,
             "stage": stage,
-            "reason": "timeout" if timeout else "error",
+            "reason": "timeout" if timeout else "rejected" if rejected else "error",
         }
+        if rejected:
+            error["code"] = protocol.REJECTED
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
         applied = await self._fail_batch.submit(
@@ -528,6 +550,7 @@ class Executor:
                 "exit_code": 130 if timeout else 1,
                 "retryable": exc.retryable,
                 "next_run": self._next_run(row),
+                "rejected": rejected,
             }
         )
         if applied is None:

@@ -41,6 +41,21 @@ class MethodError(Exception):
         self.retryable = retryable
 
 
+class Reject(Exception):
+    """Raised by a stage method to reject its task (Celery's ``Reject``).
+
+    ``requeue=False`` fails the task at once, without using its retries (``task-rejected``);
+    ``requeue=True`` puts it back in the queue without counting a retry, at most
+    ``models.MAX_REQUEUES`` times. Over HTTP it is the JSON-RPC error -32005 with
+    ``data = {"requeue": ...}``.
+    """
+
+    def __init__(self, reason: str = "rejected", *, requeue: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.requeue = requeue
+
+
 class Methods:
     """Method name -> callable (sync or async)."""
 
@@ -107,6 +122,8 @@ class Methods:
             raise errors.RemoteCallError(
                 exc.message, code=exc.code, data=exc.data, retryable=exc.retryable
             ) from exc
+        except Reject as exc:
+            raise errors.StageRejected(exc.reason, requeue=exc.requeue) from exc
         return result
 
 

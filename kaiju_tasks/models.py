@@ -96,6 +96,8 @@ class Limit(enum.IntEnum):
 
 MAX_ID_LENGTH = 256
 MAX_RETRY_DELAY = 86400  # seconds
+MAX_REQUEUES = 10
+"""A task rejected with ``requeue=True`` more often than this fails instead."""
 MAX_PRIORITY = 100
 DEFAULT_APP = "default"
 
@@ -562,6 +564,7 @@ TASK_COLUMNS = (
     "expires_at",
     "parent_id",
     "root_id",
+    "requeues",
 )
 """Columns of the ``tasks`` table, in order: the names are part of the contract."""
 

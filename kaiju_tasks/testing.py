@@ -82,6 +82,7 @@ def task_row(now: datetime, **overrides: Any) -> dict[str, Any]:
         "expires_at": None,
         "parent_id": None,
         "root_id": None,
+        "requeues": 0,
     }
     row.update(overrides)
     if row["root_id"] is None:

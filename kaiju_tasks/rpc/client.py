@@ -75,6 +75,9 @@ class Client:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
             code = err.get("code", protocol.INTERNAL_ERROR)
             data = err.get("data")
+            if code == protocol.REJECTED:
+                requeue = isinstance(data, dict) and data.get("requeue") is True
+                raise errors.StageRejected(str(err.get("message", "rejected")), requeue=requeue)
             # Retrying cannot help a missing method, bad params, or an error whose data says
             # {"retryable": false} (what MethodError(retryable=False) sends over HTTP).
             final = code in (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS) or (

@@ -192,6 +192,8 @@ async def _call(
 def _error(exc: Exception, method: str) -> dict[str, Any]:
     if isinstance(exc, _RpcError):
         return protocol.error(exc.code, exc.message, exc.data)
+    if isinstance(exc, errors.StageRejected):  # an application method rejected its task
+        return protocol.error(protocol.REJECTED, exc.message, {"requeue": exc.requeue})
     if isinstance(exc, errors.RemoteCallError):  # an application method's own error
         data = exc.remote_data
         if not exc.retryable:  # tell a calling executor not to retry

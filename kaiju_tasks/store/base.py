@@ -205,6 +205,12 @@ class EngineStore(TaskStore, Protocol):
         """Fail or retry tasks ``[{id, status, executor_id, stage, error, exit_code, ...}]``."""
         ...
 
+    async def requeue_rejected(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Put rejected tasks back in the queue ``[{id, stage, error}]``."""
+        ...
+
     async def wait_tasks(
         self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
     ) -> set[str]:

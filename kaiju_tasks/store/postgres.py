@@ -394,6 +394,13 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         """Fail or retry tasks; return ``[{id, status, executor_id}]`` of those that applied."""
         return [dict(r) for r in await self._fetch("fail_tasks", list(items), now)]
 
+    async def requeue_rejected(
+        self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> set[str]:
+        """Put rejected tasks back in the queue without counting a retry."""
+        rows = await self._fetch("requeue_rejected", list(items), executor_id, now)
+        return {r["id"] for r in rows}
+
     async def wait_tasks(
         self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
     ) -> set[str]:

@@ -255,9 +255,10 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
-             exit_code integer, retryable boolean, next_run timestamptz)),
+             exit_code integer, retryable boolean, next_run timestamptz, rejected boolean)),
 cur AS (
     SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
+           coalesce(r.rejected, false) AS rejected,
            (r.retryable AND t.retries < t.max_retries) AS retry,
            t.retry_delay > 0 AS delayed,
            t.restart_policy = 'FIRST' AS first
@@ -286,7 +287,7 @@ done AS (
         status_change = $2
     FROM cur c
     WHERE t.id = c.id
-    RETURNING t.*, c.retry, c.old_executor),
+    RETURNING t.*, c.retry, c.old_executor, c.rejected),
 notes AS (
     INSERT INTO notifications (task_id, job_id, status, result, exit_code, error, user_id,
                                created)
@@ -294,7 +295,7 @@ notes AS (
     FROM done WHERE notify AND NOT retry),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
-    SELECT CASE WHEN retry THEN 'task-retried'
+    SELECT CASE WHEN retry THEN 'task-retried' WHEN rejected THEN 'task-rejected'
                 WHEN exit_code = 130 THEN 'task-revoked' ELSE 'task-failed' END,
            id, job_id, status, stage, old_executor, $2,
            jsonb_build_object('error', error, 'retries', retries, 'exit_code', exit_code)
@@ -512,3 +513,24 @@ SELECT EXISTS (
        ) AS leader,
        (SELECT count(*) FROM executors
         WHERE stopped_at IS NULL AND heartbeat_at > $3) AS executors;
+
+-- name: requeue_rejected
+-- A stage rejected its task with requeue: back in the queue at its stage, no retry counted.
+-- Items: [{id, stage, error}]; returns the ids that applied (the caller checked the bound).
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(id text, stage integer, error jsonb)),
+done AS (
+    UPDATE tasks t
+    SET status = 'QUEUED', requeues = t.requeues + 1, executor_id = NULL, queued_at = $3,
+        error = r.error, status_change = $3
+    FROM r
+    WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+    RETURNING t.id, t.job_id, t.stage, t.app_name, t.requeues, t.error),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-rejected', id, job_id, 'QUEUED', stage, $2, $3,
+           jsonb_build_object('requeue', true, 'requeues', requeues, 'error', error)
+    FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+SELECT id FROM done, (SELECT count(*) FROM wake) w;

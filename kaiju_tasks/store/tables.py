@@ -60,6 +60,7 @@ tasks = sa.Table(
     sa.Column("expires_at", _TS),
     sa.Column("parent_id", sa.Text),
     sa.Column("root_id", sa.Text),
+    sa.Column("requeues", sa.Integer, nullable=False),
 )
 
 notifications = sa.Table(

@@ -807,3 +807,84 @@ async def test_under_backlog_high_priority_tasks_start_before_older_low_ones(
         await wait_for(store, created[-1]["id"], "FINISHED")
         await until(lambda: len(started) == 25)
     assert sorted(started[:5]) == [f"high{i}" for i in range(5)]  # same queued_at: any order
+
+
+async def _events_of(pool, task_id):
+    rows = await pool.fetch("SELECT type FROM events WHERE task_id = $1 ORDER BY id", task_id)
+    return [r["type"] for r in rows]
+
+
+async def test_reject_fails_the_task_at_once_without_using_retries(
+    task_service, store, clock, dsn, pool
+):
+    from kaiju_tasks import Reject
+
+    methods = Methods()
+
+    @methods.register("picky")
+    def picky():
+        raise Reject("not for me")
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        task = await task_service.create(
+            Task(commands=[TaskCommand(method="picky")], max_retries=3)
+        )
+        row = await wait_for(store, task["id"], "FAILED")
+    assert (row["retries"], row["exit_code"]) == (0, 1)
+    assert (row["error"]["code"], row["error"]["message"]) == (-32005, "not for me")
+    assert (await _events_of(pool, task["id"]))[-1] == "task-rejected"
+
+
+async def test_reject_with_requeue_returns_the_task_to_the_queue_without_a_retry(
+    task_service, store, clock, dsn, pool
+):
+    from kaiju_tasks import Reject
+
+    seen = []
+    methods = Methods()
+
+    @methods.register("later")
+    def later():
+        seen.append(1)
+        if len(seen) < 3:
+            raise Reject("busy", requeue=True)
+        return "done"
+
+    @methods.register("never")
+    def never():
+        raise Reject("never", requeue=True)
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        task = await task_service.create(Task(commands=[TaskCommand(method="later")]))
+        bounded = await task_service.create(Task(commands=[TaskCommand(method="never")]))
+        row = await wait_for(store, task["id"], "FINISHED")
+        stuck = await wait_for(store, bounded["id"], "FAILED")
+    assert (row["result"], row["retries"], row["requeues"]) == (["done"], 0, 2)
+    assert stuck["requeues"] == 10
+    events = await _events_of(pool, bounded["id"])
+    assert events.count("task-rejected") == 11
+    assert events[-1] == "task-rejected"
+
+
+async def test_a_remote_reject_with_requeue_is_honoured(
+    task_service, store, clock, dsn, aiohttp_server
+):
+    calls = []
+
+    async def rpc(request):
+        body = await request.json()
+        calls.append(body["id"])
+        if len(calls) == 1:
+            error = {"code": -32005, "message": "later", "data": {"requeue": True}}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/rpc", rpc)
+    server = await aiohttp_server(app)
+    async with Executor(
+        store, apps=["r"], app_urls={"r": str(server.make_url("/rpc"))}, clock=clock, dsn=dsn
+    ):
+        task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
+        row = await wait_for(store, task["id"], "FINISHED", "FAILED")
+    assert (row["status"], row["requeues"], row["retries"]) == ("FINISHED", 1, 0)
