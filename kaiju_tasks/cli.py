@@ -186,6 +186,18 @@ def _parser() -> argparse.ArgumentParser:
     n_list.add_argument("--task", help="only those of this task")
     n_list.add_argument("--limit", type=int, default=20)
 
+    events = commands.add_parser("events", help="print lifecycle events as they happen")
+    events.add_argument("--verbose", action="store_true", help="print each event's details")
+    events.add_argument("--app", help="only events of this app's tasks")
+    events.add_argument("--task", help="only events of this task")
+    events.add_argument(
+        "--from-start",
+        action="store_true",
+        help="replay the kept events first instead of starting from now",
+    )
+    events.add_argument("--limit", type=int, help="stop after this many events")
+    events.add_argument("--timeout", type=float, help="stop after this many seconds")
+
     config_command = commands.add_parser(
         "config", help="print the effective configuration and where each value came from"
     )
@@ -230,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(settings, args)
         if args.command in ("task", "notifications"):
             return _task(settings, args)
+        if args.command == "events":
+            return _events(settings, args)
         if args.command == "config":
             return _config(settings, sources, args)
     except errors.KaijuTasksError as exc:
@@ -604,6 +618,36 @@ def _config(settings: config.Settings, sources: dict[str, str], args: argparse.N
         width = max(len(k) for k in shown)
         for key, item in shown.items():
             print(f"{key:<{width}}  {item['value']!s:<40}  ({item['source']})")
+    return 0
+
+
+def _events(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Print one line per event until Ctrl-C, ``--limit`` or ``--timeout``."""
+    from kaiju_tasks import monitor
+
+    def show(event: monitor.Event) -> None:
+        if args.task and event.get("task_id") != args.task:
+            return
+        if args.app and event.get("app_name") != args.app:
+            return
+        print(monitor.format_event(event, verbose=args.verbose), flush=True)
+
+    async def follow(dsn: str) -> None:
+        receiver = monitor.EventReceiver(dsn, {"*": show}, after_id=0 if args.from_start else None)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        capture = asyncio.create_task(receiver.capture(limit=args.limit, timeout=args.timeout))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([capture, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for pending in (capture, stopped):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+
+    with database(settings) as dsn:
+        asyncio.run(follow(dsn))
     return 0
 
 

@@ -286,6 +286,25 @@ class PostgresTaskStore(base.TaskStore):
         """Revoke an active token."""
         return await self._fetchrow("revoke_token", token_id, now)
 
+    # -- events -------------------------------------------------------------------------------
+
+    async def events_after(self, cursor: tuple[str, int] | None, *, limit: int) -> list[Row]:
+        """Events after ``cursor`` (``(xid, id)``; None: the oldest kept), none missed."""
+        xid, event_id = cursor if cursor is not None else (None, None)
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["events_after"], xid, event_id, limit)
+        return [dict(r) for r in rows]
+
+    async def event_cursor(self, event_id: int | None) -> tuple[str, int] | None:
+        """The cursor after event ``event_id``, or after the newest event when None."""
+        if event_id is None:
+            row = await self._fetchrow("latest_event_cursor")
+        else:
+            row = await self._fetchrow("event_cursor", event_id)
+            if row is None:
+                raise errors.ValidationError(f"no event {event_id} is kept", field="after_id")
+        return (row["xid"], row["id"]) if row is not None else None
+
     # -- listings -----------------------------------------------------------------------------
 
     async def _list(self, table: sa.Table, query: base.ListQuery) -> base.Page:

@@ -534,3 +534,30 @@ ev AS (
 wake AS (
     SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
 SELECT id FROM done, (SELECT count(*) FROM wake) w;
+
+-- ==== event receivers ==========================================================================
+
+-- name: events_after
+-- Events written by transactions that have all ended (xid below the snapshot's xmin), after
+-- the cursor ($1 xid as text, $2 id; NULLs: from the oldest kept), in (xid, id) order: read
+-- this way, a receiver misses none and repeats none, whatever order transactions commit in.
+-- The task's app and stage count are joined in for monitors.
+SELECT e.id, e.xid::text AS xid, e.type, e.task_id, e.job_id, e.status, e.stage,
+       e.executor_id, e.created, e.data, t.app_name, t.stages
+FROM events e
+LEFT JOIN tasks t ON t.id = e.task_id
+WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+  AND ($1::text IS NULL OR (e.xid, e.id) > ($1::text::xid8, $2::bigint))
+ORDER BY e.xid, e.id
+LIMIT $3;
+
+-- name: event_cursor
+-- The cursor of an event id, to resume after it.
+SELECT xid::text AS xid, id FROM events WHERE id = $1;
+
+-- name: latest_event_cursor
+-- The cursor of the newest event of ended transactions: "from now on".
+SELECT xid::text AS xid, id FROM events
+WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY xid DESC, id DESC
+LIMIT 1;

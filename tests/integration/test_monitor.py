@@ -1,0 +1,265 @@
+"""EventReceiver and State against a real PostgreSQL and a running executor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from kaiju_tasks import Reject, Task, TaskCommand
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import Manager
+from kaiju_tasks.methods import MethodError, Methods
+from kaiju_tasks.monitor import EventReceiver, State, format_event
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _until(predicate, within=30.0):
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def registry():
+    methods = Methods()
+    attempts: dict[str, int] = {}
+
+    @methods.register("ok")
+    def ok(n=0):
+        return {"n": n}
+
+    @methods.register("flaky")
+    def flaky(key, fails):
+        attempts[key] = attempts.get(key, 0) + 1
+        if attempts[key] <= fails:
+            raise MethodError("not yet")
+        return attempts[key]
+
+    @methods.register("reject")
+    def reject():
+        raise Reject("not mine")
+
+    return methods
+
+
+async def _stop(task):
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _table_event_ids(pool):
+    return [r["id"] for r in await pool.fetch("SELECT id FROM events ORDER BY id")]
+
+
+async def test_receiver_catches_up_after_a_forced_disconnect_missing_and_repeating_nothing(
+    task_service, store, registry, clock, dsn, server_dsn, pool
+):
+    seen: list[int] = []
+    receiver = EventReceiver(
+        dsn,
+        {"*": lambda e: seen.append(e["id"])},
+        after_id=0,
+        poll_interval=timedelta(milliseconds=100),
+    )
+    capture = asyncio.create_task(receiver.capture())
+    database = urlsplit(dsn).path.lstrip("/")
+    async with Executor(store, methods=registry, clock=clock, dsn=dsn):
+        for _ in range(3):
+            await task_service.create(
+                [
+                    Task(
+                        commands=[
+                            TaskCommand(method="ok", params={"n": i}),
+                            TaskCommand(method="ok"),
+                        ]
+                    )
+                    for i in range(100)
+                ]
+            )
+            admin = await asyncpg.connect(server_dsn)
+            try:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND application_name IN"
+                    " ('kaiju-tasks-receiver', 'kaiju-tasks-listener')",
+                    database,
+                )
+            finally:
+                await admin.close()
+
+        async def all_finished():
+            page = await task_service.list(conditions={"status": "FINISHED"}, limit=1)
+            return page["count"] == 300
+
+        await _until(all_finished)
+    expected = await _table_event_ids(pool)
+    await _until(lambda: len(seen) >= len(expected))
+    await _stop(capture)
+    assert len(seen) == len(set(seen)), "an event was delivered twice"
+    assert sorted(seen) == expected, "an event was missed"
+
+
+async def test_an_event_of_a_transaction_still_running_is_not_skipped(store, dsn, pool):
+    seen: list[int] = []
+    receiver = EventReceiver(
+        dsn,
+        {"*": lambda e: seen.append(e["id"])},
+        after_id=0,
+        poll_interval=timedelta(milliseconds=50),
+    )
+    capture = asyncio.create_task(receiver.capture())
+    slow = await asyncpg.connect(dsn)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        first = await slow.fetchval(
+            "INSERT INTO events (type, created) VALUES ('test-slow', now()) RETURNING id"
+        )
+        second = await pool.fetchval(
+            "INSERT INTO events (type, created) VALUES ('test-fast', now()) RETURNING id"
+        )
+        assert first < second
+        await asyncio.sleep(0.3)
+        assert second not in seen  # its id is past one whose transaction has not ended
+        await transaction.commit()
+    finally:
+        await slow.close()
+    await _until(lambda: second in seen)
+    await _stop(capture)
+    assert first in seen
+
+
+async def test_state_matches_the_database_after_a_run_with_failures_and_retries(
+    task_service, store, registry, clock, dsn, pool
+):
+    tasks = [Task(commands=[TaskCommand(method="ok", params={"n": i})]) for i in range(200)]
+    tasks += [
+        Task(
+            commands=[TaskCommand(method="flaky", params={"key": f"r{i}", "fails": 1})],
+            max_retries=2,
+        )
+        for i in range(50)
+    ]
+    tasks += [
+        Task(
+            commands=[TaskCommand(method="flaky", params={"key": f"f{i}", "fails": 9})],
+            max_retries=1,
+        )
+        for i in range(30)
+    ]
+    tasks += [Task(commands=[TaskCommand(method="reject")]) for _ in range(20)]
+    async with Executor(store, methods=registry, clock=clock, dsn=dsn):
+        created = await task_service.create(tasks, columns=["id"])
+
+        async def ended():
+            page = await task_service.list(conditions={"status": ["FINISHED", "FAILED"]}, limit=1)
+            return page["count"] == len(created)
+
+        await _until(ended)
+    state = State()
+    applied = await state.rebuild(dsn)
+    assert applied == await pool.fetchval("SELECT count(*) FROM events")
+    rows = await pool.fetch("SELECT id, status, job_id, stage, retries FROM tasks")
+    assert len(state.tasks) == len(rows)
+    for row in rows:
+        task = state.tasks[row["id"]]
+        assert (task.status, task.job_id) == (row["status"], row["job_id"])
+        if row["status"] == "FINISHED":
+            assert task.times["succeeded"] >= task.times["started"] >= task.times["sent"]
+            assert task.runtime is not None
+        if row["retries"]:
+            assert "retried" in task.times
+    assert sum(1 for t in state.tasks.values() if "rejected" in t.times) == 20
+    assert all(w.online is False for w in state.workers.values())  # the executor stopped
+
+
+def test_state_memory_is_bounded():
+    from datetime import UTC, datetime
+
+    state = State(max_tasks=10)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    for i in range(100):
+        state.event(
+            {"id": i, "type": "task-sent", "task_id": f"t{i}", "status": "QUEUED", "created": now}
+        )
+    assert list(state.tasks) == [f"t{i}" for i in range(90, 100)]
+
+
+async def test_monitor_lines_for_the_celery_article_scenarios(
+    task_service, store, registry, clock, dsn, make_task
+):
+    lines: list[str] = []
+    receiver = EventReceiver(
+        dsn,
+        {"*": lambda e: lines.append(format_event(e))},
+        after_id=0,
+        poll_interval=timedelta(milliseconds=50),
+    )
+    async with Executor(store, apps=["orders"], methods=registry, clock=clock, dsn=dsn):
+        happy = await task_service.create(
+            Task(app="orders", commands=[TaskCommand(method="ok"), TaskCommand(method="ok")])
+        )
+        retried = await task_service.create(
+            Task(
+                app="orders",
+                max_retries=1,
+                commands=[TaskCommand(method="flaky", params={"key": "x", "fails": 5})],
+            )
+        )
+        rejected = await task_service.create(
+            Task(app="orders", commands=[TaskCommand(method="reject")])
+        )
+        await _until(lambda: _ended(store, [happy["id"], retried["id"], rejected["id"]]))
+    await make_task(
+        id="expired",
+        app_name="orders",
+        status="QUEUED",
+        job_id="j",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+        expires_at=clock.now() - timedelta(seconds=1),
+    )
+    await Manager(store, clock=clock).tick(clock.now())
+    await receiver.capture(timeout=1.5)
+
+    def about(task_id):
+        return [line.split("] ", 1)[1] for line in lines if f"ID={task_id}," in line]
+
+    assert about(happy["id"]) == [
+        f"TASK-SENT orders (STATUS=QUEUED, ID={happy['id']}, STAGE=1/2)",
+        f"TASK-STARTED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
+        f"TASK-STAGE-SUCCEEDED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
+        f"TASK-SUCCEEDED orders (STATUS=FINISHED, ID={happy['id']}, STAGE=2/2)",
+    ]
+    assert [line.split(" ")[0] for line in about(retried["id"])] == [
+        "TASK-SENT",
+        "TASK-STARTED",
+        "TASK-RETRIED",
+        "TASK-STARTED",
+        "TASK-FAILED",
+    ]
+    assert [line.split(" ")[0] for line in about(rejected["id"])][-1] == "TASK-REJECTED"
+    assert about("expired") == ["TASK-REVOKED orders (STATUS=FAILED, ID=expired, STAGE=1/1)"]
+    assert any(line.split("] ", 1)[1].startswith("WORKER-ONLINE") for line in lines)
+
+
+async def _ended(store, ids):
+    for task_id in ids:
+        if (await store.get_task(task_id))["status"] not in ("FINISHED", "FAILED"):
+            return False
+    return True
