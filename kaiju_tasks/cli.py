@@ -47,7 +47,8 @@ def database(settings: config.Settings) -> Iterator[str]:
 async def engine_store(
     settings: config.Settings, dsn: str, component: str = "kaiju-tasks"
 ) -> AsyncIterator[postgres.PostgresEngineStore]:
-    """Open the pool and yield the engine store."""
+    """Open the pool and yield the engine store (the schema must be current)."""
+    await migrate.check_current(dsn)
     pool = await postgres.create_pool(
         dsn,
         min_size=settings.database.pool_min,
@@ -633,6 +634,7 @@ def _events(settings: config.Settings, args: argparse.Namespace) -> int:
         print(monitor.format_event(event, verbose=args.verbose), flush=True)
 
     async def follow(dsn: str) -> None:
+        await migrate.check_current(dsn)
         receiver = monitor.EventReceiver(dsn, {"*": show}, after_id=0 if args.from_start else None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -63,6 +63,25 @@ async def applied(connection: asyncpg.Connection) -> list[int]:
     return [row["version"] for row in rows]
 
 
+async def check_current(dsn: str) -> None:
+    """Raise MigrationError, saying what to run, unless every shipped migration is applied."""
+    try:
+        connection = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise errors.MigrationError(f"cannot connect to the database: {exc}") from exc
+    try:
+        done = set(await applied(connection))
+    finally:
+        await connection.close()
+    missing = [m for m in available() if m.version not in done]
+    if missing:
+        raise errors.MigrationError(
+            f"the database lacks {len(missing)} migration(s) "
+            f"({', '.join(f'{m.version:04d}_{m.name}' for m in missing)}): "
+            "run `kaiju-tasks migrate` first"
+        )
+
+
 async def migrate(dsn_or_connection: str | asyncpg.Connection) -> list[int]:
     """Apply every pending migration; return the versions applied by this call."""
     if not isinstance(dsn_or_connection, str):

@@ -261,3 +261,28 @@ def test_config_shows_values_sources_and_masks_secrets(tmp_path):
     assert values["logging.level"] == {"value": "DEBUG", "source": "command line"}
     assert values["server.host"]["source"] == "default"
     assert "hunter2" not in shown.stdout
+
+
+def test_events_prints_one_line_per_event(dsn):
+    assert (
+        cli(
+            "--dsn",
+            dsn,
+            "task",
+            "create",
+            '{"id": "e1", "commands": [{"method": "x"}], "app": "orders"}',
+        ).returncode
+        == 0
+    )
+    shown = cli("--dsn", dsn, "events", "--from-start", "--limit", "1", "--timeout", "20")
+    assert shown.returncode == 0, shown.stderr
+    line = shown.stdout.strip()
+    assert line.startswith("[")
+    assert line.endswith("] TASK-SENT orders (STATUS=QUEUED, ID=e1, STAGE=1/1)")
+
+
+def test_commands_refuse_a_database_that_needs_migrations(empty_dsn):
+    result = cli("--dsn", empty_dsn, "task", "list")
+    assert result.returncode == 1
+    assert "run `kaiju-tasks migrate` first" in result.stderr
+    assert "Traceback" not in result.stderr
