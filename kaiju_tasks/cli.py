@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-path", type=Path, help="configuration file (highest file layer)")
     parser.add_argument("--dsn", help="PostgreSQL DSN (overrides [database] dsn)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR, CRITICAL")
     parser.add_argument("--log-format", choices=["text", "json"], help="log record format")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply pending database migrations")
@@ -235,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "server":
             return _serve(
-                settings, "kaiju-tasks-server", lambda dsn, store: _server(settings, args, store)
+                settings,
+                "kaiju-tasks-server",
+                lambda dsn, store: _server(settings, args, dsn, store),
             )
         if args.command == "token":
             return _token(settings, args)
@@ -325,6 +327,7 @@ def _build_executor(
             seconds=_pick(getattr(args, "heartbeat", None), conf.heartbeat_interval)
         ),
         poll_interval=timedelta(seconds=_pick(getattr(args, "poll", None), conf.poll_interval)),
+        app_token=conf.token,
     )
 
 
@@ -334,6 +337,8 @@ def _manager(settings: config.Settings, args: argparse.Namespace, dsn: str, stor
     conf = settings.manager
     days = timedelta(days=1)
     scheduler = not getattr(args, "disable_scheduler", False)
+    if not scheduler and getattr(args, "disable_gc", False):
+        raise errors.ConfigError("--disable-gc with --disable-scheduler leaves nothing to do")
     return Manager(
         store,
         leadership=postgres.AdvisoryLeadership(
@@ -369,7 +374,7 @@ def _serve(settings: config.Settings, component: str, build: Any) -> int:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
             async with running:
-                print(f"kaiju-tasks {type(running).__name__.lower()} running", flush=True)
+                print(f"kaiju-tasks {component.removeprefix('kaiju-tasks-')} running", flush=True)
                 await stop.wait()
 
     with database(settings) as dsn:
@@ -380,10 +385,11 @@ def _serve(settings: config.Settings, component: str, build: Any) -> int:
 class _HttpServer:
     """The HTTP API as an ``async with`` component."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, metrics: Any = None) -> None:
         from aiohttp import web
 
         self._runner = web.AppRunner(app, access_log=None)
+        self.metrics = metrics
         self.host = host
         self.port = port
         self.url = ""
@@ -391,9 +397,17 @@ class _HttpServer:
     async def __aenter__(self) -> _HttpServer:
         from aiohttp import web
 
+        if self.metrics is not None:
+            await self.metrics.start()
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise errors.ConfigError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
         host, port = self._runner.addresses[0][:2]  # the real port when 0 was asked for
         self.url = f"http://{host}:{port}/public/rpc"
         print(f"kaiju-tasks API on {self.url}", flush=True)
@@ -401,9 +415,13 @@ class _HttpServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._runner.cleanup()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
 
-def _api(store: Any, registry: methods.Methods, settings: config.Settings) -> Any:
+def _api(
+    store: Any, registry: methods.Methods, settings: config.Settings, metrics: Any = None
+) -> Any:
     from kaiju_tasks.rpc import server as rpc_server
 
     async def health() -> dict[str, Any]:
@@ -421,13 +439,18 @@ def _api(store: Any, registry: methods.Methods, settings: config.Settings) -> An
         max_body=settings.server.max_body,
         max_batch=settings.server.max_batch,
         request_timeout=float(settings.server.request_timeout),
+        metrics=metrics.render if metrics is not None else None,
     )
 
 
-def _server(settings: config.Settings, args: argparse.Namespace, store: Any) -> _HttpServer:
+def _server(
+    settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any
+) -> _HttpServer:
+    from kaiju_tasks.metrics import Metrics
     from kaiju_tasks.rpc import server as rpc_server
 
-    app = rpc_server.create_app(_api(store, methods.Methods(), settings))
+    metrics = Metrics(store, dsn)
+    app = rpc_server.create_app(_api(store, methods.Methods(), settings, metrics))
     return _HttpServer(
         app,
         args.host or settings.server.host,
@@ -490,7 +513,10 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
                 if old["name"] == RUN_TOKEN_NAME and old["revoked_at"] is None:
                     await tokens.revoke(old["id"])
             token = await tokens.create("admin", ["system"], RUN_TOKEN_NAME)
-            app = rpc_server.create_app(_api(store, registry, settings))
+            from kaiju_tasks.metrics import Metrics
+
+            metrics = Metrics(store, dsn)
+            app = rpc_server.create_app(_api(store, registry, settings, metrics))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -612,7 +638,10 @@ def _config(settings: config.Settings, sources: dict[str, str], args: argparse.N
                 value = config.mask(str(value))
             shown[key] = {"value": value, "source": sources.get(key, "default")}
     for app, url in settings.apps.items():
-        shown[f"apps.{app}"] = {"value": url, "source": sources.get(f"apps.{app}", "default")}
+        shown[f"apps.{app}"] = {
+            "value": config.mask(url),
+            "source": sources.get(f"apps.{app}", "default"),
+        }
     if args.json:
         print(json.dumps(shown, indent=2))
     else:

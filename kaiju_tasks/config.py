@@ -85,6 +85,8 @@ class ExecutorSettings:
     """Longest seconds between claims when no notification arrives."""
     shutdown_grace: float = 10.0
     """Seconds running stages get to finish on stop before their tasks are handed back."""
+    token: str | None = None
+    """Bearer token sent with stage calls to app URLs (e.g. another kaiju-tasks server)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,7 +129,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "executor": ExecutorSettings,
     "manager": ManagerSettings,
 }
-SECRET_OPTIONS = frozenset({("database", "dsn")})
+SECRET_OPTIONS = frozenset({("database", "dsn"), ("executor", "token")})
 
 
 def mask(value: str) -> str:
@@ -269,10 +271,21 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
             f"[database] needs 1 <= pool_min <= pool_max, got {db.pool_min} and {db.pool_max}"
             + (where("database.pool_min") or where("database.pool_max"))
         )
+    server = settings.server
+    if not 0 <= server.port <= 65535:
+        raise errors.ConfigError(
+            f"[server] port must be 0-65535, got {server.port}" + where("server.port")
+        )
+    for name in ("max_body", "max_batch", "request_timeout"):
+        if getattr(server, name) < 1:
+            raise errors.ConfigError(
+                f"[server] {name} must be at least 1" + where(f"server.{name}")
+            )
     executor = settings.executor
     if executor.concurrency < 1 or executor.prefetch < 0:
         raise errors.ConfigError(
-            "[executor] needs concurrency >= 1 and prefetch >= 0" + where("executor.concurrency")
+            "[executor] needs concurrency >= 1 and prefetch >= 0"
+            + (where("executor.concurrency") or where("executor.prefetch"))
         )
     for section in (settings.executor, settings.manager):
         for field in dataclasses.fields(section):

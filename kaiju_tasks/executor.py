@@ -52,6 +52,7 @@ class Executor:
         app_urls: ``app_name -> JSON-RPC URL`` for stages of apps served over HTTP.
         dsn: enables LISTEN/NOTIFY wake-ups and cancellations (polling works without it).
         concurrency: tasks run at once.
+        app_token: bearer token sent with stage calls over HTTP (for apps behind auth).
         prefetch: tasks claimed ahead of free slots (default: ``concurrency``; 0 for none).
             Prefetched tasks are held by this executor (rescued if it dies) but their stages
             have not started.
@@ -75,6 +76,7 @@ class Executor:
         executor_id: str | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         prefetch: int | None = None,
+        app_token: str | None = None,
         data: Mapping[str, Any] | None = None,
         poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
         heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL,
@@ -97,7 +99,7 @@ class Executor:
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
-        self.client = rpc_client.Client()
+        self.client = rpc_client.Client(token=app_token)
         self._running: dict[str, asyncio.Task[None]] = {}
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
         self._record = batch.Batcher(self._record_stages, batch.applied_ids)
@@ -376,6 +378,8 @@ class Executor:
                     "priority": row["priority"],
                 }
             )
+            # What the stage called and how long it took, for the stage's event (metrics).
+            meter: dict[str, Any] = {"method": None, "started": asyncio.get_running_loop().time()}
             try:
                 condition = command.get("condition")
                 if condition is not None and not conditions.evaluate(condition, data, now=now):
@@ -391,20 +395,22 @@ class Executor:
                     await self._wait(row, stage, deadline)
                     return
                 else:
-                    result = _json_checked(await self._call(row, stage, command, data, now))
+                    result = _json_checked(await self._call(row, stage, command, data, now, meter))
             except errors.StageError as exc:
-                await self._fail(row, stage, exc)
+                await self._fail(row, stage, exc, _measured(meter))
                 return
             except errors.ValidationError as exc:  # a template or condition that cannot apply
-                await self._fail(row, stage, errors.StageError(exc.message, retryable=False))
+                error = errors.StageError(exc.message, retryable=False)
+                await self._fail(row, stage, error, _measured(meter))
                 return
             finally:
                 context.current_task.reset(token)
             results.append(result)
             if stage + 1 == stages:
-                await self._finish(row, stage, result, append=True)
+                await self._finish(row, stage, result, append=True, timing=_measured(meter))
                 return
-            if not await self._record.submit({"id": task_id, "stage": stage, "result": result}):
+            item = {"id": task_id, "stage": stage, "result": result, **_measured(meter)}
+            if not await self._record.submit(item):
                 raise _Revoked
             stage += 1
 
@@ -421,8 +427,10 @@ class Executor:
         command: Mapping[str, Any],
         data: Mapping[str, Any],
         now: datetime,
+        meter: dict[str, Any],
     ) -> Any:
         method = templates.render(command["method"], data, now=now)
+        meter["method"] = method
         if not isinstance(method, str) or not method:
             raise errors.StageError(
                 f"method template rendered to {method!r}, not a method name", retryable=False
@@ -485,7 +493,13 @@ class Executor:
         return cron.next_fire(row["cron"], self.clock.now()).isoformat()
 
     async def _finish(
-        self, row: Mapping[str, Any], stage: int, result: Any, *, append: bool
+        self,
+        row: Mapping[str, Any],
+        stage: int,
+        result: Any,
+        *,
+        append: bool,
+        timing: Mapping[str, Any] | None = None,
     ) -> None:
         item = {
             "id": row["id"],
@@ -493,6 +507,7 @@ class Executor:
             "result": result,
             "append": append,
             "next_run": self._next_run(row),
+            **(timing or {}),
         }
         if not await self._finish_batch.submit(item):
             raise _Revoked
@@ -506,7 +521,13 @@ class Executor:
         if not await self._wait_batch.submit(item):
             raise _Revoked
 
-    async def _fail(self, row: Mapping[str, Any], stage: int, exc: errors.StageError) -> None:
+    async def _fail(
+        self,
+        row: Mapping[str, Any],
+        stage: int,
+        exc: errors.StageError,
+        timing: Mapping[str, Any] | None = None,
+    ) -> None:
         rejected = isinstance(exc, errors.StageRejected)
         if (
             isinstance(exc, errors.StageRejected)
@@ -551,6 +572,7 @@ class Executor:
                 "retryable": exc.retryable,
                 "next_run": self._next_run(row),
                 "rejected": rejected,
+                **(timing or {}),
             }
         )
         if applied is None:
@@ -598,3 +620,9 @@ def _json_checked(result: Any) -> Any:
             f"the stage returned a value that is not JSON: {exc}", retryable=False
         ) from None
     return result
+
+
+def _measured(meter: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``method`` and ``duration_s`` of a stage that just ended."""
+    elapsed = asyncio.get_running_loop().time() - meter["started"]
+    return {"method": meter["method"], "duration_s": round(elapsed, 6)}

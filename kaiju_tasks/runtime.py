@@ -103,9 +103,12 @@ class TaskRuntime:
         self.tasks = TaskService(self.store)
         self.notifications = NotificationService(self.store)
         if self.run_manager:
+            scheduler = self.manager_options.get("scheduler", True)
             self.manager = Manager(
                 self.store,
-                leadership=postgres.AdvisoryLeadership(dsn),
+                leadership=postgres.AdvisoryLeadership(
+                    dsn, postgres.LEADER_LOCK_KEY if scheduler else postgres.GC_LOCK_KEY
+                ),
                 dsn=dsn,
                 settings=self.manager_settings,
                 **self.manager_options,

@@ -15,9 +15,13 @@ from kaiju_tasks.rpc import protocol
 class Client:
     """Calls JSON-RPC methods over HTTP; the caller bounds each call with asyncio.timeout."""
 
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession | None = None, *, token: str | None = None
+    ) -> None:
         self._session = session
         self._own = session is None
+        self.token = token
+        """Sent as ``Authorization: Bearer <token>`` (e.g. to another kaiju-tasks server)."""
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -47,6 +51,8 @@ class Client:
     ) -> Any:
         """POST one request and return its result; raise RemoteCallError or TransportError."""
         headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if correlation_id:
             headers[protocol.CORRELATION_HEADER] = correlation_id
         if deadline is not None:

@@ -49,6 +49,7 @@ class Api:
     tokens: TokenService
     methods: methods.Methods
     health: Callable[[], Awaitable[dict[str, Any]]]
+    metrics: Callable[[], Awaitable[bytes]] | None = None
     max_body: int = DEFAULT_MAX_BODY
     max_batch: int = DEFAULT_MAX_BATCH
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
@@ -89,6 +90,7 @@ def create_app(api: Api) -> web.Application:
     app.router.add_post("/public/rpc", _rpc)
     app.router.add_get("/public/rpc/openrpc.json", _openrpc)
     app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
@@ -259,6 +261,14 @@ async def _health(request: web.Request) -> web.Response:
         logger.warning("Health check failed", extra={"event": "health_failed", "error": str(exc)})
         return _json({"status": "unavailable", "database": False}, status=503)
     return _json(status, status=200 if status.get("database") else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    if api.metrics is None:
+        raise web.HTTPNotFound()
+    body = await api.metrics()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 async def _openrpc(request: web.Request) -> web.Response:

@@ -286,6 +286,12 @@ class PostgresTaskStore(base.TaskStore):
         """Revoke an active token."""
         return await self._fetchrow("revoke_token", token_id, now)
 
+    async def metrics(self, *, now: datetime, alive_since: datetime) -> Row:
+        """Tasks by app and status, queue lag by app, live executors, events written."""
+        row = await self._fetchrow("metrics", now, alive_since)
+        assert row is not None
+        return row
+
     # -- events -------------------------------------------------------------------------------
 
     async def events_after(self, cursor: tuple[str, int] | None, *, limit: int) -> list[Row]:

@@ -95,7 +95,7 @@ WITH old AS (
 done AS (
     UPDATE tasks t
     SET status = 'FAILED', exit_code = 130, error = $4::jsonb, wait_deadline = NULL,
-        executor_id = NULL, next_run = NULL, status_change = $5::timestamptz
+        next_run = NULL, status_change = $5::timestamptz
     FROM old WHERE t.id = old.id
     RETURNING t.*),
 ev AS (
@@ -172,7 +172,9 @@ WITH picked AS (
     CROSS JOIN LATERAL (
         SELECT id, priority, queued_at FROM tasks
         WHERE status = 'QUEUED' AND app_name = a.app AND enabled
-          AND (expires_at IS NULL OR expires_at > $4)
+          -- an expired task that never started is left to the manager to revoke
+          AND (expires_at IS NULL OR expires_at > $4 OR stage > 0 OR retries > 0
+               OR result <> '[]'::jsonb)
         ORDER BY priority DESC, queued_at, id
         LIMIT $3
         FOR UPDATE SKIP LOCKED) q
@@ -191,7 +193,8 @@ SELECT * FROM claimed;
 -- Commit finished stages of running tasks (not the last one): result appended, next stage set.
 -- Items: [{id, stage, result}]. Returns the ids that applied (still ours, at that stage).
 WITH r AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(id text, stage integer, result jsonb)),
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS r(id text, stage integer, result jsonb, method text, duration_s double precision)),
 done AS (
     UPDATE tasks t
     SET stage = r.stage + 1, result = t.result || jsonb_build_array(r.result)
@@ -199,8 +202,10 @@ done AS (
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
     RETURNING t.id, t.job_id, t.stage),
 ev AS (
-    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
-    SELECT 'task-stage-succeeded', id, job_id, 'EXECUTED', stage - 1, $2, $3 FROM done)
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-stage-succeeded', done.id, done.job_id, 'EXECUTED', done.stage - 1, $2, $3,
+           jsonb_build_object('method', r.method, 'duration_s', r.duration_s)
+    FROM done JOIN r ON r.id = done.id)
 SELECT id FROM done;
 
 -- name: finish_tasks
@@ -210,7 +215,8 @@ SELECT id FROM done;
 -- Items: [{id, stage, result, append, next_run}]. Returns the ids that applied.
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS r(id text, stage integer, result jsonb, append boolean, next_run timestamptz)),
+        AS r(id text, stage integer, result jsonb, append boolean, next_run timestamptz,
+             method text, duration_s double precision)),
 done AS (
     UPDATE tasks t
     SET status = 'FINISHED', exit_code = 0, error = NULL, stage = t.stages,
@@ -235,9 +241,10 @@ chained AS (
     RETURNING n.id, n.job_id, n.app_name),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
-    SELECT 'task-succeeded', id, job_id, 'FINISHED', stages - 1, $2, $3,
-           jsonb_build_object('result', result -> -1)
-    FROM done
+    SELECT 'task-succeeded', done.id, done.job_id, 'FINISHED', done.stages - 1, $2, $3,
+           jsonb_build_object('result', done.result -> -1, 'method', r.method,
+                              'duration_s', r.duration_s)
+    FROM done JOIN r ON r.id = done.id
     UNION ALL
     SELECT 'task-sent', id, job_id, 'QUEUED', 0, NULL, $3, jsonb_build_object('chained', true)
     FROM chained),
@@ -255,9 +262,11 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
-             exit_code integer, retryable boolean, next_run timestamptz, rejected boolean)),
+             exit_code integer, retryable boolean, next_run timestamptz, rejected boolean,
+             method text, duration_s double precision)),
 cur AS (
     SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
+           r.method, r.duration_s,
            coalesce(r.rejected, false) AS rejected,
            (r.retryable AND t.retries < t.max_retries) AS retry,
            t.retry_delay > 0 AS delayed,
@@ -287,7 +296,7 @@ done AS (
         status_change = $2
     FROM cur c
     WHERE t.id = c.id
-    RETURNING t.*, c.retry, c.old_executor, c.rejected),
+    RETURNING t.*, c.retry, c.old_executor, c.rejected, c.method, c.duration_s),
 notes AS (
     INSERT INTO notifications (task_id, job_id, status, result, exit_code, error, user_id,
                                created)
@@ -298,7 +307,9 @@ ev AS (
     SELECT CASE WHEN retry THEN 'task-retried' WHEN rejected THEN 'task-rejected'
                 WHEN exit_code = 130 THEN 'task-revoked' ELSE 'task-failed' END,
            id, job_id, status, stage, old_executor, $2,
-           jsonb_build_object('error', error, 'retries', retries, 'exit_code', exit_code)
+           jsonb_strip_nulls(jsonb_build_object(
+               'error', error, 'retries', retries, 'exit_code', exit_code,
+               'method', method, 'duration_s', duration_s))
     FROM done),
 wake AS (
     SELECT pg_notify('kaiju_tasks_queued', app_name)
@@ -561,3 +572,16 @@ SELECT xid::text AS xid, id FROM events
 WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY xid DESC, id DESC
 LIMIT 1;
+
+-- name: metrics
+-- What /metrics reports, in one round trip: tasks by app and status, the age of the oldest
+-- QUEUED task by app ($1 = now), executors heard from since $2, and events written so far.
+SELECT
+    (SELECT coalesce(json_agg(json_build_object('app', app_name, 'status', status, 'count', n)),
+                     '[]')
+     FROM (SELECT app_name, status, count(*) AS n FROM tasks GROUP BY 1, 2) c) AS tasks,
+    (SELECT coalesce(json_agg(json_build_object('app', app_name, 'lag', lag)), '[]')
+     FROM (SELECT app_name, extract(epoch FROM $1::timestamptz - min(queued_at))::float8 AS lag
+           FROM tasks WHERE status = 'QUEUED' GROUP BY 1) q) AS lag,
+    (SELECT count(*) FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $2) AS executors,
+    (SELECT coalesce(max(id), 0) FROM events) AS events;

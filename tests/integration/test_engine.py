@@ -888,3 +888,85 @@ async def test_a_remote_reject_with_requeue_is_honoured(
         task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
         row = await wait_for(store, task["id"], "FINISHED", "FAILED")
     assert (row["status"], row["requeues"], row["retries"]) == ("FINISHED", 1, 0)
+
+
+async def test_a_started_task_requeued_after_expires_at_still_runs(
+    task_service, store, clock, dsn, make_task
+):
+    await make_task(
+        id="late",
+        status="QUEUED",
+        stage=1,
+        job_id="j",
+        queued_at=clock.now(),
+        commands=[{"method": "x"}, {"method": "count", "params": [1]}],
+        result=[None],
+        exec_deadline=clock.now() + timedelta(minutes=5),
+        expires_at=clock.now() - timedelta(seconds=1),
+    )
+    methods = Methods()
+    methods.add("count", lambda n: {"count": n})
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        row = await wait_for(store, "late", "FINISHED", "FAILED")
+    assert (row["status"], row["result"]) == ("FINISHED", [None, {"count": 1}])
+
+
+async def test_metrics_report_tasks_lag_executors_and_stage_durations(
+    task_service, store, registry, clock, dsn
+):
+    from kaiju_tasks.metrics import Metrics
+
+    metrics = Metrics(store, dsn, clock)
+    await metrics.start()
+    try:
+        await task_service.create(Task(app="idle", commands=[TaskCommand(method="x")]))
+        async with Executor(store, methods=registry, clock=clock, dsn=dsn):
+            done = await task_service.create(
+                [
+                    Task(
+                        commands=[
+                            TaskCommand(method="count", params=[i]),
+                            TaskCommand(method="echo", params={"i": i}),
+                        ]
+                    )
+                    for i in range(5)
+                ]
+            )
+            for task in done:
+                await wait_for(store, task["id"], "FINISHED")
+            clock.advance(30)
+            await until(lambda: metrics.stage_duration.labels("echo")._sum.get() > 0)
+            text = (await metrics.render()).decode()
+    finally:
+        await metrics.stop()
+    assert 'kaiju_tasks_tasks{app="default",status="FINISHED"} 5.0' in text
+    assert 'kaiju_tasks_tasks{app="idle",status="QUEUED"} 1.0' in text
+    assert 'kaiju_tasks_queue_lag_seconds{app="idle"} 30.0' in text
+    assert "kaiju_tasks_executors_alive 1.0" in text
+    assert 'kaiju_tasks_stage_duration_seconds_count{method="count"} 5.0' in text
+    assert 'kaiju_tasks_stage_duration_seconds_count{method="echo"} 5.0' in text
+    assert "kaiju_tasks_events_written_total" in text
+
+
+async def test_stage_calls_carry_the_app_token(task_service, store, clock, dsn, aiohttp_server):
+    seen = []
+
+    async def rpc(request):
+        body = await request.json()
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": 1})
+
+    app = web.Application()
+    app.router.add_post("/rpc", rpc)
+    server = await aiohttp_server(app)
+    async with Executor(
+        store,
+        apps=["r"],
+        app_urls={"r": str(server.make_url("/rpc"))},
+        app_token="kt_secret",
+        clock=clock,
+        dsn=dsn,
+    ):
+        task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
+        await wait_for(store, task["id"], "FINISHED")
+    assert seen == ["Bearer kt_secret"]
