@@ -45,19 +45,30 @@ class Batcher(Generic[R]):
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
-            items = [item for item, _ in batch]
-            try:
-                result = await self._write(items)
-            except BaseException as exc:  # every waiter must learn about the failure
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            for item, future in batch:
+            # Rows are locked in id order by every batch, so two batches cannot deadlock.
+            batch.sort(key=lambda entry: str(entry[0].get("id")))
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
+        try:
+            result = await self._write([item for item, _ in batch])
+        except asyncio.CancelledError as exc:
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(self._pick(result, item))
+                    future.set_exception(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiter must learn about the failure
+            if len(batch) > 1:  # one bad item must not sink the others: write them one by one
+                for entry in batch:
+                    await self._write_batch([entry])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for item, future in batch:
+            if not future.done():
+                future.set_result(self._pick(result, item))
 
 
 def applied_ids(result: set[str], item: dict[str, Any]) -> bool:

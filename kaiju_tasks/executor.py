@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -299,20 +300,29 @@ class Executor:
         return len(rows)
 
     def _start(self, row: dict[str, Any]) -> None:
-        runner = asyncio.create_task(self._run_task(row), name=f"kaiju-task-{row['id']}")
+        # A run of this task may still be returning (its last write committed a retry that
+        # this executor claimed at once): the new run waits for it, and only the current
+        # run's end removes the task from _running.
+        previous = self._running.get(row["id"])
+        runner = asyncio.create_task(self._run_task(row, previous), name=f"kaiju-task-{row['id']}")
         self._running[row["id"]] = runner
         runner.add_done_callback(functools.partial(self._done, row["id"]))
 
-    def _done(self, task_id: str, _runner: object = None) -> None:
-        self._running.pop(task_id, None)
-        self._revoked.discard(task_id)
+    def _done(self, task_id: str, runner: asyncio.Task[None]) -> None:
+        if self._running.get(task_id) is runner:
+            del self._running[task_id]
+            self._revoked.discard(task_id)
         self._wake.set()
 
     # -- one task -----------------------------------------------------------------------------
 
-    async def _run_task(self, row: dict[str, Any]) -> None:
+    async def _run_task(
+        self, row: dict[str, Any], previous: asyncio.Task[None] | None = None
+    ) -> None:
         task_id = row["id"]
         stage = row["stage"]
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
         try:
             async with self._slots:
                 await self._pipeline(row)
@@ -347,11 +357,19 @@ class Executor:
                 )
                 return  # cancelled on purpose: the store already says what happened
             raise  # shutdown: stop() hands the task back
-        except Exception:
+        except Exception as exc:
             logger.exception(
                 "Task crashed the executor pipeline",
                 extra={"event": "task_crashed", "task_id": task_id, "job_id": row["job_id"]},
             )
+            # Fail it rather than leave it EXECUTED: a hand-back would run it again, forever.
+            failure = errors.StageError(
+                f"internal error: {type(exc).__name__}: {exc}", retryable=False
+            )
+            try:
+                await self._fail(row, row.get("_stage", stage), failure)
+            except (errors.KaijuTasksError, _Revoked):
+                await self._hand_back(task_id)
 
     async def _pipeline(self, row: dict[str, Any]) -> None:
         task_id = row["id"]
@@ -363,6 +381,7 @@ class Executor:
             await self._finish(row, stage, None, append=False)
             return
         while True:
+            row["_stage"] = stage  # where a crash of this pipeline happened
             command = commands[stage]
             now = self.clock.now()
             data = self._template_data(row, results)
@@ -561,6 +580,7 @@ class Executor:
             error["code"] = protocol.REJECTED
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
+        error = _storable(error)
         applied = await self._fail_batch.submit(
             {
                 "id": row["id"],
@@ -611,15 +631,34 @@ def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:
     return deadline
 
 
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash
+
+
 def _json_checked(result: Any) -> Any:
     """Refuse a stage result that cannot be stored as JSON (it would fail every write)."""
     try:
-        orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
+        dumped = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
         raise errors.StageError(
             f"the stage returned a value that is not JSON: {exc}", retryable=False
         ) from None
+    if _NUL.search(dumped):  # PostgreSQL jsonb cannot hold NUL characters
+        raise errors.StageError(
+            "the stage returned text with NUL characters, which cannot be stored",
+            retryable=False,
+        )
     return result
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with each NUL character replaced by a backslash and a zero, to be storable."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\0")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
 
 
 def _measured(meter: Mapping[str, Any]) -> dict[str, Any]:

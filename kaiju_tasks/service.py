@@ -324,14 +324,28 @@ class TaskService:
         allowed = _ALL_BUT_RUNNING
         status = current["status"]
         now = self.clock.now()
-        if (
-            "cron" in changes
-            and changes["cron"] != current["cron"]
-            and status == models.TaskStatus.IDLE
-        ):
-            # A new schedule fires next at its own time; without one an idle task waits for a
-            # reset or an update instead of running once at the old fire time.
+        ended_or_idle = status in (
+            models.TaskStatus.IDLE,
+            models.TaskStatus.FINISHED,
+            models.TaskStatus.FAILED,
+        )
+        if "cron" in changes and changes["cron"] != current["cron"] and ended_or_idle:
+            # A new schedule fires next at its own time (an ended task restarts then); without
+            # one an idle task waits for a reset or an update instead of running once at the
+            # old fire time.
             changes["next_run"] = cron.next_fire(changes["cron"], now) if changes["cron"] else None
+        if "commands" in changes and ended_or_idle:
+            # New stages start from the first: old results belong to the old commands.
+            changes.update(stage=0, result=[])
+        cron_after = changes.get("cron", current["cron"])
+        next_run_after = changes.get("next_run", current["next_run"])
+        if (
+            changes.get("enabled") is True
+            and status == models.TaskStatus.IDLE
+            and next_run_after is None
+            and not cron_after
+        ):
+            changes["next_run"] = now  # enabling an idle task without a schedule runs it
         if changes.get("enabled") is False and status == models.TaskStatus.QUEUED:
             # Disabling a queued task takes it off the queue; enabling queues it again.
             changes.update(status=models.TaskStatus.IDLE.value, next_run=now, job_id=None)

@@ -50,7 +50,8 @@ async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Sett
     rows = await store.overdue(now=now, limit=settings.batch)
     if not rows:
         return 0
-    items = [_timeout_item(row, now) for row in rows]
+    # In id order, like every batch, so that no two batches can deadlock.
+    items = sorted((_timeout_item(row, now) for row in rows), key=lambda item: item["id"])
     applied = await store.fail_tasks(items, now=now)
     running = [r["id"] for r in applied if r["executor_id"] is not None]
     if running:
@@ -61,7 +62,9 @@ async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Sett
 def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
     retryable = True
     reason = "timeout"
+    due = "run" if row["run_expired"] else "wait"
     if row["expired"]:
+        due = "expired"
         message = f"task expired at {row['expires_at'].isoformat()} before it started"
         retryable = False
         reason = "expired"
@@ -84,6 +87,7 @@ def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         },
         "exit_code": 130,
         "retryable": retryable,
+        "due": due,
         "next_run": cron.next_fire(row["cron"], now).isoformat() if row["cron"] else None,
     }
 

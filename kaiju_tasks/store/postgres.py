@@ -89,7 +89,12 @@ def _translate() -> Any:
         ) from exc
     except (asyncpg.DataError, asyncpg.InvalidTextRepresentationError) as exc:
         raise errors.ValidationError(str(exc)) from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,  # a connection the server closed mid-operation
+    ) as exc:
         raise errors.StoreError(f"database error: {exc}") from exc
 
 

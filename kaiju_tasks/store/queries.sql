@@ -72,7 +72,9 @@ SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 -- the task is queued at the next stage.
 WITH done AS (
 UPDATE tasks
-SET result = result || jsonb_build_array($4::jsonb), stage = stage + 1, status = 'QUEUED',
+SET result = result || jsonb_build_array($4::jsonb), stage = stage + 1,
+    status = CASE WHEN enabled THEN 'QUEUED' ELSE 'IDLE' END,
+    next_run = CASE WHEN enabled THEN NULL ELSE $5::timestamptz END,
     wait_deadline = NULL, status_change = $5::timestamptz
 WHERE id = $1 AND ($2::boolean OR user_id = $3) AND status = 'WAITING'
   AND commands -> stage ->> 'kind' = 'message'
@@ -80,8 +82,8 @@ RETURNING *),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, created, data)
     SELECT 'task-sent', id, job_id, 'QUEUED', stage, $5, '{"resumed": "message"}'::jsonb
-    FROM done),
-wake AS (SELECT pg_notify('kaiju_tasks_queued', app_name) FROM done)
+    FROM done WHERE status = 'QUEUED'),
+wake AS (SELECT pg_notify('kaiju_tasks_queued', app_name) FROM done WHERE status = 'QUEUED')
 SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: cancel_task
@@ -263,17 +265,22 @@ WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
              exit_code integer, retryable boolean, next_run timestamptz, rejected boolean,
-             method text, duration_s double precision)),
+             method text, duration_s double precision, due text)),
 cur AS (
     SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
            r.method, r.duration_s,
            coalesce(r.rejected, false) AS rejected,
            (r.retryable AND t.retries < t.max_retries) AS retry,
-           t.retry_delay > 0 AS delayed,
+           (t.retry_delay > 0 OR NOT t.enabled) AS delayed,
            t.restart_policy = 'FIRST' AS first
     FROM tasks t JOIN r ON t.id = r.id
     WHERE t.status = r.status AND t.stage = r.stage
       AND t.executor_id IS NOT DISTINCT FROM r.executor_id
+      -- the manager's items say why; the reason must still hold on the row as it is now
+      AND (r.due IS NULL
+           OR (r.due = 'run' AND t.exec_deadline <= $2)
+           OR (r.due = 'wait' AND t.wait_deadline <= $2)
+           OR (r.due = 'expired' AND t.expires_at <= $2 AND t.retries = 0))
     FOR UPDATE OF t),
 done AS (
     UPDATE tasks t
@@ -403,15 +410,20 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED),
 done AS (
     UPDATE tasks t
-    SET status = 'QUEUED', stage = t.stage + 1, result = t.result || '[null]'::jsonb,
+    -- a disabled task waits in IDLE (due now) until it is enabled again
+    SET status = CASE WHEN t.enabled THEN 'QUEUED' ELSE 'IDLE' END,
+        next_run = CASE WHEN t.enabled THEN NULL ELSE $1::timestamptz END,
+        stage = t.stage + 1, result = t.result || '[null]'::jsonb,
         wait_deadline = NULL, status_change = $1
     FROM due WHERE t.id = due.id
-    RETURNING t.id, t.job_id, t.stage, t.app_name),
+    RETURNING t.id, t.job_id, t.stage, t.app_name, t.status),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, created, data)
-    SELECT 'task-sent', id, job_id, 'QUEUED', stage, $1, '{"resumed": "timer"}'::jsonb FROM done),
+    SELECT 'task-sent', id, job_id, status, stage, $1, '{"resumed": "timer"}'::jsonb
+    FROM done WHERE status = 'QUEUED'),
 wake AS (
-    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+    SELECT pg_notify('kaiju_tasks_queued', app_name)
+    FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
 SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: overdue
@@ -430,12 +442,17 @@ LIMIT $2;
 
 -- name: suspend_stale
 -- Suspend the tasks of executors that stopped heartbeating or went offline.
-WITH stale AS (
-    SELECT t.id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
+-- The lost executors are found first: a join re-checked after locking could pair a task
+-- just claimed by a live executor with the old executor's row.
+WITH lost AS MATERIALIZED (
+    SELECT DISTINCT t.executor_id AS id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
     WHERE t.status = 'EXECUTED'
-      AND (e.id IS NULL OR e.stopped_at IS NOT NULL OR e.heartbeat_at < $2)
+      AND (e.id IS NULL OR e.stopped_at IS NOT NULL OR e.heartbeat_at < $2)),
+stale AS (
+    SELECT t.id FROM tasks t
+    WHERE t.status = 'EXECUTED' AND t.executor_id IN (SELECT id FROM lost)
     LIMIT $3
-    FOR UPDATE OF t SKIP LOCKED),
+    FOR UPDATE SKIP LOCKED),
 done AS (
     UPDATE tasks t SET status = 'SUSPENDED', status_change = $1
     FROM stale WHERE t.id = stale.id
@@ -452,15 +469,19 @@ SELECT count(*) FROM done;
 WITH due AS (
     SELECT id FROM tasks WHERE status = 'SUSPENDED' LIMIT $2 FOR UPDATE SKIP LOCKED),
 done AS (
-    UPDATE tasks t SET status = 'QUEUED', executor_id = NULL, status_change = $1
+    UPDATE tasks t
+    SET status = CASE WHEN t.enabled THEN 'QUEUED' ELSE 'IDLE' END,
+        next_run = CASE WHEN t.enabled THEN NULL ELSE $1::timestamptz END,
+        executor_id = NULL, status_change = $1
     FROM due WHERE t.id = due.id
-    RETURNING t.id, t.job_id, t.stage, t.app_name),
+    RETURNING t.id, t.job_id, t.stage, t.app_name, t.status),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, created, data)
-    SELECT 'task-sent', id, job_id, 'QUEUED', stage, $1, '{"resumed": "suspended"}'::jsonb
-    FROM done),
+    SELECT 'task-sent', id, job_id, status, stage, $1, '{"resumed": "suspended"}'::jsonb
+    FROM done WHERE status = 'QUEUED'),
 wake AS (
-    SELECT pg_notify('kaiju_tasks_queued', app_name) FROM (SELECT DISTINCT app_name FROM done) a)
+    SELECT pg_notify('kaiju_tasks_queued', app_name)
+    FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
 SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: prune_tasks
@@ -471,7 +492,11 @@ WITH doomed AS (
       AND NOT system
       AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.next_task = tasks.id)
     LIMIT $2)
-DELETE FROM tasks t USING doomed WHERE t.id = doomed.id;
+DELETE FROM tasks t USING doomed
+WHERE t.id = doomed.id
+  -- checked again on the row as it is now: it may have been reset since the scan
+  AND t.status IN ('FINISHED', 'FAILED') AND t.status_change < $1 AND t.cron IS NULL
+  AND NOT t.system;
 
 -- name: prune_notifications
 -- Delete notifications older than the retention period.

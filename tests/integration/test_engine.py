@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import timedelta
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -970,3 +971,176 @@ async def test_stage_calls_carry_the_app_token(task_service, store, clock, dsn, 
         task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
         await wait_for(store, task["id"], "FINISHED")
     assert seen == ["Bearer kt_secret"]
+
+
+# -- regressions from the concurrency review ------------------------------------------------------
+
+
+async def test_a_result_with_a_nul_character_fails_its_task_and_spares_the_batch(
+    task_service, store, clock, dsn
+):
+    methods = Methods()
+    methods.add("nul", lambda: "a\x00b")
+    methods.add("fine", lambda: "ok")
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        created = await task_service.create(
+            [Task(commands=[TaskCommand(method="nul")], max_retries=2)]
+            + [Task(commands=[TaskCommand(method="fine")]) for _ in range(5)]
+        )
+        bad = await wait_for(store, created[0]["id"], "FAILED", "FINISHED")
+        good = [await wait_for(store, t["id"], "FINISHED", "FAILED") for t in created[1:]]
+    assert (bad["status"], bad["retries"]) == ("FAILED", 0)
+    assert "NUL" in bad["error"]["message"]
+    assert {g["status"] for g in good} == {"FINISHED"}
+
+
+async def test_an_error_message_with_a_nul_character_is_still_recorded(
+    task_service, store, clock, dsn
+):
+    methods = Methods()
+
+    @methods.register("boom")
+    def boom():
+        raise RuntimeError("bad\x00byte")
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn):
+        task = await task_service.create(Task(commands=[TaskCommand(method="boom")]))
+        row = await wait_for(store, task["id"], "FAILED")
+    assert row["error"]["message"] == "RuntimeError: bad\\0byte"
+
+
+async def test_a_retry_claimed_while_the_failed_run_returns_runs_once_at_a_time(
+    task_service, store, clock, dsn, pool, caplog
+):
+    class SlowFail(postgres.PostgresEngineStore):
+        async def fail_tasks(self, items, *, now):
+            applied = await super().fail_tasks(items, now=now)
+            await asyncio.sleep(0.05)  # the committed retry is claimed before this returns
+            return applied
+
+    slow_store = SlowFail(pool)
+    running: dict[str, int] = {}
+    overlaps = []
+    methods = Methods()
+
+    @methods.register("flaky")
+    async def flaky(key):
+        running[key] = running.get(key, 0) + 1
+        overlaps.append(running[key])
+        await asyncio.sleep(0.01)
+        running[key] -= 1
+        raise MethodError("again")
+
+    async with Executor(
+        slow_store,
+        methods=methods,
+        clock=clock,
+        dsn=dsn,
+        heartbeat_interval=timedelta(milliseconds=30),
+    ):
+        created = await task_service.create(
+            [
+                Task(commands=[TaskCommand(method="flaky", params={"key": str(i)})], max_retries=5)
+                for i in range(4)
+            ]
+        )
+        for task in created:
+            await wait_for(store, task["id"], "FAILED")
+    assert max(overlaps) == 1
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "orphans_handed_back"]
+
+
+async def test_the_managers_timeout_does_not_fail_a_task_whose_deadline_moved(
+    store, clock, make_task
+):
+    await make_task(
+        id="moved",
+        status="EXECUTED",
+        executor_id="x",
+        job_id="j",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    stale_item = {
+        "id": "moved",
+        "status": "EXECUTED",
+        "executor_id": "x",
+        "stage": 0,
+        "error": {"message": "late"},
+        "exit_code": 130,
+        "retryable": True,
+        "next_run": None,
+        "due": "run",
+    }
+    assert await store.fail_tasks([stale_item], now=clock.now()) == []
+    assert (await store.get_task("moved"))["status"] == "EXECUTED"
+
+
+async def test_garbage_collection_spares_a_task_reset_during_the_scan(store, clock, make_task, dsn):
+    old = clock.now() - timedelta(days=30)
+    await make_task(id="old", status="FINISHED", status_change=old, next_run=None)
+    other = await asyncpg.connect(dsn)
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute(
+            "UPDATE tasks SET status = 'QUEUED', status_change = $1 WHERE id = 'old'", clock.now()
+        )
+        prune = asyncio.create_task(store.prune("tasks", before=clock.now(), limit=100))
+        await asyncio.sleep(0.3)  # the DELETE waits on the reset's row lock
+        await transaction.commit()
+        assert await prune == 0
+    finally:
+        await other.close()
+    assert (await store.get_task("old"))["status"] == "QUEUED"
+
+
+async def test_disabled_tasks_resumed_by_a_timer_or_message_wait_in_idle(
+    task_service, store, manager, clock, make_task
+):
+    await make_task(
+        id="t",
+        status="WAITING",
+        enabled=False,
+        job_id="j",
+        commands=[Timer(10), {"method": "a"}],
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+        wait_deadline=clock.now(),
+    )
+    await make_task(
+        id="m",
+        status="WAITING",
+        enabled=False,
+        job_id="j",
+        commands=[Message(), {"method": "a"}],
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    await manager.tick(clock.now())
+    await task_service.write_message("m", {"ok": True})
+    for task_id in ("t", "m"):
+        row = await store.get_task(task_id)
+        assert (row["status"], row["stage"], row["next_run"]) == ("IDLE", 1, clock.now())
+    await task_service.update("t", {"enabled": True})
+    await manager.tick(clock.now())
+    row = await store.get_task("t")
+    assert (row["status"], row["stage"], row["job_id"]) == ("QUEUED", 1, "j")
+
+
+async def test_updates_keep_ended_and_idle_tasks_schedulable(task_service, store, clock, make_task):
+    await make_task(
+        id="f",
+        status="FINISHED",
+        stage=2,
+        commands=[{"method": "a"}, {"method": "b"}],
+        result=[1, 2],
+        next_run=None,
+    )
+    row = await task_service.update("f", {"cron": "0 * * * *"})
+    assert row["next_run"] == (clock.now() + timedelta(hours=1)).isoformat()
+    row = await task_service.update("f", {"commands": [{"method": "c"}]})
+    assert (row["stage"], row["result"], row["stages"]) == (0, [], 1)
+    await make_task(id="i", status="IDLE", enabled=False, cron=None, next_run=None)
+    row = await task_service.update("i", {"enabled": True})
+    assert row["next_run"] == clock.now().isoformat()
