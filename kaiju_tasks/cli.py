@@ -455,6 +455,7 @@ def _server(
         app,
         args.host or settings.server.host,
         args.port if args.port is not None else settings.server.port,
+        metrics,
     )
 
 
@@ -527,6 +528,7 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
                 app,
                 args.host or settings.server.host,
                 args.port if args.port is not None else settings.server.port,
+                metrics,
             )
             async with manager, executor, http:
                 print(f"system token: {token['token']}", flush=True)
@@ -655,24 +657,33 @@ def _events(settings: config.Settings, args: argparse.Namespace) -> int:
     """Print one line per event until Ctrl-C, ``--limit`` or ``--timeout``."""
     from kaiju_tasks import monitor
 
-    def show(event: monitor.Event) -> None:
+    def wanted(event: monitor.Event) -> bool:
         if args.task and event.get("task_id") != args.task:
-            return
-        if args.app and event.get("app_name") != args.app:
-            return
-        print(monitor.format_event(event, verbose=args.verbose), flush=True)
+            return False
+        return not (args.app and event.get("app_name") != args.app)
+
+    async def show(receiver: monitor.EventReceiver) -> None:
+        shown = 0  # --limit counts printed lines, not events filtered out
+        async for event in receiver:
+            if wanted(event):
+                print(monitor.format_event(event, verbose=args.verbose), flush=True)
+                shown += 1
+                if args.limit is not None and shown >= args.limit:
+                    return
 
     async def follow(dsn: str) -> None:
         await migrate.check_current(dsn)
-        receiver = monitor.EventReceiver(dsn, {"*": show}, after_id=0 if args.from_start else None)
+        receiver = monitor.EventReceiver(dsn, after_id=0 if args.from_start else None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        capture = asyncio.create_task(receiver.capture(limit=args.limit, timeout=args.timeout))
+        printing = asyncio.create_task(show(receiver))
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([capture, stopped], return_when=asyncio.FIRST_COMPLETED)
-        for pending in (capture, stopped):
+        await asyncio.wait(
+            [printing, stopped], return_when=asyncio.FIRST_COMPLETED, timeout=args.timeout
+        )
+        for pending in (printing, stopped):
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pending

@@ -280,7 +280,7 @@ def format_event(event: Event, *, verbose: bool = False) -> str:
     else:
         stage = event.get("stage")
         stages = event.get("stages")
-        where = f"{stage + 1}/{stages}" if stage is not None and stages else str(stage)
+        where = "-" if stage is None else f"{stage + 1}/{stages}" if stages else str(stage + 1)
         line = (
             f"[{created:%Y-%m-%d %H:%M:%S}] {kind} {event.get('app_name') or '-'} "
             f"(STATUS={event.get('status')}, ID={event.get('task_id')}, STAGE={where})"

@@ -20,6 +20,8 @@ DEFAULT_TASK_RETENTION = timedelta(days=7)
 DEFAULT_NOTIFICATION_RETENTION = timedelta(days=30)
 DEFAULT_EVENT_RETENTION = timedelta(days=7)
 DEFAULT_EXECUTOR_RETENTION = timedelta(days=1)
+GC_ROUNDS = 20
+"""Most deletions of ``batch * 10`` rows per table in one garbage collection."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,5 +125,10 @@ async def collect_garbage(store: base.EngineStore, now: datetime, settings: Sett
         ("events", settings.event_retention),
         ("executors", settings.executor_retention),
     ):
-        total += await store.prune(what, before=now - keep, limit=settings.batch * 10)
+        limit = settings.batch * 10
+        for _ in range(GC_ROUNDS):  # keep up with busy clusters, but bound one tick's work
+            deleted = await store.prune(what, before=now - keep, limit=limit)
+            total += deleted
+            if deleted < limit:
+                break
     return total

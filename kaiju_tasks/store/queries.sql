@@ -50,7 +50,8 @@ RETURNING id;
 WITH done AS (
 UPDATE tasks
 SET status = CASE WHEN enabled THEN 'QUEUED' ELSE 'IDLE' END,
-    stage = 0, result = '[]', error = NULL, exit_code = NULL, retries = 0, executor_id = NULL,
+    stage = 0, result = '[]', error = NULL, exit_code = NULL, retries = 0, requeues = 0,
+    executor_id = NULL,
     job_id = CASE WHEN enabled THEN $4 END,
     queued_at = CASE WHEN enabled THEN $5::timestamptz END,
     exec_deadline = CASE WHEN enabled
@@ -234,7 +235,8 @@ notes AS (
 chained AS (
     UPDATE tasks n
     SET status = 'QUEUED', stage = 0, result = '[]', error = NULL, exit_code = NULL,
-        retries = 0, executor_id = NULL, job_id = gen_random_uuid()::text, queued_at = $3,
+        retries = 0, requeues = 0, executor_id = NULL, job_id = gen_random_uuid()::text,
+        queued_at = $3,
         exec_deadline = $3 + make_interval(secs => n.max_exec_timeout), wait_deadline = NULL,
         next_run = NULL, status_change = $3
     FROM done
@@ -387,6 +389,7 @@ done AS (
         stage = CASE WHEN t.status = 'IDLE' THEN t.stage ELSE 0 END,
         result = CASE WHEN t.status = 'IDLE' THEN t.result ELSE '[]'::jsonb END,
         retries = CASE WHEN t.status = 'IDLE' THEN t.retries ELSE 0 END,
+        requeues = CASE WHEN t.status = 'IDLE' THEN t.requeues ELSE 0 END,
         error = CASE WHEN t.status = 'IDLE' THEN t.error END,
         exit_code = NULL, executor_id = NULL, queued_at = $1,
         exec_deadline = $1 + make_interval(secs => t.max_exec_timeout),
@@ -609,4 +612,6 @@ SELECT
      FROM (SELECT app_name, extract(epoch FROM $1::timestamptz - min(queued_at))::float8 AS lag
            FROM tasks WHERE status = 'QUEUED' GROUP BY 1) q) AS lag,
     (SELECT count(*) FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $2) AS executors,
-    (SELECT coalesce(max(id), 0) FROM events) AS events;
+    -- the identity's last value: unlike max(id), it never goes back when old events are pruned
+    (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
+        AS events;

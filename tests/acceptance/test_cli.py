@@ -286,3 +286,14 @@ def test_commands_refuse_a_database_that_needs_migrations(empty_dsn):
     assert result.returncode == 1
     assert "run `kaiju-tasks migrate` first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_events_limit_counts_only_the_printed_lines(dsn):
+    for task_id in ("a1", "b1"):
+        body = json.dumps({"id": task_id, "commands": [{"method": "x"}]})
+        assert cli("--dsn", dsn, "task", "create", body).returncode == 0
+    shown = cli(
+        "--dsn", dsn, "events", "--from-start", "--task", "b1", "--limit", "1", "--timeout", "20"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip().endswith("ID=b1, STAGE=1/1)")
