@@ -8,6 +8,7 @@ copy of it, dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -61,48 +62,45 @@ def worker_id(request: pytest.FixtureRequest) -> str:
 async def template_db(server_dsn: str, worker_id: str) -> str:
     """Name of a freshly migrated template database."""
     name = _template_name(worker_id)
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
+    await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await _admin(server_dsn, f'CREATE DATABASE "{name}"')
     await migrate.migrate(with_database(server_dsn, name))
     return name
+
+
+async def _admin(server_dsn: str, statement: str) -> None:
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def _scratch_database(
+    server_dsn: str, prefix: str, template: str | None = None
+) -> AsyncIterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
+    await _admin(server_dsn, f'CREATE DATABASE "{name}"{copy}')
+    try:
+        yield with_database(server_dsn, name)
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
     """A fresh, migrated database of the test's own."""
-    name = f"kaiju_tasks_test_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await connection.close()
-    yield with_database(server_dsn, name)
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    async with _scratch_database(server_dsn, "kaiju_tasks_test", template_db) as fresh:
+        yield fresh
 
 
 @pytest.fixture
 async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
     """A fresh database with no schema at all."""
-    name = f"kaiju_tasks_empty_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-    yield with_database(server_dsn, name)
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    async with _scratch_database(server_dsn, "kaiju_tasks_empty") as fresh:
+        yield fresh
 
 
 @pytest.fixture
