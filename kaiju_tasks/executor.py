@@ -102,6 +102,7 @@ class Executor:
         self.shutdown_grace = shutdown_grace
         self.client = rpc_client.Client(token=app_token)
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
         self._record = batch.Batcher(self._record_stages, batch.applied_ids)
         self._finish_batch = batch.Batcher(self._finish_tasks, batch.applied_ids)
@@ -176,11 +177,12 @@ class Executor:
         if running:
             await asyncio.wait(running, timeout=self.shutdown_grace.total_seconds())
         left = [task_id for task_id, runner in self._running.items() if not runner.done()]
+        claims = [self._claims[t] for t in left if t in self._claims]  # before the runners end
         for task_id in left:
             self._running[task_id].cancel()
         if left:
             await asyncio.wait([self._running[t] for t in left])
-            handed = await self.store.suspend_executor_tasks(self.id, left, now=self.clock.now())
+            handed = await self.store.suspend_executor_tasks(self.id, claims, now=self.clock.now())
             await self.store.notify_manager()  # re-queued at once, not at the next tick
             logger.info(
                 "Tasks handed back",
@@ -203,8 +205,11 @@ class Executor:
         if not app or app in self.apps:
             self._wake.set()
 
-    def _on_cancel(self, task_id: str) -> None:
-        self._revoke(task_id)
+    def _on_cancel(self, payload: str) -> None:
+        task_id, _, claim_id = payload.partition(" ")
+        # A notice about an earlier run of the task must not stop the current one.
+        if not claim_id or self._claims.get(task_id) == claim_id:
+            self._revoke(task_id)
 
     def _revoke(self, task_id: str) -> None:
         runner = self._running.get(task_id)
@@ -245,11 +250,11 @@ class Executor:
                     "Heartbeat failed", extra={"event": "heartbeat_failed", "executor_id": self.id}
                 )
 
-    async def _hand_back(self, task_id: str) -> None:
+    async def _hand_back(self, claim_id: str) -> None:
         delay = 0.1
         while True:
             try:
-                await self.store.suspend_executor_tasks(self.id, [task_id], now=self.clock.now())
+                await self.store.suspend_executor_tasks(self.id, [claim_id], now=self.clock.now())
                 await self.store.notify_manager()
                 return
             except errors.StoreError:
@@ -265,7 +270,7 @@ class Executor:
         lost leaves an orphan that this sweep returns to the queue.
         """
         async with self._claim_lock:  # a claim in flight is not an orphan
-            orphans = await self.store.orphans(self.id, list(self._running))
+            orphans = await self.store.orphans(self.id, list(self._claims.values()))
         if orphans:
             logger.warning(
                 "Orphaned tasks handed back",
@@ -304,6 +309,7 @@ class Executor:
         # this executor claimed at once): the new run waits for it, and only the current
         # run's end removes the task from _running.
         previous = self._running.get(row["id"])
+        self._claims[row["id"]] = row["claim_id"]
         runner = asyncio.create_task(self._run_task(row, previous), name=f"kaiju-task-{row['id']}")
         self._running[row["id"]] = runner
         runner.add_done_callback(functools.partial(self._done, row["id"]))
@@ -311,6 +317,7 @@ class Executor:
     def _done(self, task_id: str, runner: asyncio.Task[None]) -> None:
         if self._running.get(task_id) is runner:
             del self._running[task_id]
+            self._claims.pop(task_id, None)
             self._revoked.discard(task_id)
         self._wake.set()
 
@@ -338,7 +345,7 @@ class Executor:
                     "error": str(exc),
                 },
             )
-            await self._hand_back(task_id)
+            await self._hand_back(row["claim_id"])
         except _Revoked:
             logger.info(
                 "Task taken away",
@@ -369,7 +376,7 @@ class Executor:
             try:
                 await self._fail(row, row.get("_stage", stage), failure)
             except (errors.KaijuTasksError, _Revoked):
-                await self._hand_back(task_id)
+                await self._hand_back(row["claim_id"])
 
     async def _pipeline(self, row: dict[str, Any]) -> None:
         task_id = row["id"]
@@ -428,7 +435,13 @@ class Executor:
             if stage + 1 == stages:
                 await self._finish(row, stage, result, append=True, timing=_measured(meter))
                 return
-            item = {"id": task_id, "stage": stage, "result": result, **_measured(meter)}
+            item = {
+                "id": task_id,
+                "stage": stage,
+                "result": result,
+                "claim_id": row["claim_id"],
+                **_measured(meter),
+            }
             if not await self._record.submit(item):
                 raise _Revoked
             stage += 1
@@ -526,6 +539,7 @@ class Executor:
             "result": result,
             "append": append,
             "next_run": self._next_run(row),
+            "claim_id": row["claim_id"],
             **(timing or {}),
         }
         if not await self._finish_batch.submit(item):
@@ -536,7 +550,12 @@ class Executor:
         )
 
     async def _wait(self, row: Mapping[str, Any], stage: int, until: datetime) -> None:
-        item = {"id": row["id"], "stage": stage, "wait_deadline": until.isoformat()}
+        item = {
+            "id": row["id"],
+            "stage": stage,
+            "wait_deadline": until.isoformat(),
+            "claim_id": row["claim_id"],
+        }
         if not await self._wait_batch.submit(item):
             raise _Revoked
 
@@ -561,7 +580,14 @@ class Executor:
             }
             applied = await self.store.requeue_rejected(
                 self.id,
-                [{"id": row["id"], "stage": stage, "error": reject_error}],
+                [
+                    {
+                        "id": row["id"],
+                        "stage": stage,
+                        "error": reject_error,
+                        "claim_id": row["claim_id"],
+                    }
+                ],
                 now=self.clock.now(),
             )
             if row["id"] not in applied:
@@ -592,6 +618,7 @@ class Executor:
                 "retryable": exc.retryable,
                 "next_run": self._next_run(row),
                 "rejected": rejected,
+                "claim_id": row["claim_id"],
                 **(timing or {}),
             }
         )

@@ -565,6 +565,7 @@ TASK_COLUMNS = (
     "parent_id",
     "root_id",
     "requeues",
+    "claim_id",
 )
 """Columns of the ``tasks`` table, in order: the names are part of the contract."""
 

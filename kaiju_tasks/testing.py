@@ -83,6 +83,7 @@ def task_row(now: datetime, **overrides: Any) -> dict[str, Any]:
         "parent_id": None,
         "root_id": None,
         "requeues": 0,
+        "claim_id": None,
     }
     row.update(overrides)
     if row["root_id"] is None:

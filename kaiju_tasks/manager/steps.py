@@ -55,7 +55,7 @@ async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Sett
     # In id order, like every batch, so that no two batches can deadlock.
     items = sorted((_timeout_item(row, now) for row in rows), key=lambda item: item["id"])
     applied = await store.fail_tasks(items, now=now)
-    running = [r["id"] for r in applied if r["executor_id"] is not None]
+    running = [f"{r['id']} {r['claim_id'] or ''}" for r in applied if r["executor_id"] is not None]
     if running:
         await store.notify_cancel(running)
     return len(applied)

@@ -218,9 +218,9 @@ class EngineStore(TaskStore, Protocol):
         ...
 
     async def suspend_executor_tasks(
-        self, executor_id: str, ids: Sequence[str], *, now: datetime
+        self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
     ) -> set[str]:
-        """Hand back tasks an executor holds."""
+        """Hand back the runs (claim ids) an executor holds."""
         ...
 
     async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
@@ -228,7 +228,7 @@ class EngineStore(TaskStore, Protocol):
         ...
 
     async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
-        """Return tasks held by ``executor_id`` in the database but not in ``running``."""
+        """Return the claim ids ``executor_id`` holds but does not run (``running``)."""
         ...
 
     async def notify_manager(self) -> None:
@@ -259,8 +259,8 @@ class EngineStore(TaskStore, Protocol):
         """Delete old rows of ``what``."""
         ...
 
-    async def notify_cancel(self, ids: Sequence[str]) -> None:
-        """Tell executors to abandon the running stages of these tasks."""
+    async def notify_cancel(self, runs: Sequence[str]) -> None:
+        """Tell executors to abandon these runs (``"task_id claim_id"``)."""
         ...
 
 

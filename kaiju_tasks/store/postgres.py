@@ -439,15 +439,16 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         return {r["id"] for r in rows}
 
     async def suspend_executor_tasks(
-        self, executor_id: str, ids: Sequence[str], *, now: datetime
+        self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
     ) -> set[str]:
-        """Hand back tasks an executor holds (SUSPENDED); return the ids that applied."""
-        rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(ids))
+        """Hand back the runs (claim ids) an executor holds: SUSPENDED; return task ids."""
+        rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(claim_ids))
         return {r["id"] for r in rows}
 
     async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
-        """Return tasks held by ``executor_id`` in the database but not in ``running``."""
-        return [r["id"] for r in await self._fetch("orphans", executor_id, list(running))]
+        """Return the claim ids ``executor_id`` holds in the database but does not run."""
+        rows = await self._fetch("orphans", executor_id, list(running))
+        return [r["claim_id"] for r in rows if r["claim_id"] is not None]
 
     async def notify_manager(self) -> None:
         """Wake the manager."""
@@ -503,9 +504,9 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         assert row is not None
         return {"database": True, "leader": row["leader"], "executors": row["executors"]}
 
-    async def notify_cancel(self, ids: Sequence[str]) -> None:
-        """Tell executors to abandon the running stages of these tasks."""
-        await self._fetchval("notify_cancel", list(ids))
+    async def notify_cancel(self, runs: Sequence[str]) -> None:
+        """Tell executors to abandon these runs (``"task_id claim_id"``)."""
+        await self._fetchval("notify_cancel", list(runs))
 
 
 LEADER_LOCK_KEY = 0x6B61696A7500  # arbitrary, fixed: the manager leadership advisory lock

@@ -91,7 +91,7 @@ SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 -- Abort a task that has not ended: FAILED with exit code 130; a running stage's executor is
 -- told on kaiju_tasks_cancel and abandons the call.
 WITH old AS (
-    SELECT id, status, executor_id FROM tasks
+    SELECT id, status, executor_id, claim_id FROM tasks
     WHERE id = $1 AND ($2::boolean OR user_id = $3)
       AND status IN ('IDLE', 'QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED')
     FOR UPDATE),
@@ -111,7 +111,8 @@ notes AS (
                                created)
     SELECT id, job_id, 'FAILED', result, 130, error, user_id, $5 FROM done WHERE notify),
 wake AS (
-    SELECT pg_notify('kaiju_tasks_cancel', id) FROM old WHERE status = 'EXECUTED')
+    SELECT pg_notify('kaiju_tasks_cancel', id || ' ' || coalesce(claim_id, '')) FROM old
+    WHERE status = 'EXECUTED')
 SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: insert_notification
@@ -184,7 +185,9 @@ WITH picked AS (
     ORDER BY q.priority DESC, q.queued_at, q.id
     LIMIT $3),
 claimed AS (
-    UPDATE tasks t SET status = 'EXECUTED', executor_id = $2, status_change = $4
+    UPDATE tasks t
+    SET status = 'EXECUTED', executor_id = $2, claim_id = gen_random_uuid()::text,
+        status_change = $4
     FROM picked WHERE t.id = picked.id
     RETURNING t.*),
 ev AS (
@@ -197,12 +200,14 @@ SELECT * FROM claimed;
 -- Items: [{id, stage, result}]. Returns the ids that applied (still ours, at that stage).
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS r(id text, stage integer, result jsonb, method text, duration_s double precision)),
+        AS r(id text, stage integer, result jsonb, method text, duration_s double precision,
+             claim_id text)),
 done AS (
     UPDATE tasks t
     SET stage = r.stage + 1, result = t.result || jsonb_build_array(r.result)
     FROM r
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+      AND t.claim_id = r.claim_id
     RETURNING t.id, t.job_id, t.stage),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
@@ -219,7 +224,7 @@ SELECT id FROM done;
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, stage integer, result jsonb, append boolean, next_run timestamptz,
-             method text, duration_s double precision)),
+             method text, duration_s double precision, claim_id text)),
 done AS (
     UPDATE tasks t
     SET status = 'FINISHED', exit_code = 0, error = NULL, stage = t.stages,
@@ -228,6 +233,7 @@ done AS (
         next_run = r.next_run, wait_deadline = NULL, status_change = $3
     FROM r
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+      AND t.claim_id = r.claim_id
     RETURNING t.*),
 notes AS (
     INSERT INTO notifications (task_id, job_id, status, result, exit_code, user_id, created)
@@ -267,9 +273,10 @@ WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
              exit_code integer, retryable boolean, next_run timestamptz, rejected boolean,
-             method text, duration_s double precision, due text)),
+             method text, duration_s double precision, due text, claim_id text)),
 cur AS (
     SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
+           t.claim_id AS old_claim,
            r.method, r.duration_s,
            coalesce(r.rejected, false) AS rejected,
            (r.retryable AND t.retries < t.max_retries) AS retry,
@@ -278,6 +285,7 @@ cur AS (
     FROM tasks t JOIN r ON t.id = r.id
     WHERE t.status = r.status AND t.stage = r.stage
       AND t.executor_id IS NOT DISTINCT FROM r.executor_id
+      AND (r.claim_id IS NULL OR t.claim_id = r.claim_id)
       -- the manager's items say why; the reason must still hold on the row as it is now
       AND (r.due IS NULL
            OR (r.due = 'run' AND t.exec_deadline <= $2)
@@ -305,7 +313,7 @@ done AS (
         status_change = $2
     FROM cur c
     WHERE t.id = c.id
-    RETURNING t.*, c.retry, c.old_executor, c.rejected, c.method, c.duration_s),
+    RETURNING t.*, c.retry, c.old_executor, c.old_claim, c.rejected, c.method, c.duration_s),
 notes AS (
     INSERT INTO notifications (task_id, job_id, status, result, exit_code, error, user_id,
                                created)
@@ -323,20 +331,22 @@ ev AS (
 wake AS (
     SELECT pg_notify('kaiju_tasks_queued', app_name)
     FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
-SELECT id, status, old_executor AS executor_id FROM done, (SELECT count(*) FROM wake) w;
+SELECT id, status, old_executor AS executor_id, old_claim AS claim_id
+FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: wait_tasks
 -- Park running tasks on a Timer or Message stage: WAITING until `wait_deadline`, executor freed.
 -- Items: [{id, stage, wait_deadline}]. Returns the ids that applied.
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS r(id text, stage integer, wait_deadline timestamptz)),
+        AS r(id text, stage integer, wait_deadline timestamptz, claim_id text)),
 done AS (
     UPDATE tasks t
     SET status = 'WAITING', wait_deadline = r.wait_deadline, executor_id = NULL,
         status_change = $3
     FROM r
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+      AND t.claim_id = r.claim_id
     RETURNING t.id, t.job_id, t.stage, t.wait_deadline),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
@@ -349,7 +359,7 @@ SELECT id FROM done;
 -- Hand back the tasks an executor still holds (shutdown): SUSPENDED at their current stage.
 WITH done AS (
     UPDATE tasks SET status = 'SUSPENDED', executor_id = NULL, status_change = $2
-    WHERE status = 'EXECUTED' AND executor_id = $1 AND id = ANY($3::text[])
+    WHERE status = 'EXECUTED' AND executor_id = $1 AND claim_id = ANY($3::text[])
     RETURNING id, job_id, stage),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
@@ -357,9 +367,9 @@ ev AS (
 SELECT id FROM done;
 
 -- name: orphans
--- Tasks an executor holds in the database but does not run (a lost claim or hand-back reply).
-SELECT id FROM tasks
-WHERE status = 'EXECUTED' AND executor_id = $1 AND NOT (id = ANY($2::text[]));
+-- Claims an executor holds in the database but does not run (a lost claim or hand-back reply).
+SELECT id, claim_id FROM tasks
+WHERE status = 'EXECUTED' AND executor_id = $1 AND NOT (claim_id = ANY($2::text[]));
 
 -- name: notify_manager
 -- Wake the manager (tasks were handed back).
@@ -515,7 +525,8 @@ DELETE FROM executors WHERE heartbeat_at < $1;
 
 -- name: notify_cancel
 -- Tell executors to abandon the running stages of these tasks.
-SELECT count(pg_notify('kaiju_tasks_cancel', id)) FROM unnest($1::text[]) AS id;
+-- Payloads are "task_id claim_id": only that run is abandoned, not a newer one.
+SELECT count(pg_notify('kaiju_tasks_cancel', run)) FROM unnest($1::text[]) AS run;
 
 -- name: notify_queued
 -- Wake executors of these apps.
@@ -557,13 +568,15 @@ SELECT EXISTS (
 -- A stage rejected its task with requeue: back in the queue at its stage, no retry counted.
 -- Items: [{id, stage, error}]; returns the ids that applied (the caller checked the bound).
 WITH r AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(id text, stage integer, error jsonb)),
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS r(id text, stage integer, error jsonb, claim_id text)),
 done AS (
     UPDATE tasks t
     SET status = 'QUEUED', requeues = t.requeues + 1, executor_id = NULL, queued_at = $3,
         error = r.error, status_change = $3
     FROM r
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
+      AND t.claim_id = r.claim_id
     RETURNING t.id, t.job_id, t.stage, t.app_name, t.requeues, t.error),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)

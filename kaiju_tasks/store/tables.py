@@ -61,6 +61,7 @@ tasks = sa.Table(
     sa.Column("parent_id", sa.Text),
     sa.Column("root_id", sa.Text),
     sa.Column("requeues", sa.Integer, nullable=False),
+    sa.Column("claim_id", sa.Text),
 )
 
 notifications = sa.Table(

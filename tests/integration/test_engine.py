@@ -1144,3 +1144,41 @@ async def test_updates_keep_ended_and_idle_tasks_schedulable(task_service, store
     await make_task(id="i", status="IDLE", enabled=False, cron=None, next_run=None)
     row = await task_service.update("i", {"enabled": True})
     assert row["next_run"] == clock.now().isoformat()
+
+
+async def test_a_write_of_an_earlier_claim_never_touches_a_newer_run(store, clock, make_task):
+    await make_task(
+        id="c",
+        status="QUEUED",
+        job_id="j",
+        commands=[{"method": "a"}, {"method": "b"}],
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    (first,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
+    await store.suspend_executor_tasks("ex", [first["claim_id"]], now=clock.now())
+    await store.requeue_suspended(now=clock.now(), limit=10)
+    (second,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
+    assert first["claim_id"] != second["claim_id"]
+    stale = {"id": "c", "stage": 0, "result": "stale", "claim_id": first["claim_id"]}
+    assert await store.record_stages("ex", [stale], now=clock.now()) == set()
+    assert await store.suspend_executor_tasks("ex", [first["claim_id"]], now=clock.now()) == set()
+    fresh = {**stale, "result": "fresh", "claim_id": second["claim_id"]}
+    assert await store.record_stages("ex", [fresh], now=clock.now()) == {"c"}
+    assert (await store.get_task("c"))["result"] == ["fresh"]
+
+
+async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
+    task_service, store, registry, clock, dsn, pool, calls
+):
+    async with Executor(store, methods=registry, clock=clock, dsn=dsn) as ex:
+        task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
+        row = await wait_for(store, task["id"], "EXECUTED")
+        await until(lambda: ("hang", None) in calls)
+        await pool.execute("SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} stale")
+        await asyncio.sleep(0.3)
+        assert ex.active == 1
+        await pool.execute(
+            "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} {row['claim_id']}"
+        )
+        await until(lambda: ex.active == 0)
