@@ -260,7 +260,7 @@ class State:
             cursor: tuple[str, int] | None = None
             count = 0
             while True:
-                events = await store.events_after(cursor, limit=DEFAULT_BATCH)
+                events = await store.events_after(cursor, limit=DEFAULT_BATCH, snapshot=True)
                 for event in events:
                     cursor = (event.pop("xid"), event["id"])
                     self.event(event)

@@ -299,11 +299,17 @@ class PostgresTaskStore(base.TaskStore):
 
     # -- events -------------------------------------------------------------------------------
 
-    async def events_after(self, cursor: tuple[str, int] | None, *, limit: int) -> list[Row]:
-        """Events after ``cursor`` (``(xid, id)``; None: the oldest kept), none missed."""
+    async def events_after(
+        self, cursor: tuple[str, int] | None, *, limit: int, snapshot: bool = False
+    ) -> list[Row]:
+        """Events after ``cursor`` (``(xid, id)``; None: the oldest kept), none missed.
+
+        ``snapshot=True`` reads every committed event, for a one-off replay that is not
+        followed afterwards (following needs the default, which waits for open transactions).
+        """
         xid, event_id = cursor if cursor is not None else (None, None)
         async with self._connection() as connection:
-            rows = await connection.fetch(QUERIES["events_after"], xid, event_id, limit)
+            rows = await connection.fetch(QUERIES["events_after"], xid, event_id, limit, snapshot)
         return [dict(r) for r in rows]
 
     async def event_cursor(self, event_id: int | None) -> tuple[str, int] | None:

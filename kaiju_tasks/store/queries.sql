@@ -593,12 +593,13 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 -- Events written by transactions that have all ended (xid below the snapshot's xmin), after
 -- the cursor ($1 xid as text, $2 id; NULLs: from the oldest kept), in (xid, id) order: read
 -- this way, a receiver misses none and repeats none, whatever order transactions commit in.
--- The task's app and stage count are joined in for monitors.
+-- The task's app and stage count are joined in for monitors. With $4 (a one-off snapshot, not
+-- followed afterwards) every committed event is read, whatever transactions are still open.
 SELECT e.id, e.xid::text AS xid, e.type, e.task_id, e.job_id, e.status, e.stage,
        e.executor_id, e.created, e.data, t.app_name, t.stages
 FROM events e
 LEFT JOIN tasks t ON t.id = e.task_id
-WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+WHERE ($4::boolean OR e.xid < pg_snapshot_xmin(pg_current_snapshot()))
   AND ($1::text IS NULL OR (e.xid, e.id) > ($1::text::xid8, $2::bigint))
 ORDER BY e.xid, e.id
 LIMIT $3;
