@@ -199,6 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, help="stop after this many events")
     events.add_argument("--timeout", type=float, help="stop after this many seconds")
 
+    top = commands.add_parser("top", help="a live table of executors and running tasks")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--limit", type=int, default=30, help="most running or waiting tasks shown")
+
     config_command = commands.add_parser(
         "config", help="print the effective configuration and where each value came from"
     )
@@ -245,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(settings, args)
         if args.command in ("task", "notifications"):
             return _task(settings, args)
+        if args.command == "top":
+            return _top(settings, args)
         if args.command == "events":
             return _events(settings, args)
         if args.command == "config":
@@ -690,6 +697,90 @@ def _events(settings: config.Settings, args: argparse.Namespace) -> int:
 
     with database(settings) as dsn:
         asyncio.run(follow(dsn))
+    return 0
+
+
+def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
+    """Render a ``top`` snapshot as rich tables."""
+    from datetime import datetime
+
+    from rich.console import Group
+    from rich.table import Table
+
+    def ago(value: str | None) -> str:
+        if not value:
+            return ""
+        seconds = (now - datetime.fromisoformat(value)).total_seconds()
+        return f"{seconds:.0f}s ago" if seconds >= 0 else "now"
+
+    workers = Table(title="executors", title_justify="left")
+    for column in ("executor", "host", "apps", "running", "heartbeat", "state"):
+        workers.add_column(column)
+    for w in snapshot["workers"]:
+        alive = (
+            w["stopped_at"] is None
+            and (now - datetime.fromisoformat(w["heartbeat_at"])).total_seconds() < 60
+        )
+        workers.add_row(
+            w["id"],
+            w["host"],
+            ",".join(w["apps"]),
+            f"{w['running']}/{w['concurrency']}",
+            ago(w["heartbeat_at"]),
+            "online" if alive else "offline",
+        )
+    tasks = Table(title="running and waiting tasks", title_justify="left")
+    for column in ("task", "app", "status", "stage", "executor", "since"):
+        tasks.add_column(column)
+    for t in snapshot["tasks"]:
+        tasks.add_row(
+            t["id"],
+            t["app_name"],
+            t["status"],
+            f"{t['stage'] + 1}/{t['stages']}",
+            t["executor_id"] or "",
+            ago(t["status_change"]),
+        )
+    counts = Table(title="tasks by app and status", title_justify="left")
+    for column in ("app", "status", "count"):
+        counts.add_column(column)
+    for c in snapshot["counts"]:
+        counts.add_row(c["app_name"], c["status"], str(c["n"]))
+    return Group(workers, tasks, counts)
+
+
+def _top(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Refresh a view of the cluster every ``--interval`` seconds until Ctrl-C."""
+    from rich.console import Console
+    from rich.live import Live
+
+    clock = SystemClock()
+
+    async def watch(dsn: str) -> None:
+        async with engine_store(settings, dsn, "kaiju-tasks-cli") as store:
+
+            async def view() -> Any:
+                now = clock.now()
+                snapshot = await store.top(
+                    heard_since=now - timedelta(minutes=10), limit=args.limit
+                )
+                return _top_view(snapshot, now)
+
+            if args.once:
+                Console(width=160).print(await view())
+                return
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            with Live(await view(), auto_refresh=False) as live:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), args.interval)
+                    live.update(await view(), refresh=True)
+
+    with database(settings) as dsn:
+        asyncio.run(watch(dsn))
     return 0
 
 

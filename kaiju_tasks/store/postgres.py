@@ -291,6 +291,15 @@ class PostgresTaskStore(base.TaskStore):
         """Revoke an active token."""
         return await self._fetchrow("revoke_token", token_id, now)
 
+    async def top(self, *, heard_since: datetime, limit: int) -> dict[str, Any]:
+        """Executors heard from lately, running and waiting tasks, counts by app and status."""
+        row = await self._fetchrow("top", heard_since, limit)
+        assert row is not None
+        return {
+            key: orjson.loads(value) if isinstance(value, str) else value
+            for key, value in row.items()
+        }
+
     async def metrics(self, *, now: datetime, alive_since: datetime) -> Row:
         """Tasks by app and status, queue lag by app, live executors, events written."""
         row = await self._fetchrow("metrics", now, alive_since)

@@ -629,3 +629,21 @@ SELECT
     -- the identity's last value: unlike max(id), it never goes back when old events are pruned
     (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
         AS events;
+
+-- name: top
+-- What `kaiju-tasks top` shows: executors heard from since $1, tasks running or waiting
+-- (oldest first, at most $2), and task counts by app and status.
+SELECT
+    (SELECT coalesce(json_agg(w ORDER BY w.id), '[]') FROM (
+        SELECT e.id, e.host, e.apps, e.concurrency, e.heartbeat_at, e.stopped_at,
+               (SELECT count(*) FROM tasks t
+                WHERE t.status = 'EXECUTED' AND t.executor_id = e.id) AS running
+        FROM executors e WHERE e.heartbeat_at > $1) w) AS workers,
+    (SELECT coalesce(json_agg(r ORDER BY r.status_change), '[]') FROM (
+        SELECT id, app_name, status, stage, stages, executor_id, job_id, status_change,
+               wait_deadline
+        FROM tasks WHERE status IN ('EXECUTED', 'WAITING')
+        ORDER BY status_change LIMIT $2) r) AS tasks,
+    (SELECT coalesce(json_agg(c), '[]') FROM (
+        SELECT app_name, status, count(*) AS n FROM tasks GROUP BY 1, 2 ORDER BY 1, 2) c)
+        AS counts;

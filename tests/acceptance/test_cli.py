@@ -297,3 +297,40 @@ def test_events_limit_counts_only_the_printed_lines(dsn):
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip().endswith("ID=b1, STAGE=1/1)")
+
+
+def test_top_shows_executors_and_running_tasks(dsn):
+    executor = Running(
+        "--dsn",
+        dsn,
+        "executor",
+        "--id",
+        "top-ex",
+        "--methods",
+        "tests.acceptance.methods_for_cli:methods",
+        "--heartbeat",
+        "0.2",
+    )
+    try:
+        executor.wait_for("kaiju-tasks executor running")
+        body = json.dumps(
+            {"id": "slow-top", "commands": [{"method": "cli.slow", "params": {"seconds": 5}}]}
+        )
+        assert cli("--dsn", dsn, "task", "create", body).returncode == 0
+        deadline = time.monotonic() + 10
+        while True:
+            got = cli("--dsn", dsn, "task", "get", "slow-top", "--columns", "status", "--json")
+            if json.loads(got.stdout)["status"] == "EXECUTED":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        shown = cli("--dsn", dsn, "top", "--once")
+        assert shown.returncode == 0, shown.stderr
+        assert "top-ex" in shown.stdout
+        assert "slow-top" in shown.stdout
+        assert "EXECUTED" in shown.stdout
+        assert "1/1" in shown.stdout
+        assert "online" in shown.stdout
+    finally:
+        executor.interrupt()
+        executor.close()
