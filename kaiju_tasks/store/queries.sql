@@ -384,13 +384,20 @@ SELECT id, status, stage, executor_id FROM tasks WHERE id = ANY($1::text[]);
 -- name: queue_due
 -- Queue due tasks: IDLE ones (a new job_id unless a delayed retry kept one) and ended cron tasks
 -- at their next fire time (a fresh run: results cleared, new job_id).
-WITH due AS (
+-- Two scans, each served by its own partial index (tasks_next_run_idx, tasks_cron_next_run_idx).
+WITH idle AS (
     SELECT id FROM tasks
-    WHERE enabled AND next_run <= $1 AND status IN ('IDLE', 'FINISHED', 'FAILED')
-      AND (status = 'IDLE' OR cron IS NOT NULL)
+    WHERE status = 'IDLE' AND enabled AND next_run <= $1
     ORDER BY next_run
     LIMIT $2
     FOR UPDATE SKIP LOCKED),
+ended AS (
+    SELECT id FROM tasks
+    WHERE status IN ('FINISHED', 'FAILED') AND cron IS NOT NULL AND enabled AND next_run <= $1
+    ORDER BY next_run
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED),
+due AS (SELECT id FROM idle UNION ALL SELECT id FROM ended),
 done AS (
     UPDATE tasks t
     SET status = 'QUEUED',
