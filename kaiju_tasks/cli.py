@@ -297,15 +297,25 @@ def _pick(given: Any, configured: Any) -> Any:
 def _executor(
     settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any
 ) -> Executor:
+    apps, urls = _apps(settings, args.app)
+    return _build_executor(settings, store, dsn, apps, _load_methods(args.methods), urls, args)
+
+
+def _apps(settings: config.Settings, specs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """App names to serve and their URLs.
+
+    ``--app NAME[=URL]`` options, else ``[executor] apps``; URLs from ``[apps]``, overridden
+    by the options.
+    """
+    configured = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
     apps: list[str] = []
     urls = dict(settings.apps)
-    configured_apps = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
-    for spec in args.app or configured_apps:
+    for spec in specs or configured:
         name, _, url = spec.partition("=")
         apps.append(name)
         if url:
             urls[name] = url
-    return _build_executor(settings, store, dsn, apps, _load_methods(args.methods), urls, args)
+    return apps, urls
 
 
 def _build_executor(
@@ -507,14 +517,11 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
 
         await migrate.migrate(dsn)
         registry = _load_methods(args.methods)
-        configured = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
-        apps = [spec.partition("=")[0] for spec in args.app] or configured
+        apps, urls = _apps(settings, args.app)
         if args.demo:
             demo.register(registry)
             if demo.APP not in apps:
                 apps.append(demo.APP)
-        urls = dict(settings.apps)
-        urls.update({n: u for n, _, u in (s.partition("=") for s in args.app) if u})
         async with engine_store(settings, dsn, "kaiju-tasks-run") as store:
             tokens = TokenService(store)
             for old in await tokens.list():  # one live token per `run`, not one per start

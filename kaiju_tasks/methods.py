@@ -15,7 +15,7 @@ A method raises :class:`MethodError` to answer with a JSON-RPC error of its choo
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from kaiju_tasks import errors
@@ -117,7 +117,7 @@ class Methods:
         try:
             result = function(*bound.args, **bound.kwargs)
             if inspect.isawaitable(result):
-                result = await _awaited(result)
+                result = await result
         except MethodError as exc:
             raise errors.RemoteCallError(
                 exc.message, code=exc.code, data=exc.data, retryable=exc.retryable
@@ -125,7 +125,3 @@ class Methods:
         except Reject as exc:
             raise errors.StageRejected(exc.reason, requeue=exc.requeue) from exc
         return result
-
-
-async def _awaited(value: Awaitable[Any]) -> Any:
-    return await value

@@ -292,9 +292,10 @@ async def test_list_without_count(task_service, five):
     assert page["on_page"] == 1
 
 
-async def test_list_caps_limit_at_1000(task_service, five):
-    page = await task_service.list(limit=5000)
-    assert page["pages"] == 1  # 5 rows on pages of 1000
+async def test_list_caps_limit_at_1000(task_service):
+    await task_service.create([simple() for _ in range(1005)], columns=["id"])
+    page = await task_service.list(limit=5000, columns=["id"])
+    assert (page["on_page"], page["count"], page["pages"]) == (1000, 1005, 2)
 
 
 async def test_list_rejects_negative_offset_and_zero_limit(task_service):
