@@ -428,6 +428,7 @@ class _HttpServer:
         host, port = self._runner.addresses[0][:2]  # the real port when 0 was asked for
         self.url = f"http://{host}:{port}/public/rpc"
         print(f"kaiju-tasks API on {self.url}", flush=True)
+        print(f"dashboard on http://{host}:{port}/ (log in with an API token)", flush=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -460,14 +461,24 @@ def _api(
     )
 
 
+def _web_app(api: Any, store: Any, dsn: str) -> Any:
+    """The HTTP API with the dashboard at ``/``."""
+    from kaiju_tasks import dashboard
+    from kaiju_tasks.rpc import server as rpc_server
+
+    app = rpc_server.create_app(api)
+    data = dashboard.DashboardData(store.pool, dsn)
+    dashboard.setup(app, dashboard.Dashboard(api.tasks, api.tokens, data))
+    return app
+
+
 def _server(
     settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any
 ) -> _HttpServer:
     from kaiju_tasks.metrics import Metrics
-    from kaiju_tasks.rpc import server as rpc_server
 
     metrics = Metrics(store, dsn)
-    app = rpc_server.create_app(_api(store, methods.Methods(), settings, metrics))
+    app = _web_app(_api(store, methods.Methods(), settings, metrics), store, dsn)
     return _HttpServer(
         app,
         args.host or settings.server.host,
@@ -513,7 +524,6 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
 
     async def serve(dsn: str) -> None:
         from kaiju_tasks import demo
-        from kaiju_tasks.rpc import server as rpc_server
 
         await migrate.migrate(dsn)
         registry = _load_methods(args.methods)
@@ -531,7 +541,7 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
             from kaiju_tasks.metrics import Metrics
 
             metrics = Metrics(store, dsn)
-            app = rpc_server.create_app(_api(store, registry, settings, metrics))
+            app = _web_app(_api(store, registry, settings, metrics), store, dsn)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

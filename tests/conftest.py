@@ -2,8 +2,8 @@
 
 The server comes from ``KAIJU_TASKS_TEST_DSN`` when it is set, else from the embedded PostgreSQL
 the product itself uses (in its own data directory, kept between runs). A session fixture migrates
-``kaiju_tasks_test_template`` with our own runner; every test that needs a database gets a fresh
-copy of it, dropped afterwards.
+a template database (unique to the run and worker) with our own runner; every test that needs a
+database gets a fresh copy of it, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -48,10 +48,6 @@ def server_dsn() -> Iterator[str]:
         server.stop()
 
 
-def _template_name(worker_id: str) -> str:
-    return TEMPLATE if worker_id == "master" else f"{TEMPLATE}_{worker_id}"
-
-
 @pytest.fixture(scope="session")
 def worker_id(request: pytest.FixtureRequest) -> str:
     """The pytest-xdist worker id, or "master"."""
@@ -59,13 +55,18 @@ def worker_id(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-async def template_db(server_dsn: str, worker_id: str) -> str:
-    """Name of a freshly migrated template database."""
-    name = _template_name(worker_id)
-    await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+async def template_db(server_dsn: str, worker_id: str) -> AsyncIterator[str]:
+    """Name of a freshly migrated template database, unique to this run and worker.
+
+    Unique names let two test runs share one server without dropping each other's template.
+    """
+    name = f"{TEMPLATE}_{worker_id}_{uuid.uuid4().hex[:8]}"
     await _admin(server_dsn, f'CREATE DATABASE "{name}"')
-    await migrate.migrate(with_database(server_dsn, name))
-    return name
+    try:
+        await migrate.migrate(with_database(server_dsn, name))
+        yield name
+    finally:
+        await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _admin(server_dsn: str, statement: str) -> None:

@@ -42,6 +42,12 @@ def post(url, body, token=None):
         return json.loads(response.read())
 
 
+def _get(url, token):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
 class Running:
     """A long-running CLI subprocess whose stdout lines are collected."""
 
@@ -141,6 +147,9 @@ def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
             token,
         )
         assert created["result"]["status"] == "QUEUED"
+        dashboard = run.wait_for("dashboard on ").split()[0]
+        page = _get(dashboard + "tasks/slow", token)
+        assert "cli.slow" in page  # the dashboard is served next to the API
         deadline = time.monotonic() + 10
         while (
             post(

@@ -1,0 +1,318 @@
+"""The dashboard over plain HTTP: login, permissions, CSRF, escaping, headers, live stream,
+and the figures behind the overview (no browser needed; tests/browser drives the pages)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from kaiju_tasks import Caller, Task, TaskCommand, dashboard, methods
+from kaiju_tasks.dashboard.views import COOKIE, _csrf, _nice
+from kaiju_tasks.rpc import server as rpc_server
+from kaiju_tasks.service import NotificationService, TaskService, TokenService
+from kaiju_tasks.store import postgres
+from kaiju_tasks.testing import FrozenClock
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def app(store: postgres.PostgresEngineStore, dsn: str) -> web.Application:
+    async def health() -> dict[str, Any]:
+        return {"database": True}
+
+    tasks = TaskService(store)
+    tokens = TokenService(store)
+    api = rpc_server.Api(
+        tasks=tasks,
+        notifications=NotificationService(store),
+        tokens=tokens,
+        methods=methods.Methods(),
+        health=health,
+    )
+    created = rpc_server.create_app(api)
+    data = dashboard.DashboardData(store.pool, dsn)
+    dashboard.setup(created, dashboard.Dashboard(tasks, tokens, data))
+    return created
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, app: web.Application) -> Client:
+    made: Client = await aiohttp_client(app)
+    return made
+
+
+@pytest.fixture
+async def tokens(store: postgres.PostgresEngineStore) -> dict[str, str]:
+    service = TokenService(store)
+    return {
+        "system": (await service.create("root", ["system"]))["token"],
+        "alice": (await service.create("alice"))["token"],
+        "bob": (await service.create("bob"))["token"],
+    }
+
+
+def _cookie(token: str) -> dict[str, str]:
+    return {"Cookie": f"{COOKIE}={token}"}
+
+
+async def _create(
+    store: postgres.PostgresEngineStore, task: Task, caller: Caller | None = None
+) -> dict[str, Any]:
+    row = await TaskService(store).create(task, caller=caller or Caller.user("root", ["system"]))
+    assert isinstance(row, dict)
+    return row
+
+
+def _task(**fields: Any) -> Task:
+    return Task(app="shop", commands=[TaskCommand(method="shop.list")], **fields)
+
+
+async def test_pages_need_a_login(client: Client) -> None:
+    for path in ("/", "/tasks", "/workers", "/tasks/x"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 303
+        assert response.headers["Location"].startswith("/login?next=")
+    assert (await client.get("/tasks?partial=1", allow_redirects=False)).status == 401
+    assert (await client.get("/stream", allow_redirects=False)).status == 401
+    response = await client.post("/tasks/x/reset", data={"csrf": "x"}, allow_redirects=False)
+    assert response.status == 303  # to the login page; nothing was done
+
+
+async def test_login_sets_a_strict_http_only_cookie(client: Client, tokens: dict[str, str]) -> None:
+    response = await client.post(
+        "/login", data={"token": tokens["alice"], "next": "/tasks"}, allow_redirects=False
+    )
+    assert response.status == 303
+    assert response.headers["Location"] == "/tasks"
+    cookie = response.headers["Set-Cookie"]
+    assert f"{COOKIE}={tokens['alice']}" in cookie
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+
+    bad = await client.post("/login", data={"token": "kt_nope"}, allow_redirects=False)
+    assert bad.status == 401
+    assert "not valid" in await bad.text()
+    assert "Set-Cookie" not in bad.headers
+
+
+@pytest.mark.parametrize(
+    "target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:x"]
+)
+async def test_login_never_redirects_off_site(
+    client: Client, tokens: dict[str, str], target: str
+) -> None:
+    response = await client.post(
+        "/login", data={"token": tokens["alice"], "next": target}, allow_redirects=False
+    )
+    assert response.headers["Location"] == "/"
+
+
+async def test_a_bearer_header_works_like_the_cookie(
+    client: Client, tokens: dict[str, str]
+) -> None:
+    response = await client.get(
+        "/tasks", headers={"Authorization": f"Bearer {tokens['alice']}"}, allow_redirects=False
+    )
+    assert response.status == 200
+
+
+async def test_each_user_sees_only_their_own_tasks(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    alice = await _create(store, _task(description="alice's"), Caller.user("alice"))
+    bob = await _create(store, _task(description="bob's"), Caller.user("bob"))
+    page = await (await client.get("/tasks", headers=_cookie(tokens["alice"]))).text()
+    assert alice["id"] in page
+    assert bob["id"] not in page
+    other = await client.get(f"/tasks/{bob['id']}", headers=_cookie(tokens["alice"]))
+    assert other.status == 404
+    assert bob["id"] in await other.text()  # names what was asked for, shows nothing of it
+    assert "bob's" not in await other.text()
+    # Acting on someone else's task is refused and changes nothing.
+    csrf = _csrf(tokens["alice"])
+    refused = await client.post(
+        f"/tasks/{bob['id']}/cancel", data={"csrf": csrf}, headers=_cookie(tokens["alice"])
+    )
+    assert refused.status == 404
+    assert (await TaskService(store).get(bob["id"], ["status"]))["status"] == "QUEUED"
+    # Cluster-wide figures are for callers who may view others.
+    overview = await (await client.get("/", headers=_cookie(tokens["alice"]))).text()
+    assert "view_others" in overview
+    assert "throughput-chart" not in overview
+    system = await (await client.get("/", headers=_cookie(tokens["system"]))).text()
+    assert "throughput-chart" in system
+
+
+async def test_actions_need_the_form_token(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    task = await _create(store, _task())
+    url = f"/tasks/{task['id']}/cancel"
+    for form in ({}, {"csrf": ""}, {"csrf": _csrf(tokens["bob"])}):
+        response = await client.post(url, data=form, headers=_cookie(tokens["system"]))
+        assert response.status == 403
+    cross = await client.post(
+        url,
+        data={"csrf": _csrf(tokens["system"])},
+        headers={**_cookie(tokens["system"]), "Origin": "https://evil.example"},
+    )
+    assert cross.status == 403
+    assert (await TaskService(store).get(task["id"], ["status"]))["status"] == "QUEUED"
+
+    done = await client.post(
+        url,
+        data={"csrf": _csrf(tokens["system"])},
+        headers=_cookie(tokens["system"]),
+        allow_redirects=False,
+    )
+    assert done.status == 303
+    assert done.headers["Location"] == f"/tasks/{task['id']}?done=cancel"
+    assert (await TaskService(store).get(task["id"], ["status"]))["status"] == "FAILED"
+
+
+async def test_user_data_is_escaped(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    evil = "<script>alert(1)</script>"
+    task = await _create(
+        store,
+        Task(
+            app="<b>shop</b>",
+            description=evil,
+            kws={"x": evil},
+            commands=[TaskCommand(method="shop.list", params={"q": f"</pre>{evil}"})],
+        ),
+    )
+    for path in (f"/tasks/{task['id']}", "/tasks", f"/tasks?q={evil}", "/"):
+        body = await (await client.get(path, headers=_cookie(tokens["system"]))).text()
+        assert "<script>alert" not in body, path
+        assert "<b>shop</b>" not in body, path
+    body = await (
+        await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+    ).text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+
+
+async def test_pages_carry_security_headers(client: Client, tokens: dict[str, str]) -> None:
+    response = await client.get("/tasks", headers=_cookie(tokens["system"]))
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cache-Control"] == "no-store"
+    css = await client.get("/static/dashboard.css")
+    assert css.status == 200
+    assert "text/css" in css.headers["Content-Type"]
+
+
+async def test_bad_filters_are_explained(client: Client, tokens: dict[str, str]) -> None:
+    for query, text in (
+        ("since=yesterday", "not a date and time"),
+        ("status=BOGUS", "unknown status"),
+    ):
+        response = await client.get(f"/tasks?{query}", headers=_cookie(tokens["system"]))
+        assert response.status == 400
+        assert text in await response.text()
+    response = await client.get("/tasks?page=abc", headers=_cookie(tokens["system"]))
+    assert response.status == 200  # a nonsense page number shows the first page
+
+
+async def test_text_filter_treats_wildcards_literally(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    hit = await _create(store, _task(description="100% done"))
+    miss = await _create(store, _task(description="1000 done"))
+    body = await (await client.get("/tasks?q=100%25", headers=_cookie(tokens["system"]))).text()
+    assert hit["id"] in body
+    assert miss["id"] not in body
+
+
+async def _sse_events(response: Any, count: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while len(found) < count:
+        line = (await asyncio.wait_for(response.content.readline(), 10)).decode()
+        if line.startswith("data: "):
+            found.append(json.loads(line[6:]))
+    return found
+
+
+async def test_stream_sends_changes_live(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    system = await client.get("/stream", headers=_cookie(tokens["system"]))
+    alice = await client.get("/stream", headers=_cookie(tokens["alice"]))
+    assert system.headers["Content-Type"] == "text/event-stream"
+    assert (await system.content.readline()).startswith(b"retry:")
+    await asyncio.sleep(0.3)  # the follower starts from "now"
+    task = await _create(store, _task())
+    [event] = await _sse_events(system, 1)
+    assert event["type"] == "task-sent"
+    assert event["task_id"] == task["id"]
+    [hidden] = await _sse_events(alice, 1)
+    assert hidden == {"type": "change"}  # what changed is not told to a user who can't see it
+    system.close()
+    alice.close()
+
+
+async def test_partial_returns_only_the_live_part(client: Client, tokens: dict[str, str]) -> None:
+    body = await (await client.get("/tasks?partial=1", headers=_cookie(tokens["system"]))).text()
+    assert "<html" not in body
+    assert 'data-testid="tasks"' in body
+
+
+async def test_throughput_counts_per_minute(store: postgres.PostgresEngineStore, dsn: str) -> None:
+    now = datetime(2026, 5, 1, 12, 30, 20, tzinfo=UTC)
+    rows = [
+        ("task-succeeded", now - timedelta(minutes=1, seconds=5)),  # 12:29
+        ("task-succeeded", now - timedelta(minutes=1, seconds=10)),  # 12:29
+        ("task-failed", now - timedelta(seconds=10)),  # 12:30
+        ("task-revoked", now - timedelta(seconds=15)),  # 12:30
+        ("task-succeeded", now - timedelta(minutes=61)),  # outside the hour
+        ("task-started", now - timedelta(seconds=5)),  # not an end
+        ("task-succeeded", now + timedelta(seconds=5)),  # after now
+    ]
+    async with store.pool.acquire() as connection:
+        await connection.executemany(
+            "INSERT INTO events (type, task_id, created) VALUES ($1, 't', $2)", rows
+        )
+    series = await dashboard.DashboardData(store.pool).throughput(now)
+    assert len(series) == 60
+    assert series[-1]["minute"] == datetime(2026, 5, 1, 12, 30, tzinfo=UTC)
+    assert series[0]["minute"] == datetime(2026, 5, 1, 11, 31, tzinfo=UTC)
+    assert (series[-2]["finished"], series[-2]["failed"]) == (2, 0)
+    assert (series[-1]["finished"], series[-1]["failed"]) == (0, 2)
+    assert sum(s["finished"] for s in series) == 2
+
+
+async def test_queues_and_status_counts(store: postgres.PostgresEngineStore) -> None:
+    for _ in range(3):
+        await _create(store, _task())
+    await _create(store, Task(app="other", commands=[TaskCommand(method="m")]))
+    data = dashboard.DashboardData(store.pool)
+    clock = FrozenClock()
+    queues = {q["app_name"]: q for q in await data.queues(clock.now() + timedelta(seconds=30))}
+    assert queues["shop"]["queued"] == 3
+    assert queues["other"]["queued"] == 1
+    assert queues["shop"]["lag"] > 0
+    assert (await data.status_counts()) == {"QUEUED": 4}
+
+
+def test_chart_scale_is_a_round_number() -> None:
+    assert [_nice(v) for v in (1, 2, 3, 7, 10, 11, 99, 101, 4500)] == [
+        1,
+        2,
+        5,
+        10,
+        10,
+        20,
+        100,
+        200,
+        5000,
+    ]
