@@ -135,7 +135,7 @@ class DashboardData:
 class EventHub:
     """One EventReceiver per server, fanned out to every open live-update stream.
 
-    The receiver starts with the first subscriber and follows from "now"; each subscriber
+    The receiver starts with the server and follows from "now"; each subscriber
     gets a bounded queue, and a subscriber too slow to keep up loses events rather than
     holding memory (its page then refreshes on the next event anyway).
     """
@@ -152,12 +152,20 @@ class EventHub:
         """A queue of events from now on, for as long as the context lasts (None: closing)."""
         queue: asyncio.Queue[monitor.Event | None] = asyncio.Queue(self.QUEUE_SIZE)
         self._subscribers.add(queue)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._follow(), name="kaiju-tasks-dashboard-events")
+        self.start()
         try:
             yield queue
         finally:
             self._subscribers.discard(queue)
+
+    def start(self) -> None:
+        """Follow events from now on.
+
+        The server starts this with itself, so that a page rendered before its stream connected
+        misses nothing: it refreshes once connected, and every later event reaches it.
+        """
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._follow(), name="kaiju-tasks-dashboard-events")
 
     async def _follow(self) -> None:
         receiver = monitor.EventReceiver(self.dsn, poll_interval=timedelta(seconds=1))

@@ -96,6 +96,7 @@ def setup(app: web.Application, dashboard: Dashboard) -> None:
     app.router.add_get("/stream", _stream)
     app.router.add_static("/static", _static_dir(), name="static", append_version=True)
     app.on_response_prepare.append(_security_headers)
+    app.on_startup.append(_start)
     app.on_shutdown.append(_close)
 
 
@@ -103,6 +104,12 @@ def _static_dir() -> str:
     from importlib import resources
 
     return str(resources.files("kaiju_tasks.dashboard") / "static")
+
+
+async def _start(app: web.Application) -> None:
+    hub = app[DASHBOARD_KEY].data.hub
+    if hub is not None:
+        hub.start()
 
 
 async def _close(app: web.Application) -> None:
@@ -385,6 +392,9 @@ async def _task_page(
 ) -> web.Response:
     dashboard = request.app[DASHBOARD_KEY]
     task_id = request.match_info["id"]
+    # Events first, then the task: each event is written with its transition, so the task read
+    # afterwards is at least as new as the timeline (never a failure listed on a running task).
+    timeline = await dashboard.data.timeline(task_id)
     try:
         task = await dashboard.tasks.get(task_id, caller=caller)
     except (errors.TaskNotFound, errors.ValidationError):
@@ -403,7 +413,6 @@ async def _task_page(
             "cancel": "Task cancelled.",
             "message": "Message delivered.",
         }[done]
-    timeline = await dashboard.data.timeline(task["id"])
     tree = await _tree(dashboard, task, caller)
     context = {
         "task": task,
@@ -613,11 +622,13 @@ async def _stream(request: web.Request, caller: models.Caller, token: str) -> we
             "X-Accel-Buffering": "no",
         }
     )
-    await response.prepare(request)
-    await response.write(b"retry: 2000\n: connected\n\n")
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     async with hub.subscribe() as queue:
+        # Subscribed before the client hears "open": a page refreshes once on open, so what
+        # happened between its rendering and now is shown, and everything later arrives here.
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n: connected\n\n")
         while not _gone(request):
             try:
                 event = await asyncio.wait_for(queue.get(), 1.0)

@@ -40,4 +40,7 @@ def test_wheel_contains_every_package_migration_and_query_file(tmp_path):
     for migration in (ROOT / "migrations").glob("*.sql"):
         assert f"kaiju_tasks/migrations/{migration.name}" in names
     assert "kaiju_tasks/store/queries.sql" in names
+    dashboard = ROOT / "kaiju_tasks" / "dashboard"
+    for asset in [*(dashboard / "templates").iterdir(), *(dashboard / "static").iterdir()]:
+        assert str(asset.relative_to(ROOT)) in names, asset.name
     assert "kaiju_tasks/py.typed" in names

@@ -160,9 +160,9 @@ async def page(context: BrowserContext) -> AsyncIterator[Page]:
     assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
-async def screenshot(page: Page, name: str) -> Path:
-    """Save a full-page screenshot as a test artefact; return its path."""
+async def screenshot(page: Page, name: str, *, full_page: bool = True) -> Path:
+    """Save a screenshot (of the whole page by default) as a test artefact; return its path."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=full_page)
     return path

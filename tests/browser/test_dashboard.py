@@ -188,7 +188,7 @@ async def test_tasks_table_filters_and_pages(page: Page, site: Site) -> None:
     await expect(page.get_by_role("alert")).to_contain_text("not a date and time")
 
     await page.goto(site.url + "/tasks?app=billing")
-    await screenshot(page, "dashboard-tasks")
+    await screenshot(page, "dashboard-tasks", full_page=False)
     # Live: a new task shows at the top of the table without a reload.
     await _no_reload_marker(page)
     await _create(
@@ -375,3 +375,20 @@ async def test_user_sees_only_their_tasks(browser: Browser, site: Site) -> None:
         await expect(page.get_by_text("view_others")).to_be_visible()
     finally:
         await context.close()
+
+
+async def test_every_page_passes_an_accessibility_check(page: Page, site: Site) -> None:
+    """axe-core (the engine behind Lighthouse's accessibility audit) finds no violation."""
+    from axe_playwright_python.async_playwright import Axe
+
+    task = await _create(site, _pipeline())
+    await _ended(site, task["id"])
+    axe = Axe()
+    found: dict[str, list[str]] = {}
+    for path in ("/", "/tasks", f"/tasks/{task['id']}", "/workers", "/login"):
+        await page.goto(site.url + path)
+        results = await axe.run(page)
+        violations = results.response["violations"]
+        if violations:
+            found[path] = [f"{v['id']}: {v['help']} ({len(v['nodes'])})" for v in violations]
+    assert found == {}

@@ -68,7 +68,10 @@
   }
 
   var source = new EventSource("/stream");
-  source.addEventListener("open", function () { say("live", true); });
+  source.addEventListener("open", function () {
+    say("live", true);
+    schedule(); // whatever changed between rendering this page and connecting
+  });
   source.addEventListener("error", function () { say("live · reconnecting", false); });
   source.addEventListener("change", function (message) {
     var event;
