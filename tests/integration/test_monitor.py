@@ -147,45 +147,68 @@ async def test_an_event_of_a_transaction_still_running_is_not_skipped(store, dsn
 async def test_state_matches_the_database_after_a_run_with_failures_and_retries(
     task_service, store, registry, clock, dsn, pool
 ):
-    tasks = [Task(commands=[TaskCommand(method="ok", params={"n": i})]) for i in range(200)]
+    """1,000 tasks: successes, retries that then succeed, failures after retries, rejects.
+
+    One State follows live (an EventReceiver during the run), another is rebuilt from the
+    events table afterwards; both must agree with the tasks table.
+    """
+    tasks = [Task(commands=[TaskCommand(method="ok", params={"n": i})]) for i in range(700)]
     tasks += [
         Task(
             commands=[TaskCommand(method="flaky", params={"key": f"r{i}", "fails": 1})],
             max_retries=2,
         )
-        for i in range(50)
+        for i in range(150)
     ]
     tasks += [
         Task(
             commands=[TaskCommand(method="flaky", params={"key": f"f{i}", "fails": 9})],
             max_retries=1,
         )
-        for i in range(30)
+        for i in range(100)
     ]
-    tasks += [Task(commands=[TaskCommand(method="reject")]) for _ in range(20)]
+    tasks += [Task(commands=[TaskCommand(method="reject")]) for _ in range(50)]
+    live = State()
+    receiver = EventReceiver(
+        dsn, {"*": live.event}, after_id=0, poll_interval=timedelta(milliseconds=100)
+    )
+    capture = asyncio.create_task(receiver.capture())
     async with Executor(store, methods=registry, clock=clock, dsn=dsn):
         created = await task_service.create(tasks, columns=["id"])
+        assert len(created) == 1000
 
         async def ended():
             page = await task_service.list(conditions={"status": ["FINISHED", "FAILED"]}, limit=1)
             return page["count"] == len(created)
 
         await _until(ended)
-    state = State()
-    applied = await state.rebuild(dsn)
-    assert applied == await pool.fetchval("SELECT count(*) FROM events")
-    rows = await pool.fetch("SELECT id, status, job_id, stage, retries FROM tasks")
-    assert len(state.tasks) == len(rows)
-    for row in rows:
-        task = state.tasks[row["id"]]
-        assert (task.status, task.job_id) == (row["status"], row["job_id"])
-        if row["status"] == "FINISHED":
-            assert task.times["succeeded"] >= task.times["started"] >= task.times["sent"]
-            assert task.runtime is not None
-        if row["retries"]:
-            assert "retried" in task.times
-    assert sum(1 for t in state.tasks.values() if "rejected" in t.times) == 20
-    assert all(w.online is False for w in state.workers.values())  # the executor stopped
+    total = await pool.fetchval("SELECT count(*) FROM events")
+    await _until(lambda: live.event_count >= total)
+    await _stop(capture)
+    rebuilt = State()
+    applied = await rebuilt.rebuild(dsn)
+    assert applied == total
+    assert live.event_count == total
+    rows = await pool.fetch("SELECT id, status, job_id, stage, retries, exit_code FROM tasks")
+    for state in (live, rebuilt):
+        assert len(state.tasks) == len(rows) == 1000
+        for row in rows:
+            task = state.tasks[row["id"]]
+            assert (task.status, task.job_id) == (row["status"], row["job_id"])
+            # Events name the stage they happened at; a finished row's stage is one past the last.
+            assert task.stage == (row["stage"] - 1 if row["status"] == "FINISHED" else row["stage"])
+            if row["status"] == "FINISHED":
+                assert task.times["succeeded"] >= task.times["started"] >= task.times["sent"]
+                assert task.runtime is not None
+            else:
+                assert task.error is not None
+            if row["retries"]:
+                assert "retried" in task.times
+        assert sum(1 for t in state.tasks.values() if t.status == "FINISHED") == 850
+        assert sum(1 for t in state.tasks.values() if t.status == "FAILED") == 150
+        assert sum(1 for t in state.tasks.values() if "rejected" in t.times) == 50
+        assert sum(1 for t in state.tasks.values() if "retried" in t.times) == 250
+        assert all(w.online is False for w in state.workers.values())  # the executor stopped
 
 
 def test_state_memory_is_bounded():
