@@ -21,15 +21,19 @@ from kaiju_tasks import monitor
 
 logger = logging.getLogger(__name__)
 
-TIMELINE_LIMIT = 500  # events shown on a task page, oldest first
+TIMELINE_LIMIT = 500  # the newest events shown on a task page
 CHART_MINUTES = 60
 
+# The newest $2 events of a task, shown oldest first (a cron task's early runs drop off first).
 _TIMELINE = """
-SELECT e.id, e.type, e.status, e.stage, e.executor_id, e.created, e.data
-FROM events e
-WHERE e.task_id = $1
-ORDER BY e.id
-LIMIT $2
+SELECT * FROM (
+    SELECT e.id, e.type, e.status, e.stage, e.executor_id, e.created, e.data
+    FROM events e
+    WHERE e.task_id = $1
+    ORDER BY e.id DESC
+    LIMIT $2
+) newest
+ORDER BY id
 """
 
 # Finished and failed tasks per minute over the last hour ($1 = now), from the events table.
@@ -84,7 +88,7 @@ class DashboardData:
         self.hub = EventHub(dsn) if dsn else None
 
     async def timeline(self, task_id: str) -> list[dict[str, Any]]:
-        """The events of one task, oldest first."""
+        """The newest ``TIMELINE_LIMIT`` events of one task, oldest first."""
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(_TIMELINE, task_id, TIMELINE_LIMIT)
         return [dict(r) for r in rows]

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import errors, models, templates
-from kaiju_tasks.dashboard.data import DashboardData
+from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData
 from kaiju_tasks.service import TaskService, TokenService
 
 logger = logging.getLogger(__name__)
@@ -275,8 +275,14 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+SHOWN_JSON = 100_000  # characters of one value shown on a page; the API has the rest
+
+
 def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str, sort_keys=False)
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    if len(text) <= SHOWN_JSON:
+        return text
+    return f"{text[:SHOWN_JSON]}\n… (cut: {len(text):,} characters in all; tasks.get has the rest)"
 
 
 def _stage(task: Mapping[str, Any]) -> str:
@@ -418,6 +424,7 @@ async def _task_page(
         "task": task,
         "stages": _stages(task, dashboard.clock.now()),
         "timeline": timeline,
+        "timeline_cut": len(timeline) >= TIMELINE_LIMIT,
         "tree": tree,
         "tree_ids": [node["task"]["id"] for node in _walk(tree)],
         "notice": notice,

@@ -43,7 +43,9 @@ async def app(store: postgres.PostgresEngineStore, dsn: str) -> web.Application:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, app: web.Application) -> Client:
+async def client(app: web.Application, aiohttp_client: Any) -> Client:
+    # ``app`` first: fixtures tear down in reverse, so the server (and its event follower)
+    # stops before the database it follows is dropped.
     made: Client = await aiohttp_client(app)
     return made
 
@@ -316,3 +318,32 @@ def test_chart_scale_is_a_round_number() -> None:
         200,
         5000,
     ]
+
+
+async def test_huge_results_are_cut_on_the_page(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    task = await _create(store, _task(kws={"blob": "x" * 300_000}))
+    response = await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+    body = await response.text()
+    assert response.status == 200
+    assert "characters in all; tasks.get has the rest" in body
+    assert len(body) < 200_000
+
+
+async def test_timeline_shows_the_newest_events(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    task = await _create(store, _task())
+    async with store.pool.acquire() as connection:
+        await connection.executemany(
+            "INSERT INTO events (type, task_id, created, data) VALUES ('task-note', $1, now(), $2)",
+            [(task["id"], {"n": n}) for n in range(600)],
+        )
+    body = await (
+        await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+    ).text()
+    assert "The newest 500 events" in body
+    assert "{\"n\": 599}" in body
+    assert "{\"n\": 99}" not in body
+    assert body.index("{\"n\": 100}") < body.index("{\"n\": 599}")
