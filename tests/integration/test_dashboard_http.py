@@ -344,6 +344,6 @@ async def test_timeline_shows_the_newest_events(
         await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
     ).text()
     assert "The newest 500 events" in body
-    assert "{\"n\": 599}" in body
-    assert "{\"n\": 99}" not in body
-    assert body.index("{\"n\": 100}") < body.index("{\"n\": 599}")
+    assert '{"n": 599}' in body
+    assert '{"n": 99}' not in body
+    assert body.index('{"n": 100}') < body.index('{"n": 599}')
