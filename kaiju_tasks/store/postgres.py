@@ -7,11 +7,12 @@ connection); user-driven listings are compiled from ``tables.py`` with every val
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -35,12 +36,36 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+_JSONB_VERSION = b"\x01"
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    # jsonb's binary format is a version byte followed by the JSON text.
+    return _JSONB_VERSION + orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    if data[:1] != _JSONB_VERSION:
+        raise ValueError(f"unsupported jsonb format version {data[:1]!r}")
+    return orjson.loads(memoryview(data)[1:])
+
+
 async def init_connection(connection: asyncpg.Connection) -> None:
-    """Decode json/jsonb columns to Python values and encode Python values to JSON."""
-    for name in ("json", "jsonb"):
-        await connection.set_type_codec(
-            name, encoder=_json_dumps, decoder=orjson.loads, schema="pg_catalog"
-        )
+    """Decode json/jsonb columns to Python values and encode Python values to JSON.
+
+    jsonb travels in its binary format (a version byte and the same JSON text), which binary
+    ``COPY`` needs (see :meth:`PostgresTaskStore.insert_tasks`); the values are the same.
+    """
+    await connection.set_type_codec(
+        "json", encoder=_json_dumps, decoder=orjson.loads, schema="pg_catalog"
+    )
+    await connection.set_type_codec(
+        "jsonb",
+        encoder=_jsonb_encode,
+        decoder=_jsonb_decode,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 async def create_pool(
@@ -107,6 +132,191 @@ def _row(record: asyncpg.Record | None) -> Row | None:
     return dict(record) if record is not None else None
 
 
+# -- bulk insert through COPY --------------------------------------------------------------------
+
+COPY_MIN_ROWS = 64
+"""From this many rows on, ``insert_tasks`` writes with binary COPY instead of one INSERT."""
+
+_QUEUED = "QUEUED"
+_TASK_SENT = "task-sent"
+_COPY_TASK_COLUMNS = (
+    "id", "app_name", "commands", "kws", "enabled", "cron", "max_exec_timeout", "max_retries",
+    "restart_policy", "retry_delay", "next_task", "notify", "system", "description", "meta",
+    "priority", "status", "stages", "job_id", "user_id", "created", "queued_at", "exec_deadline",
+    "next_run", "status_change", "expires_at", "parent_id", "root_id",
+)  # fmt: skip
+_COPY_EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
+
+
+class _Reread(Exception):
+    """A JSON value whose stored form is left to PostgreSQL to say."""
+
+
+def _jsonb_key(key: str) -> tuple[int, bytes]:
+    encoded = key.encode()
+    return len(encoded), encoded
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+"""jsonb's order of the keys of objects seen, by their order in the Python dict."""
+_KEY_ORDERS_MAX = 4096
+
+
+def _as_jsonb(value: Any) -> Any:
+    """Return ``value`` as jsonb gives it back: object keys shortest first, then bytewise.
+
+    Numbers other than integers (floats are rewritten by jsonb's ``numeric``) and any type that
+    is not plain JSON raise :class:`_Reread`.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        if len(value) < 2:
+            return {k: v if type(v) in _SCALARS else _as_jsonb(v) for k, v in value.items()}
+        keys = tuple(value)
+        order = _KEY_ORDERS.get(keys)
+        if order is None:
+            order = tuple(sorted(keys, key=_jsonb_key))
+            if len(_KEY_ORDERS) < _KEY_ORDERS_MAX:
+                _KEY_ORDERS[keys] = order
+        return {k: v if type(v := value[k]) in _SCALARS else _as_jsonb(v) for k in order}
+    if kind is list:
+        return [v if type(v) in _SCALARS else _as_jsonb(v) for v in value]
+    raise _Reread
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)
+
+
+def _stored_task(row: Mapping[str, Any]) -> tuple[Row, bool]:
+    """The row ``RETURNING *`` would give for a new task, and whether to read its JSON back."""
+    created = _utc(row["created"])
+    reread = False
+    try:
+        commands = _as_jsonb(row["commands"])
+        kws = _as_jsonb(row["kws"])
+        meta = _as_jsonb(row["meta"])
+    except _Reread:
+        commands, kws, meta, reread = row["commands"], row["kws"], row["meta"], True
+    stored = {
+        "id": row["id"],
+        "app_name": row["app_name"],
+        "commands": commands,
+        "kws": kws,
+        "enabled": row["enabled"],
+        "cron": row["cron"],
+        "max_exec_timeout": row["max_exec_timeout"],
+        "max_retries": row["max_retries"],
+        "retries": 0,
+        "restart_policy": row["restart_policy"],
+        "retry_delay": row["retry_delay"],
+        "next_task": row["next_task"],
+        "notify": row["notify"],
+        "system": row["system"],
+        "description": row["description"],
+        "meta": meta,
+        "priority": row["priority"],
+        "status": row["status"],
+        "stage": 0,
+        "stages": row["stages"],
+        "result": [],
+        "error": None,
+        "exit_code": None,
+        "job_id": row["job_id"],
+        "user_id": row["user_id"],
+        "executor_id": None,
+        "created": created,
+        "queued_at": _utc(row["queued_at"]),
+        "exec_deadline": _utc(row["exec_deadline"]),
+        "wait_deadline": None,
+        "next_run": _utc(row["next_run"]),
+        "status_change": created,
+        "expires_at": _utc(row["expires_at"]),
+        "parent_id": row["parent_id"],
+        "root_id": row["root_id"],
+        "requeues": 0,
+        "claim_id": None,
+    }
+    return stored, reread
+
+
+_RECORDS_CHUNK = 1000
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector over a synchronous loop (no await, no yield inside).
+
+    Converting a chunk of rows allocates objects that all stay alive, so collections would
+    free nothing while walking the whole heap (see ``kaiju_tasks.service._gc_paused``).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _task_records(
+    rows: Sequence[Mapping[str, Any]], stored: list[Row], reread: list[int]
+) -> Iterator[tuple[Any, ...]]:
+    """COPY records of ``rows``; fills ``stored`` (and ``reread``) as COPY consumes them.
+
+    A generator converting a chunk at a time, so that the server inserts the rows of one chunk
+    while the next is converted.
+    """
+    for start in range(0, len(rows), _RECORDS_CHUNK):
+        with _gc_paused():
+            chunk = [_task_record(row) for row in rows[start : start + _RECORDS_CHUNK]]
+            for i, row in enumerate(rows[start : start + _RECORDS_CHUNK], start):
+                as_stored, again = _stored_task(row)
+                stored.append(as_stored)
+                if again:
+                    reread.append(i)
+        yield from chunk
+
+
+def _task_record(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["id"],
+        row["app_name"],
+        row["commands"],
+        row["kws"],
+        row["enabled"],
+        row["cron"],
+        row["max_exec_timeout"],
+        row["max_retries"],
+        row["restart_policy"],
+        row["retry_delay"],
+        row["next_task"],
+        row["notify"],
+        row["system"],
+        row["description"],
+        row["meta"],
+        row["priority"],
+        row["status"],
+        row["stages"],
+        row["job_id"],
+        row["user_id"],
+        row["created"],
+        row["queued_at"],
+        row["exec_deadline"],
+        row["next_run"],
+        row["created"],  # status_change
+        row["expires_at"],
+        row["parent_id"],
+        row["root_id"],
+    )
+
+
 class PostgresTaskStore(base.TaskStore):
     """The TaskStore on PostgreSQL via an asyncpg pool."""
 
@@ -126,12 +336,52 @@ class PostgresTaskStore(base.TaskStore):
     # -- tasks --------------------------------------------------------------------------------
 
     async def insert_tasks(self, rows: Sequence[Mapping[str, Any]]) -> list[Row]:
-        """Insert complete task rows in one statement; return them as stored."""
+        """Insert complete task rows in one transaction; return them as stored.
+
+        Each queued task gets a ``task-sent`` event, and the executors of its app are woken
+        (``NOTIFY kaiju_tasks_queued``) when the transaction commits. Up to
+        :data:`COPY_MIN_ROWS` - 1 rows go in one ``INSERT`` statement that returns them; more
+        go through binary ``COPY`` (tasks, then events) in one transaction, and the rows are
+        returned as PostgreSQL would return them without being read back (see
+        :func:`_stored_task`).
+        """
         if not rows:
             return []
-        async with self._connection() as connection:
-            records = await connection.fetch(QUERIES["insert_tasks"], list(rows))
-        return [dict(r) for r in records]
+        if len(rows) < COPY_MIN_ROWS:
+            async with self._connection() as connection:
+                records = await connection.fetch(QUERIES["insert_tasks"], list(rows))
+            return [dict(r) for r in records]
+        stored: list[Row] = []
+        reread: list[int] = []  # rows whose JSON PostgreSQL may write differently
+        async with self._connection() as connection, connection.transaction():
+            try:
+                await connection.copy_records_to_table(
+                    "tasks",
+                    records=_task_records(rows, stored, reread),
+                    columns=_COPY_TASK_COLUMNS,
+                )
+            except orjson.JSONEncodeError as exc:
+                raise errors.ValidationError(f"invalid JSON value: {exc}") from None
+            queued = [row for row in rows if row["status"] == _QUEUED]
+            if queued:
+                await connection.copy_records_to_table(
+                    "events",
+                    records=[
+                        (_TASK_SENT, row["id"], row["job_id"], _QUEUED, 0, row["created"])
+                        for row in queued
+                    ],
+                    columns=_COPY_EVENT_COLUMNS,
+                )
+                apps = sorted({row["app_name"] for row in queued})
+                await connection.fetchval(QUERIES["notify_queued"], apps)
+            if reread:
+                records = await connection.fetch(
+                    QUERIES["task_json"], [stored[i]["id"] for i in reread]
+                )
+                by_id = {r["id"]: r for r in records}
+                for i in reread:
+                    stored[i].update(by_id[stored[i]["id"]])
+        return stored
 
     async def insert_full(self, row: Mapping[str, Any]) -> Row:
         """Insert a task row in any state, columns as given (for tests and repairs)."""

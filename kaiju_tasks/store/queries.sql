@@ -31,6 +31,10 @@ wake AS (
     FROM (SELECT DISTINCT app_name FROM created WHERE status = 'QUEUED') a)
 SELECT created.* FROM created, (SELECT count(*) FROM wake) w;
 
+-- name: task_json
+-- The JSON columns of tasks just written by COPY, as stored (see PostgresTaskStore.insert_tasks).
+SELECT id, commands, kws, meta FROM tasks WHERE id = ANY($1::text[]);
+
 -- name: get_task
 -- One task by id.
 SELECT * FROM tasks WHERE id = $1;
