@@ -793,7 +793,8 @@ def _top(settings: config.Settings, args: argparse.Namespace) -> int:
             with Live(await view(), auto_refresh=False) as live:
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), args.interval)
+                        async with asyncio.timeout(args.interval):
+                            await stop.wait()
                     live.update(await view(), refresh=True)
 
     with database(settings) as dsn:

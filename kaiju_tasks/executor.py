@@ -232,8 +232,9 @@ class Executor:
                 claimed = 0
             if claimed and self.active < self.concurrency + self.prefetch:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval.total_seconds())
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout never loses a cancel
+                async with asyncio.timeout(self.poll_interval.total_seconds()):
+                    await self._wake.wait()
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -62,6 +62,8 @@ class EventReceiver:
         self.batch = batch
         self.cursor: tuple[str, int] | None = None
         self.last_id: int | None = None
+        self.ready = asyncio.Event()
+        """Set once the receiver listens and knows where it starts."""
         self._wake = asyncio.Event()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
@@ -74,6 +76,7 @@ class EventReceiver:
             await listener.start()
             if self.cursor is None and self.after_id != 0:
                 self.cursor = await store.event_cursor(self.after_id)
+            self.ready.set()  # listening and placed: every later event will be read
             while True:
                 self._wake.clear()
                 try:
@@ -90,8 +93,11 @@ class EventReceiver:
                     yield event
                 if len(events) == self.batch:
                     continue
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that lands as the wait ends, and the loop would go on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval.total_seconds())
+                    async with asyncio.timeout(self.poll_interval.total_seconds()):
+                        await self._wake.wait()
         finally:
             await listener.stop()
             await pool.close()
@@ -132,7 +138,8 @@ class EventReceiver:
                     return
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run(), timeout)
+            async with asyncio.timeout(timeout):
+                await run()
         return count
 
 

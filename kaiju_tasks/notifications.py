@@ -45,7 +45,8 @@ class Listener:
         """Connect and listen; returns once listening (or after the first failed attempt)."""
         self._task = asyncio.create_task(self._keep_listening(), name="kaiju-tasks-listener")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), timeout=5)
+            async with asyncio.timeout(5):
+                await self.connected.wait()
 
     async def stop(self) -> None:
         """Stop listening and close the connection."""

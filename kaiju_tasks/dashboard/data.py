@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 TIMELINE_LIMIT = 500  # the newest events shown on a task page
 CHART_MINUTES = 60
+CLOCK_SKEW = timedelta(minutes=5)  # how far behind another host's clock may be
+CLOSE_WITHIN = 5.0  # seconds the event follower gets to stop with the server
 
 # The newest $2 events of a task, shown oldest first (a cron task's early runs drop off first).
 _TIMELINE = """
 SELECT * FROM (
     SELECT e.id, e.type, e.status, e.stage, e.executor_id, e.created, e.data
     FROM events e
-    WHERE e.task_id = $1
+    WHERE e.task_id = $1 AND e.created >= $3
     ORDER BY e.id DESC
     LIMIT $2
 ) newest
@@ -87,10 +89,13 @@ class DashboardData:
         self.dsn = dsn
         self.hub = EventHub(dsn) if dsn else None
 
-    async def timeline(self, task_id: str) -> list[dict[str, Any]]:
-        """The newest ``TIMELINE_LIMIT`` events of one task, oldest first."""
+    async def timeline(self, task_id: str, since: datetime | str) -> list[dict[str, Any]]:
+        """The newest ``TIMELINE_LIMIT`` events of one task written since ``since``."""
+        if isinstance(since, str):
+            since = datetime.fromisoformat(since)
+        since -= CLOCK_SKEW  # events are stamped by the clocks of other processes and hosts
         async with self.pool.acquire() as connection:
-            rows = await connection.fetch(_TIMELINE, task_id, TIMELINE_LIMIT)
+            rows = await connection.fetch(_TIMELINE, task_id, TIMELINE_LIMIT, since)
         return [dict(r) for r in rows]
 
     async def throughput(self, now: datetime, minutes: int = CHART_MINUTES) -> list[dict[str, Any]]:
@@ -111,6 +116,14 @@ class DashboardData:
                 }
             )
         return series
+
+    async def owner(self, task_id: str) -> str | None:
+        """The user who owns a task (None: a system task, or no such task)."""
+        async with self.pool.acquire() as connection:
+            owner: str | None = await connection.fetchval(
+                "SELECT user_id FROM tasks WHERE id = $1", task_id
+            )
+        return owner
 
     async def queues(self, now: datetime) -> list[dict[str, Any]]:
         """Per app: QUEUED, EXECUTED and WAITING counts and the oldest QUEUED task's age."""
@@ -150,6 +163,8 @@ class EventHub:
         self.dsn = dsn
         self._subscribers: set[asyncio.Queue[monitor.Event | None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.receiver: monitor.EventReceiver | None = None
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[monitor.Event | None]]:
@@ -168,11 +183,13 @@ class EventHub:
         The server starts this with itself, so that a page rendered before its stream connected
         misses nothing: it refreshes once connected, and every later event reaches it.
         """
-        if self._task is None or self._task.done():
+        if not self._closed and (self._task is None or self._task.done()):
+            self.receiver = monitor.EventReceiver(self.dsn, poll_interval=timedelta(seconds=1))
             self._task = asyncio.create_task(self._follow(), name="kaiju-tasks-dashboard-events")
 
     async def _follow(self) -> None:
-        receiver = monitor.EventReceiver(self.dsn, poll_interval=timedelta(seconds=1))
+        receiver = self.receiver
+        assert receiver is not None
         while True:
             try:
                 async for event in receiver:
@@ -190,11 +207,17 @@ class EventHub:
 
     async def close(self) -> None:
         """Stop following events and tell every subscriber (with None) that it ends."""
+        self._closed = True
         for queue in list(self._subscribers):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
+            while not queue.empty():  # make room: the end matters more than what it missed
+                queue.get_nowait()
+            queue.put_nowait(None)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WITHIN)
+            if not done:
+                logger.warning(
+                    "Dashboard event follower did not stop in time",
+                    extra={"event": "dashboard_events_stuck"},
+                )
             self._task = None

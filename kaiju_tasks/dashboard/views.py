@@ -24,7 +24,7 @@ import jinja2
 from aiohttp import web
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import errors, models, templates
+from kaiju_tasks import conditions, errors, models, templates
 from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData
 from kaiju_tasks.service import TaskService, TokenService
 
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 COOKIE = "kaiju_tasks_session"
 PAGE_SIZE = 50
+MAX_PAGE = 100_000
 ALIVE_WITHIN = timedelta(seconds=30)
 WORKERS_SINCE = timedelta(hours=1)
 KEEPALIVE = 15.0  # seconds between comments on an idle stream
@@ -75,7 +76,11 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self.env.filters.update(
-            when=_when, ago=lambda v: _ago(v, self.clock.now()), pretty=_pretty, stage=_stage
+            when=_when,
+            ago=lambda v: _ago(v, self.clock.now()),
+            pretty=_pretty,
+            compact=_compact,
+            stage=_stage,
         )
 
 
@@ -164,10 +169,40 @@ def _login_required(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
 
 
 def _safe_next(value: str | None) -> str:
-    """Only a path on this server: never ``//host`` or ``scheme:``."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+    """Only a path on this server.
+
+    Never ``//host``, ``scheme:`` or anything a browser or URL library could turn into one
+    (backslashes, control characters such as a tab).
+    """
+    if (
+        not value
+        or not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        return "/"
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme or parsed.netloc or not parsed.path.startswith("/"):
         return "/"
     return value
+
+
+def _same_origin(request: web.Request) -> bool:
+    """False when the browser says the form came from another site."""
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return True  # no Origin sent: SameSite=Strict and the form token still apply
+    return urllib.parse.urlsplit(origin).netloc == request.host
+
+
+def _token_matches(given: object, expected: str) -> bool:
+    return hmac.compare_digest(str(given).encode(), expected.encode())
+
+
+def _secure(request: web.Request) -> bool:
+    """HTTPS here or at a proxy in front (a spoofed header only makes the cookie stricter)."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
 async def _login_form(request: web.Request) -> web.StreamResponse:
@@ -178,6 +213,8 @@ async def _login_form(request: web.Request) -> web.StreamResponse:
 
 async def _login(request: web.Request) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
+    if not _same_origin(request):
+        raise web.HTTPForbidden(text="cross-site form")
     form = await request.post()
     token = str(form.get("token", "")).strip()
     target = _safe_next(str(form.get("next", "/")))
@@ -192,7 +229,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
         )
     response = web.HTTPSeeOther(target)
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, path="/"
+        COOKIE, token, httponly=True, samesite="Strict", secure=_secure(request), path="/"
     )
     raise response
 
@@ -200,7 +237,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
 async def _logout(request: web.Request) -> web.StreamResponse:
     found = await _caller(request)
     form = await request.post()
-    if found is not None and not hmac.compare_digest(str(form.get("csrf", "")), _csrf(found[1])):
+    if found is not None and not _token_matches(form.get("csrf", ""), _csrf(found[1])):
         raise web.HTTPForbidden(text="bad form token; reload the page")
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE, path="/")
@@ -285,6 +322,16 @@ def _pretty(value: Any) -> str:
     return f"{text[:SHOWN_JSON]}\n… (cut: {len(text):,} characters in all; tasks.get has the rest)"
 
 
+SHOWN_EVENT = 2_000  # characters of an event's details shown in a timeline row
+
+
+def _compact(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    if len(text) <= SHOWN_EVENT:
+        return text
+    return f"{text[:SHOWN_EVENT]} … (cut: {len(text):,} characters in all)"
+
+
 def _stage(task: Mapping[str, Any]) -> str:
     stages = task.get("stages") or 0
     stage = task.get("stage") or 0
@@ -303,6 +350,9 @@ class _BadFilter(Exception):
 def _task_filters(query: Mapping[str, str]) -> tuple[dict[str, str], Any]:
     """Read the tasks page's filter form; return what to show back and the conditions."""
     shown = {key: query.get(key, "").strip() for key in ("status", "app", "q", "since", "until")}
+    for key, value in shown.items():
+        if "\x00" in value:
+            raise _BadFilter(f"{key}: NUL characters are not allowed")
     base: dict[str, Any] = {}
     if shown["status"]:
         if shown["status"] not in STATUSES:
@@ -311,7 +361,7 @@ def _task_filters(query: Mapping[str, str]) -> tuple[dict[str, str], Any]:
     if shown["app"]:
         base["app_name"] = shown["app"]
     created: dict[str, str] = {}
-    for key, op in (("since", "ge"), ("until", "le")):
+    for key in ("since", "until"):
         if shown[key]:
             try:
                 moment = datetime.fromisoformat(shown[key])
@@ -319,7 +369,12 @@ def _task_filters(query: Mapping[str, str]) -> tuple[dict[str, str], Any]:
                 raise _BadFilter(f"{key}: {shown[key]!r} is not a date and time") from None
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-            created[op] = moment.isoformat()
+            if key == "since":
+                created["ge"] = moment.isoformat()
+            elif moment.microsecond:
+                created["le"] = moment.isoformat()
+            else:  # "to 10:00:00" takes in the whole second, as the table shows whole seconds
+                created["lt"] = (moment + timedelta(seconds=1)).isoformat()
     if created:
         base["created"] = created
     if not shown["q"]:
@@ -339,7 +394,7 @@ def _like_escape(text: str) -> str:
 async def _tasks(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
     try:
-        page_number = max(1, int(request.query.get("page", "1")))
+        page_number = min(max(1, int(request.query.get("page", "1"))), MAX_PAGE)
     except ValueError:
         page_number = 1
     context: dict[str, Any] = {"error": None, "statuses": STATUSES, "page": None}
@@ -354,16 +409,21 @@ async def _tasks(request: web.Request, caller: models.Caller, token: str) -> web
         conditions, status = None, 400
     context["filters"] = shown
     if status == 200:
-        page = await dashboard.tasks.list(
-            conditions=conditions,
-            sort=[{"desc": "created"}, {"desc": "id"}],
-            offset=(page_number - 1) * PAGE_SIZE,
-            limit=PAGE_SIZE,
-            columns=LIST_COLUMNS,
-            caller=caller,
-        )
-        context["page"] = page
-        context["links"] = _page_links(request, page)
+        try:
+            page = await dashboard.tasks.list(
+                conditions=conditions,
+                sort=[{"desc": "created"}, {"desc": "id"}],
+                offset=(page_number - 1) * PAGE_SIZE,
+                limit=PAGE_SIZE,
+                columns=LIST_COLUMNS,
+                caller=caller,
+            )
+        except errors.ValidationError as exc:
+            context["error"] = exc.message
+            status = 400
+        else:
+            context["page"] = page
+            context["links"] = _page_links(request, page)
     return _render(request, "tasks.html", context, status=status, caller=caller, token=token)
 
 
@@ -376,7 +436,7 @@ def _page_links(request: web.Request, page: Mapping[str, Any]) -> dict[str, str 
     pages = page["pages"] or 1
     current = page["page"]
     return {
-        "prev": link(current - 1) if current > 1 else None,
+        "prev": link(min(current - 1, pages)) if current > 1 else None,
         "next": link(current + 1) if current < pages else None,
     }
 
@@ -398,20 +458,21 @@ async def _task_page(
 ) -> web.Response:
     dashboard = request.app[DASHBOARD_KEY]
     task_id = request.match_info["id"]
-    # Events first, then the task: each event is written with its transition, so the task read
-    # afterwards is at least as new as the timeline (never a failure listed on a running task).
-    timeline = await dashboard.data.timeline(task_id)
+    missing = _render(
+        request, "missing.html", {"task_id": task_id}, status=404, caller=caller, token=token
+    )
+    if "\x00" in task_id:
+        return missing
     try:
+        # May the caller see it? Only then read its events: those since it was created, so
+        # the events of an earlier task deleted under the same id never show.
+        seen = await dashboard.tasks.get(task_id, ["created"], caller=caller)
+        timeline = await dashboard.data.timeline(task_id, since=seen["created"])
+        # Read again after the events: each event is written with its transition, so the task
+        # is at least as new as its timeline (never a failure listed on a running task).
         task = await dashboard.tasks.get(task_id, caller=caller)
     except (errors.TaskNotFound, errors.ValidationError):
-        return _render(
-            request,
-            "missing.html",
-            {"task_id": task_id},
-            status=404,
-            caller=caller,
-            token=token,
-        )
+        return missing
     done = request.query.get("done")
     if notice is None and done in ("reset", "cancel", "message"):
         notice = {
@@ -420,13 +481,25 @@ async def _task_page(
             "message": "Message delivered.",
         }[done]
     tree = await _tree(dashboard, task, caller)
+    stages = _stages(task, dashboard.clock.now())
+    status_now = task["status"]
+    waits_for_message = (
+        status_now == "WAITING"
+        and task["stage"] < len(stages)
+        and stages[task["stage"]]["kind"] == "message"
+    )
     context = {
         "task": task,
-        "stages": _stages(task, dashboard.clock.now()),
+        "stages": stages,
+        "can_modify": caller.modifies_all or task.get("user_id") == caller.user_id,
+        "can_reset": status_now != "EXECUTED",
+        "can_cancel": status_now not in ("FINISHED", "FAILED"),
+        "can_message": waits_for_message or bool(message),
+        "canonical": "/tasks/" + urllib.parse.quote(task["id"], safe=""),
         "timeline": timeline,
         "timeline_cut": len(timeline) >= TIMELINE_LIMIT,
         "tree": tree,
-        "tree_ids": [node["task"]["id"] for node in _walk(tree)],
+        "tree_ids": [node["task"]["id"] for node in tree],
         "notice": notice,
         "error": error,
         "message": message,
@@ -435,14 +508,25 @@ async def _task_page(
 
 
 def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
-    """Each stage as written and, once it has started, as evaluated from the stored results."""
+    """Each stage as written and, once it has run or runs, as evaluated from stored results.
+
+    Evaluated here and now, as the executor would from the same results: ``executor`` data is
+    not known here (a template that needs it says so), and ``now``/``uuid4`` helpers give
+    today's values, not the ones the stage got.
+    """
     results = task.get("result")
     done = results if isinstance(results, list) else []
     data: dict[str, Any] = {"id": task["id"], "kws": task.get("kws") or {}, "executor": {}}
     for index, value in enumerate(done):
         data[str(index)] = value
     current = task.get("stage") or 0
-    reached = len(done) if task.get("status") == "FINISHED" else current + 1
+    status = task.get("status")
+    if status == "FINISHED":
+        reached = len(done)
+    elif status in ("EXECUTED", "WAITING", "FAILED"):
+        reached = current + 1  # the current stage runs, waits or failed
+    else:
+        reached = current  # QUEUED, IDLE, SUSPENDED: the current stage has not started (again)
     stages = []
     for index, command in enumerate(task.get("commands") or []):
         kind = command.get("kind") or "call"
@@ -455,10 +539,15 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
             "result": done[index] if index < len(done) else None,
             "evaluated": None,
             "evaluation_error": None,
+            "skipped": False,
         }
-        if kind == "call" and index < reached:
-            # Only results of earlier stages are visible to a stage, as in the executor.
-            visible = {k: v for k, v in data.items() if not k.isdigit() or int(k) < index}
+        # Only results of earlier stages are visible to a stage, as in the executor.
+        visible = {k: v for k, v in data.items() if not k.isdigit() or int(k) < index}
+        condition = command.get("condition")
+        if condition is not None and index < len(done) and done[index] is None:
+            with contextlib.suppress(errors.ValidationError):
+                item["skipped"] = not conditions.evaluate(condition, visible, now=now)
+        if kind == "call" and index < reached and not item["skipped"]:
             try:
                 item["evaluated"] = {
                     "method": templates.render(command.get("method"), visible, now=now),
@@ -473,7 +562,11 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
 async def _tree(
     dashboard: Dashboard, task: Mapping[str, Any], caller: models.Caller
 ) -> list[dict[str, Any]]:
-    """The task's tree (its root and every task under it), nested by parent."""
+    """The task's tree (its root and every task under it) in depth-first order.
+
+    Each entry is ``{"task": row, "depth": n}``; empty for a task alone. Built iteratively, so
+    a tree of any depth renders.
+    """
     root_id = task.get("root_id") or task["id"]
     page = await dashboard.tasks.list(
         conditions=[{"root_id": root_id}, {"id": root_id}],
@@ -491,19 +584,13 @@ async def _tree(
     for row in rows:
         parent = row["parent_id"] if row["parent_id"] in known else None
         children.setdefault(parent, []).append(row)
-
-    def build(parent: str | None) -> list[dict[str, Any]]:
-        return [{"task": row, "children": build(row["id"])} for row in children.get(parent, [])]
-
-    return build(None)
-
-
-def _walk(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    found: list[Mapping[str, Any]] = []
-    for node in nodes:
-        found.append(node)
-        found.extend(_walk(node["children"]))
-    return found
+    flat: list[dict[str, Any]] = []
+    stack = [(row, 0) for row in reversed(children.get(None, []))]
+    while stack:
+        row, depth = stack.pop()
+        flat.append({"task": row, "depth": depth})
+        stack.extend((child, depth + 1) for child in reversed(children.get(row["id"], [])))
+    return flat
 
 
 @_login_required
@@ -512,10 +599,9 @@ async def _action(request: web.Request, caller: models.Caller, token: str) -> we
     task_id = request.match_info["id"]
     action = request.match_info["action"]
     form = await request.post()
-    if not hmac.compare_digest(str(form.get("csrf", "")), _csrf(token)):
+    if not _token_matches(form.get("csrf", ""), _csrf(token)):
         raise web.HTTPForbidden(text="bad form token; reload the page")
-    origin = request.headers.get("Origin")
-    if origin and origin != "null" and urllib.parse.urlsplit(origin).netloc != request.host:
+    if not _same_origin(request):
         raise web.HTTPForbidden(text="cross-site form")
     text = str(form.get("data", ""))
     try:
@@ -603,12 +689,14 @@ def _nice(value: int) -> int:
 async def _workers(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
     now = dashboard.clock.now()
-    workers = await dashboard.data.workers(now - WORKERS_SINCE)
-    for worker in workers:
-        worker["online"] = (
-            worker["stopped_at"] is None and now - worker["heartbeat_at"] < ALIVE_WITHIN
-        )
-    context = {"workers": workers, "show_tasks": caller.views_all}
+    context: dict[str, Any] = {"allowed": caller.views_all, "workers": []}
+    if caller.views_all:  # hosts, pids and what runs where are cluster-wide figures
+        workers = await dashboard.data.workers(now - WORKERS_SINCE)
+        for worker in workers:
+            worker["online"] = (
+                worker["stopped_at"] is None and now - worker["heartbeat_at"] < ALIVE_WITHIN
+            )
+        context["workers"] = workers
     return _render(request, "workers.html", context, caller=caller, token=token)
 
 
@@ -630,15 +718,21 @@ async def _stream(request: web.Request, caller: models.Caller, token: str) -> we
         }
     )
     loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
+    quiet_since = checked_at = loop.time()
+    owners = _Owners(dashboard.data)
     async with hub.subscribe() as queue:
         # Subscribed before the client hears "open": a page refreshes once on open, so what
         # happened between its rendering and now is shown, and everything later arrives here.
         await response.prepare(request)
         await response.write(b"retry: 2000\n: connected\n\n")
         while not _gone(request):
+            if loop.time() - checked_at > KEEPALIVE:  # a revoked token ends its streams
+                checked_at = loop.time()
+                if await _caller(request) is None:
+                    break
             try:
-                event = await asyncio.wait_for(queue.get(), 1.0)
+                async with asyncio.timeout(1.0):
+                    event = await queue.get()
             except TimeoutError:
                 if loop.time() - quiet_since < KEEPALIVE:
                     continue  # look again whether the client went away
@@ -646,6 +740,8 @@ async def _stream(request: web.Request, caller: models.Caller, token: str) -> we
             else:
                 if event is None:  # the server is shutting down
                     break
+                if not caller.views_all and not await owners.owns(event, caller.user_id):
+                    continue  # others' work is not theirs to see, not even that it happened
                 payload = _sse(event, caller)
             quiet_since = loop.time()
             try:
@@ -655,6 +751,26 @@ async def _stream(request: web.Request, caller: models.Caller, token: str) -> we
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write_eof()
     return response
+
+
+class _Owners:
+    """Who owns the tasks a stream's events are about, remembered for the stream's life."""
+
+    LIMIT = 10_000
+
+    def __init__(self, data: DashboardData) -> None:
+        self.data = data
+        self.known: dict[str, str | None] = {}
+
+    async def owns(self, event: Mapping[str, Any], user_id: str | None) -> bool:
+        task_id = event.get("task_id")
+        if not task_id or user_id is None:
+            return False
+        if task_id not in self.known:
+            if len(self.known) >= self.LIMIT:
+                self.known.clear()
+            self.known[task_id] = await self.data.owner(task_id)
+        return self.known[task_id] == user_id
 
 
 def _gone(request: web.Request) -> bool:
@@ -668,6 +784,6 @@ def _sse(event: Mapping[str, Any], caller: models.Caller) -> bytes:
             key: event.get(key)
             for key in ("id", "type", "task_id", "status", "stage", "app_name", "executor_id")
         }
-    else:  # others learn that something changed, not what: their pages re-read what they see
+    else:  # about one of their own tasks; their pages re-read what they may see
         shown = {"type": "change"}
     return f"event: change\ndata: {json.dumps(shown, default=str)}\n\n".encode()

@@ -145,5 +145,6 @@ class Manager:
                 await self.tick(self.clock.now())
             except Exception:
                 logger.exception("Manager tick failed", extra={"event": "manager_tick_failed"})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval.total_seconds())
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout never loses a cancel
+                async with asyncio.timeout(self.interval.total_seconds()):
+                    await self._wake.wait()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from markupsafe import escape
 
 from kaiju_tasks import Caller, Task, TaskCommand, dashboard, methods
 from kaiju_tasks.dashboard.views import COOKIE, _csrf, _nice
@@ -105,7 +106,16 @@ async def test_login_sets_a_strict_http_only_cookie(client: Client, tokens: dict
 
 
 @pytest.mark.parametrize(
-    "target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:x"]
+    "target",
+    [
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "javascript:x",
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\x7f/evil.example",
+    ],
 )
 async def test_login_never_redirects_off_site(
     client: Client, tokens: dict[str, str], target: str
@@ -252,15 +262,46 @@ async def test_stream_sends_changes_live(
     alice = await client.get("/stream", headers=_cookie(tokens["alice"]))
     assert system.headers["Content-Type"] == "text/event-stream"
     assert (await system.content.readline()).startswith(b"retry:")
-    await asyncio.sleep(0.3)  # the follower starts from "now"
-    task = await _create(store, _task())
-    [event] = await _sse_events(system, 1)
-    assert event["type"] == "task-sent"
-    assert event["task_id"] == task["id"]
-    [hidden] = await _sse_events(alice, 1)
-    assert hidden == {"type": "change"}  # what changed is not told to a user who can't see it
+    hub = client.app[dashboard.views.DASHBOARD_KEY].data.hub
+    assert hub is not None
+    assert hub.receiver is not None
+    await asyncio.wait_for(hub.receiver.ready.wait(), 10)  # the follower starts from "now"
+    bobs = await _create(store, _task(), Caller.user("bob"))
+    alices = await _create(store, _task(), Caller.user("alice"))
+    first, second = await _sse_events(system, 2)
+    assert (first["type"], first["task_id"]) == ("task-sent", bobs["id"])
+    assert (second["type"], second["task_id"]) == ("task-sent", alices["id"])
+    # A user hears of their own tasks only, and not which one: bob's task sends alice nothing.
+    [hers] = await _sse_events(alice, 1)
+    assert hers == {"type": "change"}
+    await _create(store, _task(), Caller.user("alice"))
+    assert await _sse_events(alice, 1) == [{"type": "change"}]
     system.close()
     alice.close()
+
+
+async def test_stream_ends_when_the_token_is_revoked(
+    client: Client, store: postgres.PostgresEngineStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard.views, "KEEPALIVE", 0.5)
+    service = TokenService(store)
+    created = await service.create("carol", ["system"])
+    stream = await client.get("/stream", headers=_cookie(created["token"]))
+    assert (await stream.content.readline()).startswith(b"retry:")
+    await service.revoke(created["id"])
+    rest = await asyncio.wait_for(stream.content.read(), 10)  # the server ends the stream
+    assert b"data:" not in rest
+
+
+async def test_stream_ends_when_the_server_stops(
+    app: web.Application, aiohttp_client: Any, tokens: dict[str, str]
+) -> None:
+    client: Client = await aiohttp_client(app)
+    stream = await client.get("/stream", headers=_cookie(tokens["system"]))
+    assert (await stream.content.readline()).startswith(b"retry:")
+    started = asyncio.get_running_loop().time()
+    await client.close()
+    assert asyncio.get_running_loop().time() - started < 5
 
 
 async def test_partial_returns_only_the_live_part(client: Client, tokens: dict[str, str]) -> None:
@@ -344,6 +385,143 @@ async def test_timeline_shows_the_newest_events(
         await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
     ).text()
     assert "The newest 500 events" in body
-    assert '{"n": 599}' in body
-    assert '{"n": 99}' not in body
-    assert body.index('{"n": 100}') < body.index('{"n": 599}')
+
+    def shown(n: int) -> str:
+        return str(escape(json.dumps({"n": n})))
+
+    assert shown(599) in body
+    assert shown(99) not in body
+    assert body.index(shown(100)) < body.index(shown(599))
+
+
+async def test_a_login_form_posted_from_another_site_is_refused(
+    client: Client, tokens: dict[str, str]
+) -> None:
+    response = await client.post(
+        "/login",
+        data={"token": tokens["alice"]},
+        headers={"Origin": "https://evil.example"},
+        allow_redirects=False,
+    )
+    assert response.status == 403
+    assert "Set-Cookie" not in response.headers
+
+
+async def test_logout_needs_the_form_token(client: Client, tokens: dict[str, str]) -> None:
+    refused = await client.post(
+        "/logout", data={"csrf": "x"}, headers=_cookie(tokens["alice"]), allow_redirects=False
+    )
+    assert refused.status == 403
+    done = await client.post(
+        "/logout",
+        data={"csrf": _csrf(tokens["alice"])},
+        headers=_cookie(tokens["alice"]),
+        allow_redirects=False,
+    )
+    assert done.status == 303
+    assert f'{COOKIE}=""' in done.headers["Set-Cookie"]
+
+
+async def test_workers_need_view_others(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    await store.register_executor(
+        "exec-1", apps=["shop"], host="db-host-7", pid=42, concurrency=3, now=FrozenClock().now()
+    )
+    mine = await (await client.get("/workers", headers=_cookie(tokens["alice"]))).text()
+    assert "view_others" in mine
+    assert "db-host-7" not in mine
+    theirs = await (await client.get("/workers", headers=_cookie(tokens["system"]))).text()
+    assert "db-host-7" in theirs
+
+
+async def test_viewing_others_is_not_modifying_them(
+    client: Client, store: postgres.PostgresEngineStore
+) -> None:
+    token = (await TokenService(store).create("viewer", ["view_others"]))["token"]
+    task = await _create(store, _task(), Caller.user("bob"))
+    page = await (await client.get(f"/tasks/{task['id']}", headers=_cookie(token))).text()
+    assert task["id"] in page
+    assert "Cancel</button>" not in page  # no buttons for what the caller may not do
+    refused = await client.post(
+        f"/tasks/{task['id']}/cancel", data={"csrf": _csrf(token)}, headers=_cookie(token)
+    )
+    assert refused.status in (403, 404)
+    assert (await TaskService(store).get(task["id"], ["status"]))["status"] == "QUEUED"
+
+
+async def test_odd_input_is_a_clear_error_not_a_crash(
+    client: Client, tokens: dict[str, str]
+) -> None:
+    headers = _cookie(tokens["system"])
+    for query in ("q=%00", "app=a%00b", "page=999999999999999999999"):
+        response = await client.get(f"/tasks?{query}", headers=headers)
+        assert response.status in (200, 400), query
+    assert (await client.get("/tasks?q=%00", headers=headers)).status == 400
+    assert (await client.get("/tasks/a%00b", headers=headers)).status == 404
+    odd = await client.post(
+        "/tasks/x/cancel", data={"csrf": "\u00e9\u00e9"}, headers=headers, allow_redirects=False
+    )
+    assert odd.status == 403
+
+
+async def test_the_to_filter_takes_in_the_whole_second(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    clock = FrozenClock()
+    moment = datetime(2026, 5, 1, 10, 0, 0, 400_000, tzinfo=UTC)
+    clock.set(moment)
+    task = await TaskService(store, clock).create(_task())
+    assert isinstance(task, dict)
+    headers = _cookie(tokens["system"])
+    inside = await (await client.get("/tasks?until=2026-05-01T10:00:00", headers=headers)).text()
+    assert task["id"] in inside
+    before = await (await client.get("/tasks?until=2026-05-01T09:59:59", headers=headers)).text()
+    assert task["id"] not in before
+    since = await (await client.get("/tasks?since=2026-05-01T10:00:01", headers=headers)).text()
+    assert task["id"] not in since
+
+
+async def test_deep_trees_and_skipped_stages_render(
+    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    root = await _create(store, _task())
+    parent = root["id"]
+    async with store.pool.acquire() as connection:
+        for depth in range(400):  # deeper than any template recursion would allow
+            child = f"deep-{depth}"
+            await connection.execute(
+                "INSERT INTO tasks (id, app_name, commands, kws, enabled, max_exec_timeout,"
+                " max_retries, retries, restart_policy, retry_delay, notify, system, meta,"
+                " priority, status, stage, stages, result, created, status_change, parent_id,"
+                " root_id, requeues)"
+                " SELECT $1, app_name, commands, kws, enabled, max_exec_timeout, max_retries,"
+                " retries, restart_policy, retry_delay, notify, system, meta, priority, status,"
+                " stage, stages, result, created, status_change, $2, $3, requeues"
+                " FROM tasks WHERE id = $3",
+                child,
+                parent,
+                root["id"],
+            )
+            parent = child
+        await connection.execute(
+            "UPDATE tasks SET status = 'FINISHED', stage = 2, stages = 2, result = $2,"
+            " commands = $3 WHERE id = $1",
+            root["id"],
+            [{"data": []}, None],
+            [
+                {"method": "shop.list", "params": {}},
+                {
+                    "method": "shop.delete",
+                    "params": {"ids": "[0.data]"},
+                    "condition": {"0.data": {"ne": []}},
+                },
+            ],
+        )
+    response = await client.get("/tasks/deep-399", headers=_cookie(tokens["system"]))
+    assert response.status == 200
+    assert (await response.text()).count('data-depth="') == 401
+    page = await (
+        await client.get(f"/tasks/{root['id']}", headers=_cookie(tokens["system"]))
+    ).text()
+    assert "skipped: the condition was false" in page

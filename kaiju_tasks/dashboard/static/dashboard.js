@@ -2,23 +2,60 @@
 // Pages work without this script; it only keeps them current without a reload.
 (function () {
   "use strict";
+
+  // Confirm destructive actions (forms marked data-confirm).
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    var question = form && form.getAttribute && form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) { event.preventDefault(); }
+  });
+
   var live = document.getElementById("live");
   var status = document.getElementById("live-status");
+  var updated = document.getElementById("live-updated");
   var scope = document.body.getAttribute("data-live-scope");
   if (!live || !status || scope === "none" || !window.EventSource) { return; }
+
+  // A page answered to a form post lives at the post's URL: show (and refresh) the task's own.
+  var marker = live.querySelector("[data-canonical]");
+  var path = window.location.pathname + window.location.search;
+  if (marker && window.location.pathname !== marker.getAttribute("data-canonical")) {
+    path = marker.getAttribute("data-canonical");
+    window.history.replaceState(null, "", path);
+  }
 
   var pending = null, running = false, again = false, last = 0;
   var MIN_GAP = 1000; // ms between two refreshes while events keep coming
 
   function say(text, on) {
-    status.textContent = text;
+    // Announced to screen readers: only connection changes, never each refresh.
+    if (status.textContent !== text) { status.textContent = text; }
     status.className = "live " + (on ? "on" : "off");
   }
 
   function partialUrl() {
-    var url = new URL(window.location.href);
+    var url = new URL(path, window.location.href);
     url.searchParams.set("partial", "1");
     return url.toString();
+  }
+
+  function openDetails() {
+    var open = [];
+    live.querySelectorAll("details").forEach(function (d, i) { if (d.open) { open.push(i); } });
+    return open;
+  }
+
+  function swap(html) {
+    var open = openDetails();
+    var focused = document.activeElement;
+    var focusHref = focused && live.contains(focused) ? focused.getAttribute("href") : null;
+    live.innerHTML = html;
+    var details = live.querySelectorAll("details");
+    open.forEach(function (i) { if (details[i]) { details[i].open = true; } });
+    if (focusHref) {
+      var again = live.querySelector('a[href="' + focusHref.replace(/"/g, '\\"') + '"]');
+      if (again) { again.focus(); }
+    }
   }
 
   function refresh() {
@@ -29,13 +66,13 @@
     fetch(partialUrl(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (response) {
         if (response.status === 401) { window.location.reload(); return null; }
-        return response.ok || response.status === 400 ? response.text() : null;
+        return response.ok || response.status === 400 || response.status === 404
+          ? response.text() : null;
       })
       .then(function (html) {
         if (html !== null && html !== undefined) {
-          live.innerHTML = html;
-          var time = new Date().toISOString().substring(11, 19);
-          say("live · updated " + time + " UTC", true);
+          swap(html);
+          updated.textContent = "updated " + new Date().toISOString().substring(11, 19) + " UTC";
           document.dispatchEvent(new CustomEvent("kaiju:refreshed"));
         }
       })
@@ -53,16 +90,14 @@
   }
 
   function relevant(event) {
-    if (event.type === "change" || scope === "all") { return true; }
+    if (event.type === "change" || scope === "all" || scope === "workers") { return true; }
     var isWorker = (event.type || "").indexOf("worker-") === 0;
-    if (scope === "workers") {
-      return isWorker || event.type === "task-started" || event.type === "task-succeeded" ||
-        event.type === "task-failed" || event.type === "task-waiting";
-    }
     if (scope === "task") {
-      var marker = live.querySelector("[data-tree]");
-      var ids = marker ? (marker.getAttribute("data-tree") + " " + marker.getAttribute("data-task")).split(" ") : [];
-      return !isWorker && ids.indexOf(event.task_id) >= 0;
+      if (isWorker) { return false; }
+      if (event.type === "task-sent") { return true; } // perhaps a new task in this tree
+      var current = live.querySelector("[data-tree]");
+      var ids = current ? (current.getAttribute("data-tree") + " " + current.getAttribute("data-task")).split(" ") : [];
+      return ids.indexOf(event.task_id) >= 0;
     }
     return !isWorker || event.type === "worker-offline";
   }
@@ -72,7 +107,18 @@
     say("live", true);
     schedule(); // whatever changed between rendering this page and connecting
   });
-  source.addEventListener("error", function () { say("live · reconnecting", false); });
+  source.addEventListener("error", function () {
+    if (source.readyState === EventSource.CLOSED) {
+      // The server refused the stream: logged out (reload shows the login page) or no live
+      // updates on this server (say so, and stay).
+      fetch(partialUrl(), { credentials: "same-origin" }).then(function (response) {
+        if (response.status === 401) { window.location.reload(); }
+      });
+      say("live updates off", false);
+      return;
+    }
+    say("live · reconnecting", false);
+  });
   source.addEventListener("change", function (message) {
     var event;
     try { event = JSON.parse(message.data); } catch (e) { return; }
