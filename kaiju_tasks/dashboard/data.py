@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -82,12 +83,30 @@ LIMIT $2
 
 
 class DashboardData:
-    """Reads for the dashboard's pages, on an asyncpg pool with the JSON codecs."""
+    """Reads for the dashboard's pages, on an asyncpg pool with the JSON codecs.
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str | None = None) -> None:
+    The cluster-wide figures of the overview (counts, queues, throughput) are kept for
+    ``cache_for`` seconds: every open overview refreshes on every burst of events, and these
+    aggregate the whole tasks table.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, dsn: str | None = None, *, cache_for: float = 2.0
+    ) -> None:
         self.pool = pool
         self.dsn = dsn
         self.hub = EventHub(dsn) if dsn else None
+        self.cache_for = cache_for
+        self._cache: dict[str, tuple[float, Any]] = {}
+
+    async def _cached(self, key: str, read: Callable[[], Awaitable[Any]]) -> Any:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.cache_for:
+            return hit[1]
+        value = await read()
+        self._cache[key] = (now, value)
+        return value
 
     async def timeline(self, task_id: str, since: datetime | str) -> list[dict[str, Any]]:
         """The newest ``TIMELINE_LIMIT`` events of one task written since ``since``."""
@@ -100,8 +119,12 @@ class DashboardData:
 
     async def throughput(self, now: datetime, minutes: int = CHART_MINUTES) -> list[dict[str, Any]]:
         """Finished and failed per minute, one entry per minute of the window (zeros included)."""
-        async with self.pool.acquire() as connection:
-            rows = await connection.fetch(_THROUGHPUT, now, minutes)
+
+        async def read() -> list[Any]:
+            async with self.pool.acquire() as connection:
+                return list(await connection.fetch(_THROUGHPUT, now, minutes))
+
+        rows = await self._cached(f"throughput:{minutes}:{now:%Y%m%d%H%M}", read)
         counted = {r["minute"]: r for r in rows}
         end = now.replace(second=0, microsecond=0)
         series = []
@@ -127,15 +150,23 @@ class DashboardData:
 
     async def queues(self, now: datetime) -> list[dict[str, Any]]:
         """Per app: QUEUED, EXECUTED and WAITING counts and the oldest QUEUED task's age."""
-        async with self.pool.acquire() as connection:
-            rows = await connection.fetch(_QUEUES, now)
-        return [dict(r) for r in rows]
+
+        async def read() -> list[dict[str, Any]]:
+            async with self.pool.acquire() as connection:
+                return [dict(r) for r in await connection.fetch(_QUEUES, now)]
+
+        queues: list[dict[str, Any]] = await self._cached("queues", read)
+        return queues
 
     async def status_counts(self) -> dict[str, int]:
         """Tasks by status."""
-        async with self.pool.acquire() as connection:
-            rows = await connection.fetch(_STATUS_COUNTS)
-        return {r["status"]: r["n"] for r in rows}
+
+        async def read() -> dict[str, int]:
+            async with self.pool.acquire() as connection:
+                return {r["status"]: r["n"] for r in await connection.fetch(_STATUS_COUNTS)}
+
+        counts: dict[str, int] = await self._cached("counts", read)
+        return counts
 
     async def workers(self, heard_since: datetime, limit: int = 200) -> list[dict[str, Any]]:
         """Executors heard from (or stopped) since ``heard_since``, live ones first."""

@@ -59,6 +59,7 @@
   }
 
   function refresh() {
+    if (pending !== null) { window.clearTimeout(pending); }
     pending = null;
     if (running) { again = true; return; }
     running = true;
@@ -83,7 +84,12 @@
       });
   }
 
+  var trailing = null;
+  var SETTLE = 2500; // ms after the last event: one more refresh (the server caches ~2 s)
+
   function schedule() {
+    if (trailing !== null) { window.clearTimeout(trailing); }
+    trailing = window.setTimeout(function () { trailing = null; refresh(); }, SETTLE);
     if (pending !== null) { return; }
     var wait = Math.max(150, MIN_GAP - (Date.now() - last));
     pending = window.setTimeout(refresh, wait);
