@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import orjson
@@ -787,22 +787,48 @@ class AdvisoryLeadership(base.Leadership):
     next ``hold()`` takes it.
     """
 
-    def __init__(self, dsn: str, key: int = LEADER_LOCK_KEY) -> None:
+    CHECK_TIMEOUT = 5.0
+    """Seconds the leader waits for its lock's connection to answer before it steps down."""
+
+    KEEPALIVE: ClassVar[Mapping[str, str]] = {
+        # The server probes the leader's connection after 5 s of silence, every 2 s, and drops
+        # it (releasing the lock to a standby) after 3 unanswered probes or 10 s of unacked
+        # data, instead of the operating system's default of about two hours: a leader cut
+        # off by the network must not keep the lock. Unix sockets ignore these.
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "10000",
+    }
+
+    def __init__(
+        self, dsn: str, key: int = LEADER_LOCK_KEY, *, check_timeout: float | None = None
+    ) -> None:
         self.dsn = dsn
         self.key = key
+        self.check_timeout = self.CHECK_TIMEOUT if check_timeout is None else check_timeout
         self._connection: asyncpg.Connection | None = None
 
     async def hold(self) -> bool:
-        """Take or keep the lock; False if another session holds it."""
+        """Take or keep the lock; False if another session holds it.
+
+        The leader checks its connection at every call, within ``check_timeout``: a connection
+        that stopped answering (a network cut leaves it half-open) is dropped and the manager
+        steps down, rather than leading on a lock the server may already have released.
+        """
         if self._connection is not None and not self._connection.is_closed():
             try:
-                await self._connection.fetchval("SELECT 1")
+                await self._connection.fetchval("SELECT 1", timeout=self.check_timeout)
                 return True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                await self.release()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._connection.terminate()  # no goodbye on a connection that hangs
+                self._connection = None
+                return False  # step down now; the next call competes again
         with _translate():
             connection = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": "kaiju-tasks-leader"}
+                self.dsn,
+                timeout=self.check_timeout,
+                server_settings={"application_name": "kaiju-tasks-leader", **self.KEEPALIVE},
             )
         try:
             got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
