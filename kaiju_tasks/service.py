@@ -8,8 +8,6 @@ run as the system caller unless ``caller=`` says otherwise.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import gc
 import hashlib
 import os
 import secrets
@@ -18,8 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from kaiju_tasks import _gc, context, cron, errors, models
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import context, cron, errors, models
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
@@ -34,25 +32,6 @@ _COMMANDS_EDITABLE = ("IDLE", "FINISHED", "FAILED", "QUEUED")
 
 _GC_PAUSE_MIN = 256
 """From this many tasks on, ``create`` pauses the cyclic garbage collector while it builds rows."""
-
-
-@contextlib.contextmanager
-def _gc_paused(pause: bool) -> Iterator[None]:
-    """Pause the cyclic garbage collector over a synchronous loop (no await inside).
-
-    A bulk create allocates several objects per task that all stay alive until it returns, so
-    the collections they trigger free nothing, yet each full one walks the whole heap: with
-    10,000 tasks they cost as much as building the rows. Reference counting still frees
-    everything else at once; a collection the pause put off runs at the next allocations.
-    """
-    if not pause or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 _UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & (2**128 - 1)
@@ -168,7 +147,7 @@ class TaskService:
         access = _Access(caller)
         now = self.clock.now()
         bulk = len(items) >= _GC_PAUSE_MIN
-        with _gc_paused(bulk):
+        with _gc.paused(bulk):
             tasks, rows, seen = self._new_rows(items, many, caller, now)
         await self._check_next_tasks(
             {
@@ -179,7 +158,7 @@ class TaskService:
             access,
         )
         created = await self.store.insert_tasks(rows)
-        with _gc_paused(bulk):
+        with _gc.paused(bulk):
             out = [_json_ready(row, selected) for row in created]
         return out if many else out[0]
 

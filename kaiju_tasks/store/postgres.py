@@ -7,7 +7,6 @@ connection); user-driven listings are compiled from ``tables.py`` with every val
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import re
@@ -19,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import errors
+from kaiju_tasks import _gc, errors
 from kaiju_tasks.store import base, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -248,23 +247,6 @@ def _stored_task(row: Mapping[str, Any]) -> tuple[Row, bool]:
 _RECORDS_CHUNK = 1000
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector over a synchronous loop (no await, no yield inside).
-
-    Converting a chunk of rows allocates objects that all stay alive, so collections would
-    free nothing while walking the whole heap (see ``kaiju_tasks.service._gc_paused``).
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def _task_records(
     rows: Sequence[Mapping[str, Any]], stored: list[Row], reread: list[int]
 ) -> Iterator[tuple[Any, ...]]:
@@ -274,7 +256,7 @@ def _task_records(
     while the next is converted.
     """
     for start in range(0, len(rows), _RECORDS_CHUNK):
-        with _gc_paused():
+        with _gc.paused():
             chunk = [_task_record(row) for row in rows[start : start + _RECORDS_CHUNK]]
             for i, row in enumerate(rows[start : start + _RECORDS_CHUNK], start):
                 as_stored, again = _stored_task(row)
