@@ -9,6 +9,7 @@ kept in an HttpOnly, SameSite=Strict cookie; every form carries a CSRF token der
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import conditions, errors, models, templates
-from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData
+from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData, EventHub
 from kaiju_tasks.service import TaskService, TokenService
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ MAX_PAGE = 100_000
 ALIVE_WITHIN = timedelta(seconds=30)
 WORKERS_SINCE = timedelta(hours=1)
 KEEPALIVE = 15.0  # seconds between comments on an idle stream
+MAX_STREAMS = 20  # live pages open at once per token
 STATUSES = tuple(s.value for s in models.TaskStatus)
 LIST_COLUMNS = [
     "id",
@@ -68,6 +70,8 @@ class Dashboard:
         self.tokens = tokens
         self.data = data
         self.clock = clock or clock_.SystemClock()
+        self.streams: collections.Counter[str] = collections.Counter()
+        """Open live streams by token (hashed), to cap them."""
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("kaiju_tasks.dashboard", "templates"),
             autoescape=True,
@@ -710,6 +714,21 @@ async def _stream(request: web.Request, caller: models.Caller, token: str) -> we
     hub = dashboard.data.hub
     if hub is None:
         raise web.HTTPNotFound(text="live updates are off")
+    holder = hashlib.sha256(token.encode()).hexdigest()
+    if dashboard.streams[holder] >= MAX_STREAMS:
+        raise web.HTTPTooManyRequests(text=f"at most {MAX_STREAMS} live pages per token")
+    dashboard.streams[holder] += 1
+    try:
+        return await _follow(request, dashboard, hub, caller)
+    finally:
+        dashboard.streams[holder] -= 1
+        if dashboard.streams[holder] <= 0:
+            del dashboard.streams[holder]
+
+
+async def _follow(
+    request: web.Request, dashboard: Dashboard, hub: EventHub, caller: models.Caller
+) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",

@@ -525,3 +525,27 @@ async def test_deep_trees_and_skipped_stages_render(
         await client.get(f"/tasks/{root['id']}", headers=_cookie(tokens["system"]))
     ).text()
     assert "skipped: the condition was false" in page
+
+
+async def test_live_streams_per_token_are_capped(
+    client: Client, tokens: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard.views, "MAX_STREAMS", 2)
+    headers = _cookie(tokens["alice"])
+    first = await client.get("/stream", headers=headers)
+    second = await client.get("/stream", headers=headers)
+    assert (first.status, second.status) == (200, 200)
+    refused = await client.get("/stream", headers=headers)
+    assert refused.status == 429
+    other = await client.get("/stream", headers=_cookie(tokens["bob"]))
+    assert other.status == 200  # the cap is per token
+    first.close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the server notices the closed stream within about a second
+        again = await client.get("/stream", headers=headers)
+        if again.status == 200:
+            break
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.2)
+    for response in (second, other, again):
+        response.close()
