@@ -194,9 +194,13 @@ claimed AS (
         status_change = $4
     FROM picked WHERE t.id = picked.id
     RETURNING t.*),
+-- Two events per task, in this order: task-received (this executor took it) and task-started
+-- (it runs now: claiming is starting here, the status is EXECUTED from the claim on).
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
-    SELECT 'task-started', id, job_id, 'EXECUTED', stage, $2, $4 FROM claimed)
+    SELECT k.type, c.id, c.job_id, 'EXECUTED', c.stage, $2, $4
+    FROM claimed c CROSS JOIN (VALUES (1, 'task-received'), (2, 'task-started')) AS k(n, type)
+    ORDER BY c.id, k.n)
 SELECT * FROM claimed;
 
 -- name: record_stages

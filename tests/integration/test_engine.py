@@ -649,12 +649,13 @@ async def test_every_transition_writes_an_event_and_notifies(
     )
     assert [(e["type"], e["status"], e["stage"]) for e in events] == [
         ("task-sent", "QUEUED", 0),
+        ("task-received", "EXECUTED", 0),
         ("task-started", "EXECUTED", 0),
         ("task-stage-succeeded", "EXECUTED", 0),
         ("task-succeeded", "FINISHED", 1),
     ]
     assert {e["job_id"] for e in events} == {row["job_id"]}
-    assert events[1]["executor_id"] == executor.id
+    assert events[1]["executor_id"] == events[2]["executor_id"] == executor.id
     assert all(payload.isdigit() for payload in heard)
     assert int(heard[-1]) >= events[-1]["id"]
     online = await pool.fetchval(

@@ -199,6 +199,7 @@ async def test_state_matches_the_database_after_a_run_with_failures_and_retries(
             assert task.stage == (row["stage"] - 1 if row["status"] == "FINISHED" else row["stage"])
             if row["status"] == "FINISHED":
                 assert task.times["succeeded"] >= task.times["started"] >= task.times["sent"]
+                assert task.times["started"] >= task.times["received"] >= task.times["sent"]
                 assert task.runtime is not None
             else:
                 assert task.error is not None
@@ -265,14 +266,17 @@ async def test_monitor_lines_for_the_celery_article_scenarios(
 
     assert about(happy["id"]) == [
         f"TASK-SENT orders (STATUS=QUEUED, ID={happy['id']}, STAGE=1/2)",
+        f"TASK-RECEIVED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
         f"TASK-STARTED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
         f"TASK-STAGE-SUCCEEDED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
         f"TASK-SUCCEEDED orders (STATUS=FINISHED, ID={happy['id']}, STAGE=2/2)",
     ]
     assert [line.split(" ")[0] for line in about(retried["id"])] == [
         "TASK-SENT",
+        "TASK-RECEIVED",
         "TASK-STARTED",
         "TASK-RETRIED",
+        "TASK-RECEIVED",
         "TASK-STARTED",
         "TASK-FAILED",
     ]
