@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +13,31 @@ from kaiju_tasks import models
 from kaiju_tasks.store import base
 
 DEFAULT_NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+async def eventually(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    *,
+    within: float = 30.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; return that.
+
+    Raises AssertionError naming ``what`` when ``within`` seconds pass first. For tests that
+    wait on real executors, managers and databases, where only the outcome can be awaited.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached in {within:g} s")
+        await asyncio.sleep(interval)
 
 
 class FrozenClock:

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from kaiju_tasks import Task, TaskCommand, Timer
+from kaiju_tasks.testing import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,19 +133,6 @@ async def target(aiohttp_server):
     return target
 
 
-async def until(predicate, within=30.0, what="condition"):
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {within} s")
-        await asyncio.sleep(0.05)
-
-
 def executor_args(target, name):
     return (
         "executor",
@@ -181,14 +169,14 @@ async def test_executor_killed_mid_stage_is_resumed_at_that_stage_by_another(
             ],
         )
     )
-    await until(lambda: target.called("slow"), what="the slow stage to start")
+    await eventually(lambda: target.called("slow"), what="the slow stage to start")
     before = await store.get_task(task["id"])
     assert (before["status"], before["stage"], before["result"]) == ("EXECUTED", 1, [{"x": 2}])
     a.kill()
     target.gate.set()
     b = procs("executor-b", *executor_args(target, "B"))
     await b.wait_for_output("executor running")
-    await until(lambda: _finished(store, task["id"]), what="the task to finish")
+    await eventually(lambda: _finished(store, task["id"]), what="the task to finish")
     row = await store.get_task(task["id"])
     assert row["result"] == [{"x": 2}, "slow-done", {"x": 3}]
     assert row["exit_code"] == 0
@@ -222,10 +210,10 @@ async def test_standby_manager_takes_over_when_the_leader_is_killed(
             ],
         )
     )
-    await until(lambda: _is(store, task["id"], "WAITING"), what="the timer to start")
+    await eventually(lambda: _is(store, task["id"], "WAITING"), what="the timer to start")
     leader.kill()
     await standby.wait_for_output("leader_elected", within=10)
-    await until(lambda: _finished(store, task["id"]), what="the task to finish")
+    await eventually(lambda: _finished(store, task["id"]), what="the task to finish")
     row = await store.get_task(task["id"])
     assert (row["status"], row["result"]) == ("FINISHED", [{"x": 2}, None, {"x": 3}])
 
@@ -251,7 +239,7 @@ async def test_two_executor_processes_never_run_a_task_twice_and_lose_none(
         page = await task_service.list(conditions={"status": "FINISHED"}, limit=1)
         return page["count"] == len(ids)
 
-    await until(all_finished, within=90, what="1,000 tasks to finish")
+    await eventually(all_finished, within=90, what="1,000 tasks to finish")
     per_task = Counter(c["id"].split(":")[0] for c in target.called("noop"))
     assert set(per_task) == ids
     assert max(per_task.values()) == 1
@@ -310,7 +298,7 @@ async def test_dropped_database_connections_lose_no_task(
             return False
         return page["count"] == len(ids)
 
-    await until(all_finished, within=60, what="every task to finish")
+    await eventually(all_finished, within=60, what="every task to finish")
     rows = await task_service.list(conditions={"id": ids}, columns=["result"], limit=1000)
     assert all(len(r["result"]) == 2 for r in rows["data"])
     assert ex.process.poll() is None

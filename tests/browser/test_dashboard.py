@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -12,30 +10,16 @@ from playwright.async_api import Browser, Dialog, Page, expect
 
 from kaiju_tasks import Message, Task, TaskCommand
 from kaiju_tasks.clock import SystemClock
+from kaiju_tasks.testing import eventually
 from tests.browser.conftest import APP, Site, screenshot
 
 TIMEOUT = 15_000  # ms a live change may take to show up
-
-
-async def _wait_for(check: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def _answer(dialog: Dialog, questions: list[str], *, accept: bool) -> None:
     """Answer a confirm() dialog (Playwright awaits async handlers)."""
     questions.append(dialog.message)
     await (dialog.accept() if accept else dialog.dismiss())
-
-
-def _true_when(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def checked() -> bool:
-        return check()
-
-    return checked
 
 
 async def _status(site: Site, task_id: str) -> str:
@@ -45,7 +29,7 @@ async def _status(site: Site, task_id: str) -> str:
 
 
 async def _ended(site: Site, task_id: str) -> str:
-    await _wait_for(lambda: _in(site, task_id, ("FINISHED", "FAILED")))
+    await eventually(lambda: _in(site, task_id, ("FINISHED", "FAILED")))
     return await _status(site, task_id)
 
 
@@ -287,13 +271,13 @@ async def test_cancel_a_waiting_task(page: Page, site: Site) -> None:
     task = await _create(
         site, Task(app=APP, commands=[TaskCommand(method="shop.list"), Message(max_timeout=600)])
     )
-    await _wait_for(lambda: _in(site, task["id"], ("WAITING",)))
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
     await page.goto(f"{site.url}/tasks/{task['id']}")
     await expect(page.get_by_test_id("status")).to_have_text("WAITING")
     questions: list[str] = []
     page.once("dialog", lambda dialog: _answer(dialog, questions, accept=False))
     await page.get_by_role("button", name="Cancel").click()  # asked, and declined
-    await _wait_for(_true_when(lambda: bool(questions)))
+    await eventually(lambda: questions, within=15)
     assert "Cancel this task?" in questions[0]
     assert await _status(site, task["id"]) == "WAITING"
 
@@ -313,7 +297,7 @@ async def test_an_action_on_a_task_changed_meanwhile_is_refused(page: Page, site
     task = await _create(
         site, Task(app=APP, commands=[TaskCommand(method="shop.list"), Message(max_timeout=600)])
     )
-    await _wait_for(lambda: _in(site, task["id"], ("WAITING",)))
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
     await page.goto(f"{site.url}/tasks/{task['id']}")
     await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     await site.runtime.tasks.cancel(task["id"])  # someone else cancels it first
@@ -339,7 +323,7 @@ async def test_send_a_message_to_a_waiting_task(page: Page, site: Site) -> None:
             ],
         ),
     )
-    await _wait_for(lambda: _in(site, task["id"], ("WAITING",)))
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
     await page.goto(f"{site.url}/tasks/{task['id']}")
 
     await page.get_by_label("Message (JSON)").fill("{not json")
@@ -364,7 +348,7 @@ async def test_workers_page_online_then_offline(page: Page, site: Site) -> None:
     slow = await _create(
         site, Task(app=APP, commands=[TaskCommand(method="shop.list"), Message(max_timeout=600)])
     )
-    await _wait_for(lambda: _in(site, slow["id"], ("WAITING",)))
+    await eventually(lambda: _in(site, slow["id"], ("WAITING",)))
     await page.goto(site.url + "/workers")
     table = page.get_by_test_id("workers")
     row = table.get_by_role("row", name=re.compile(executor.id))
@@ -384,7 +368,7 @@ async def test_task_page_follows_a_running_task_live(page: Page, site: Site) -> 
     task = await _create(
         site, Task(app=APP, commands=[Message(max_timeout=600), TaskCommand(method="shop.list")])
     )
-    await _wait_for(lambda: _in(site, task["id"], ("WAITING",)))
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
     await page.goto(f"{site.url}/tasks/{task['id']}")
     await expect(page.get_by_test_id("status")).to_have_text("WAITING")
     await expect(page.locator("#live-status")).to_contain_text("live")

@@ -16,17 +16,7 @@ from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
 from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.store import postgres
-
-
-async def until(predicate, within=5.0):
-    """Poll ``predicate`` until it holds."""
-    deadline = time.monotonic() + within
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+from kaiju_tasks.testing import eventually
 
 
 async def wait_for(store, task_id, *statuses, within=10.0):
@@ -291,15 +281,15 @@ async def test_stage_timeout_cancels_the_call_and_fails_with_130(
     row = await wait_for(store, task["id"], "FAILED")
     assert row["exit_code"] == 130
     assert "stage max_timeout (0.3 s) exceeded" in row["error"]["message"]
-    await until(lambda: executor.active == 0)
+    await eventually(lambda: executor.active == 0)
 
 
 async def test_cancel_abandons_a_running_stage(task_service, store, executor, calls):
     task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
     await wait_for(store, task["id"], "EXECUTED")
-    await until(lambda: ("hang", None) in calls)
+    await eventually(lambda: ("hang", None) in calls)
     await task_service.cancel(task["id"])
-    await until(lambda: executor.active == 0)
+    await eventually(lambda: executor.active == 0)
     assert executor.active == 0
     row = await store.get_task(task["id"])
     assert (row["status"], row["exit_code"]) == ("FAILED", 130)
@@ -639,7 +629,7 @@ async def test_every_transition_writes_an_event_and_notifies(
             )
         )
         row = await wait_for(store, task["id"], "FINISHED")
-        await until(lambda: len(heard) >= 4)
+        await eventually(lambda: len(heard) >= 4)
     finally:
         await listener.close()
     events = await pool.fetch(
@@ -807,7 +797,7 @@ async def test_under_backlog_high_priority_tasks_start_before_older_low_ones(
     created = await task_service.create(high)
     async with Executor(store, methods=methods, clock=clock, dsn=dsn, concurrency=1, prefetch=0):
         await wait_for(store, created[-1]["id"], "FINISHED")
-        await until(lambda: len(started) == 25)
+        await eventually(lambda: len(started) == 25)
     assert sorted(started[:5]) == [f"high{i}" for i in range(5)]  # same queued_at: any order
 
 
@@ -937,7 +927,7 @@ async def test_metrics_report_tasks_lag_executors_and_stage_durations(
             for task in done:
                 await wait_for(store, task["id"], "FINISHED")
             clock.advance(30)
-            await until(lambda: metrics.stage_duration.labels("echo")._sum.get() > 0)
+            await eventually(lambda: metrics.stage_duration.labels("echo")._sum.get() > 0)
             text = (await metrics.render()).decode()
     finally:
         await metrics.stop()
@@ -1175,11 +1165,11 @@ async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
     async with Executor(store, methods=registry, clock=clock, dsn=dsn) as ex:
         task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
         row = await wait_for(store, task["id"], "EXECUTED")
-        await until(lambda: ("hang", None) in calls)
+        await eventually(lambda: ("hang", None) in calls)
         await pool.execute("SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} stale")
         await asyncio.sleep(0.3)
         assert ex.active == 1
         await pool.execute(
             "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} {row['claim_id']}"
         )
-        await until(lambda: ex.active == 0)
+        await eventually(lambda: ex.active == 0)

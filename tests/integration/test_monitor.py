@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -16,21 +15,9 @@ from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
 from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.monitor import EventReceiver, State, format_event
+from kaiju_tasks.testing import eventually
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _until(predicate, within=30.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("not reached in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -106,9 +93,9 @@ async def test_receiver_catches_up_after_a_forced_disconnect_missing_and_repeati
             page = await task_service.list(conditions={"status": "FINISHED"}, limit=1)
             return page["count"] == 300
 
-        await _until(all_finished)
+        await eventually(all_finished)
     expected = await _table_event_ids(pool)
-    await _until(lambda: len(seen) >= len(expected))
+    await eventually(lambda: len(seen) >= len(expected))
     await _stop(capture)
     assert len(seen) == len(set(seen)), "an event was delivered twice"
     assert sorted(seen) == expected, "an event was missed"
@@ -139,7 +126,7 @@ async def test_an_event_of_a_transaction_still_running_is_not_skipped(store, dsn
         await transaction.commit()
     finally:
         await slow.close()
-    await _until(lambda: second in seen)
+    await eventually(lambda: second in seen)
     await _stop(capture)
     assert first in seen
 
@@ -181,9 +168,9 @@ async def test_state_matches_the_database_after_a_run_with_failures_and_retries(
             page = await task_service.list(conditions={"status": ["FINISHED", "FAILED"]}, limit=1)
             return page["count"] == len(created)
 
-        await _until(ended)
+        await eventually(ended)
     total = await pool.fetchval("SELECT count(*) FROM events")
-    await _until(lambda: live.event_count >= total)
+    await eventually(lambda: live.event_count >= total)
     await _stop(capture)
     rebuilt = State()
     applied = await rebuilt.rebuild(dsn)
@@ -248,7 +235,7 @@ async def test_monitor_lines_for_the_celery_article_scenarios(
         rejected = await task_service.create(
             Task(app="orders", commands=[TaskCommand(method="reject")])
         )
-        await _until(lambda: _ended(store, [happy["id"], retried["id"], rejected["id"]]))
+        await eventually(lambda: _ended(store, [happy["id"], retried["id"], rejected["id"]]))
     await make_task(
         id="expired",
         app_name="orders",
