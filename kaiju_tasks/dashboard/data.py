@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from kaiju_tasks import monitor
+from kaiju_tasks.store import postgres
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class DashboardData:
         self, pool: asyncpg.Pool, dsn: str | None = None, *, cache_for: float = 2.0
     ) -> None:
         self.pool = pool
+        self.store = postgres.PostgresTaskStore(pool)
         self.dsn = dsn
         self.hub = EventHub(dsn) if dsn else None
         self.cache_for = cache_for
@@ -105,6 +107,8 @@ class DashboardData:
         if hit is not None and now - hit[0] < self.cache_for:
             return hit[1]
         value = await read()
+        # Drop what has expired, so keys that change (the throughput's minute) never pile up.
+        self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self.cache_for}
         self._cache[key] = (now, value)
         return value
 
@@ -142,11 +146,7 @@ class DashboardData:
 
     async def owner(self, task_id: str) -> str | None:
         """The user who owns a task (None: a system task, or no such task)."""
-        async with self.pool.acquire() as connection:
-            owner: str | None = await connection.fetchval(
-                "SELECT user_id FROM tasks WHERE id = $1", task_id
-            )
-        return owner
+        return (await self.store.task_owners([task_id])).get(task_id)
 
     async def queues(self, now: datetime) -> list[dict[str, Any]]:
         """Per app: QUEUED, EXECUTED and WAITING counts and the oldest QUEUED task's age."""

@@ -27,6 +27,7 @@ from aiohttp import web
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import conditions, errors, models, templates
 from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData, EventHub
+from kaiju_tasks.rpc.server import bearer_token
 from kaiju_tasks.service import TaskService, TokenService
 
 logger = logging.getLogger(__name__)
@@ -146,10 +147,7 @@ def _csrf(token: str) -> str:
 
 async def _caller(request: web.Request) -> tuple[models.Caller, str] | None:
     dashboard = request.app[DASHBOARD_KEY]
-    token = request.cookies.get(COOKIE)
-    if not token:
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    token = request.cookies.get(COOKIE) or bearer_token(request)
     try:
         return await dashboard.tokens.authenticate(token), token or ""
     except errors.NotAuthorized:

@@ -125,8 +125,7 @@ async def _rpc(request: web.Request) -> web.Response:
     if b"\\u0000" in raw:  # PostgreSQL text and jsonb cannot hold NUL characters
         error = protocol.error(protocol.INVALID_PARAMS, "NUL characters (\\u0000) are not allowed")
         return _json(_reply(None, error=error))
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    token = bearer_token(request)
 
     if isinstance(payload, list):
         if not payload:
@@ -144,6 +143,12 @@ async def _rpc(request: web.Request) -> web.Response:
         return _json(answered) if answered else web.Response(status=204)
     reply = await _call(api, payload, await _caller(api, token))
     return _json(reply) if reply is not None else web.Response(status=204)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
 
 
 def _no_constant(name: str) -> Any:
