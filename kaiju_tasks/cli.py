@@ -444,7 +444,9 @@ def _api(
 
     async def health() -> dict[str, Any]:
         now = SystemClock().now()
-        result: dict[str, Any] = await store.health(alive_since=now - timedelta(seconds=60))
+        from kaiju_tasks.metrics import ALIVE_WITHIN
+
+        result: dict[str, Any] = await store.health(alive_since=now - ALIVE_WITHIN)
         result["status"] = "ok" if result["leader"] else "degraded"
         return result
 
@@ -724,6 +726,8 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     from rich.console import Group
     from rich.table import Table
 
+    from kaiju_tasks.metrics import ALIVE_WITHIN
+
     def ago(value: str | None) -> str:
         if not value:
             return ""
@@ -736,7 +740,7 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     for w in snapshot["workers"]:
         alive = (
             w["stopped_at"] is None
-            and (now - datetime.fromisoformat(w["heartbeat_at"])).total_seconds() < 60
+            and now - datetime.fromisoformat(w["heartbeat_at"]) < ALIVE_WITHIN
         )
         workers.add_row(
             w["id"],

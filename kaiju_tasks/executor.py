@@ -52,6 +52,8 @@ class Executor:
         methods: in-process methods stages may call.
         app_urls: ``app_name -> JSON-RPC URL`` for stages of apps served over HTTP.
         dsn: enables LISTEN/NOTIFY wake-ups and cancellations (polling works without it).
+        clock: the time source (``SystemClock``; ``testing.FrozenClock`` in tests).
+        executor_id: this executor's id (default: ``host-pid-random``).
         concurrency: tasks run at once.
         app_token: bearer token sent with stage calls over HTTP (for apps behind auth).
         prefetch: tasks claimed ahead of free slots (default: ``concurrency``; 0 for none).
@@ -182,8 +184,8 @@ class Executor:
             self._running[task_id].cancel()
         if left:
             await asyncio.wait([self._running[t] for t in left])
+            # Also wakes the manager: re-queued at once, not at its next tick.
             handed = await self.store.suspend_executor_tasks(self.id, claims, now=self.clock.now())
-            await self.store.notify_manager()  # re-queued at once, not at the next tick
             logger.info(
                 "Tasks handed back",
                 extra={"event": "tasks_handed_back", "executor_id": self.id, "count": len(handed)},
@@ -196,7 +198,7 @@ class Executor:
 
     @property
     def active(self) -> int:
-        """Tasks running now."""
+        """Tasks this executor holds now: running, and claimed ahead (prefetched)."""
         return len(self._running)
 
     # -- wake-ups -----------------------------------------------------------------------------
@@ -256,7 +258,6 @@ class Executor:
         while True:
             try:
                 await self.store.suspend_executor_tasks(self.id, [claim_id], now=self.clock.now())
-                await self.store.notify_manager()
                 return
             except errors.StoreError:
                 if self._stopping:
@@ -283,7 +284,6 @@ class Executor:
                 },
             )
             await self.store.suspend_executor_tasks(self.id, orphans, now=self.clock.now())
-            await self.store.notify_manager()
         if not self._running:
             return
         # Only the tasks asked about: those claimed while the query ran are not in its answer.
@@ -415,11 +415,7 @@ class Executor:
                     await self._wait(row, stage, now + timedelta(seconds=command["seconds"]))
                     return
                 elif command.get("kind") == "message":
-                    limit = command.get("max_timeout")
-                    deadline = _deadline(row, now)
-                    if limit is not None:
-                        deadline = min(deadline, now + timedelta(seconds=limit))
-                    await self._wait(row, stage, deadline)
+                    await self._wait(row, stage, _stage_deadline(row, command, now)[0])
                     return
                 else:
                     result = _json_checked(await self._call(row, stage, command, data, now, meter))
@@ -469,12 +465,7 @@ class Executor:
                 f"method template rendered to {method!r}, not a method name", retryable=False
             )
         params = templates.render(command.get("params"), data, now=now)
-        deadline = _deadline(row, now)
-        limit_name = f"task deadline (max_exec_timeout {row['max_exec_timeout']} s)"
-        stage_limit = command.get("max_timeout")
-        if stage_limit is not None and now + timedelta(seconds=stage_limit) < deadline:
-            deadline = now + timedelta(seconds=stage_limit)
-            limit_name = f"stage max_timeout ({stage_limit:g} s)"
+        deadline, limit_name = _stage_deadline(row, command, now)
         timeout = (deadline - now).total_seconds()
         if timeout <= 0:
             raise errors.StageTimeout(f"{limit_name} exceeded before stage {stage} started")
@@ -595,16 +586,18 @@ class Executor:
                 raise _Revoked
             return
         timeout = isinstance(exc, errors.StageTimeout)
+        if rejected:
+            code = protocol.REJECTED
+        elif isinstance(exc, errors.RemoteCallError):
+            code = exc.code
+        else:
+            code = protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR
         error: dict[str, Any] = {
-            "code": exc.code
-            if isinstance(exc, errors.RemoteCallError)
-            else (protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR),
+            "code": code,
             "message": exc.message,
             "stage": stage,
             "reason": "timeout" if timeout else "rejected" if rejected else "error",
         }
-        if rejected:
-            error["code"] = protocol.REJECTED
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
         error = _storable(error)
@@ -657,6 +650,20 @@ def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:
     if deadline is None:  # rows written by hand may lack it
         return now + timedelta(seconds=row["max_exec_timeout"])
     return deadline
+
+
+def _stage_deadline(
+    row: Mapping[str, Any], command: Mapping[str, Any], now: datetime
+) -> tuple[datetime, str]:
+    """When a stage must end, and which limit that is (for the error that names it).
+
+    The task's deadline, or its own ``max_timeout`` when that comes sooner.
+    """
+    deadline = _deadline(row, now)
+    stage_limit = command.get("max_timeout")
+    if stage_limit is not None and now + timedelta(seconds=stage_limit) < deadline:
+        return now + timedelta(seconds=stage_limit), f"stage max_timeout ({stage_limit:g} s)"
+    return deadline, f"task deadline (max_exec_timeout {row['max_exec_timeout']} s)"
 
 
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash

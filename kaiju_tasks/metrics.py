@@ -22,6 +22,7 @@ from kaiju_tasks import monitor
 from kaiju_tasks.store import postgres
 
 ALIVE_WITHIN = timedelta(seconds=60)
+"""An executor heard from within this long counts as alive (metrics, /health, ``top``)."""
 STAGE_EVENTS = frozenset(
     {"task-stage-succeeded", "task-succeeded", "task-failed", "task-retried", "task-rejected"}
 )

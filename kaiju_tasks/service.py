@@ -476,13 +476,8 @@ class TaskService:
         """
         task_id = _id(id)
         access = _Access(caller)
-        current = await self._visible(task_id, access)
-        error = {
-            "code": protocol.CANCELLED,
-            "message": "Task cancelled",
-            "stage": current["stage"],
-            "reason": "cancelled",
-        }
+        # The statement adds the stage the task stands at, under its row lock.
+        error = {"code": protocol.CANCELLED, "message": "Task cancelled", "reason": "cancelled"}
         row = await self.store.cancel_task(
             task_id,
             error,

@@ -37,7 +37,11 @@ class Manager:
         store: the engine store.
         leadership: the advisory lock that elects one leader (None: always lead, for tests).
         dsn: enables LISTEN wake-ups (handed-back tasks are re-queued at once).
+        clock: the time source (``SystemClock``; ``testing.FrozenClock`` in tests).
+        settings: the duties' tunables (batch size, stale_after, retention periods).
         interval: time between ticks (time-based duties: timers, deadlines, cron).
+        gc_interval: time between garbage-collection rounds.
+        standby_interval: how often a standby tries to take the leadership.
         scheduler: run the scheduling duties.
         gc: run garbage collection (every ``gc_interval``).
     """

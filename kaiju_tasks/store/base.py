@@ -220,7 +220,7 @@ class EngineStore(TaskStore, Protocol):
     async def suspend_executor_tasks(
         self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
     ) -> set[str]:
-        """Hand back the runs (claim ids) an executor holds."""
+        """Hand back the runs (claim ids) an executor holds, and wake the manager."""
         ...
 
     async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
@@ -229,10 +229,6 @@ class EngineStore(TaskStore, Protocol):
 
     async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
         """Return the claim ids ``executor_id`` holds but does not run (``running``)."""
-        ...
-
-    async def notify_manager(self) -> None:
-        """Wake the manager."""
         ...
 
     async def queue_due(self, *, now: datetime, limit: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -266,37 +267,11 @@ def _task_records(
         yield from chunk
 
 
-def _task_record(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (
-        row["id"],
-        row["app_name"],
-        row["commands"],
-        row["kws"],
-        row["enabled"],
-        row["cron"],
-        row["max_exec_timeout"],
-        row["max_retries"],
-        row["restart_policy"],
-        row["retry_delay"],
-        row["next_task"],
-        row["notify"],
-        row["system"],
-        row["description"],
-        row["meta"],
-        row["priority"],
-        row["status"],
-        row["stages"],
-        row["job_id"],
-        row["user_id"],
-        row["created"],
-        row["queued_at"],
-        row["exec_deadline"],
-        row["next_run"],
-        row["created"],  # status_change
-        row["expires_at"],
-        row["parent_id"],
-        row["root_id"],
-    )
+_task_record = operator.itemgetter(
+    *("created" if c == "status_change" else c for c in _COPY_TASK_COLUMNS)
+)
+"""The COPY record of a new task row, in ``_COPY_TASK_COLUMNS`` order (``status_change``
+starts equal to ``created``)."""
 
 
 class PostgresTaskStore(base.TaskStore):
@@ -446,7 +421,10 @@ class PostgresTaskStore(base.TaskStore):
         modify_all: bool,
         user_id: str | None,
     ) -> Row | None:
-        """Abort a task that has not ended; None if it already ended or is not the caller's."""
+        """Abort a task that has not ended; None if it already ended or is not the caller's.
+
+        ``error`` is stored with the task's current ``stage`` added.
+        """
         return await self._fetchrow("cancel_task", task_id, modify_all, user_id, error, now)
 
     # -- notifications ------------------------------------------------------------------------
@@ -688,7 +666,10 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
     async def suspend_executor_tasks(
         self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
     ) -> set[str]:
-        """Hand back the runs (claim ids) an executor holds: SUSPENDED; return task ids."""
+        """Hand back the runs (claim ids) an executor holds; return their task ids.
+
+        They turn SUSPENDED, and the manager is woken at commit to re-queue them at once.
+        """
         rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(claim_ids))
         return {r["id"] for r in rows}
 
@@ -696,10 +677,6 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         """Return the claim ids ``executor_id`` holds in the database but does not run."""
         rows = await self._fetch("orphans", executor_id, list(running))
         return [r["claim_id"] for r in rows if r["claim_id"] is not None]
-
-    async def notify_manager(self) -> None:
-        """Wake the manager."""
-        await self._fetchval("notify_manager")
 
     async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
         """Return ``{id: {status, stage, executor_id}}`` for existing tasks."""
@@ -735,9 +712,8 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
             "events": "prune_events",
             "executors": "prune_executors",
         }[what]
-        args: tuple[Any, ...] = (before,) if what == "executors" else (before, limit)
         async with self._connection() as connection:
-            status = await connection.execute(QUERIES[query], *args)
+            status = await connection.execute(QUERIES[query], before, limit)
         return int(status.split()[-1])
 
     async def health(self, *, alive_since: datetime) -> dict[str, Any]:

@@ -101,7 +101,9 @@ WITH old AS (
     FOR UPDATE),
 done AS (
     UPDATE tasks t
-    SET status = 'FAILED', exit_code = 130, error = $4::jsonb, wait_deadline = NULL,
+    -- the stage it stood at when cancelled, read under the row lock
+    SET status = 'FAILED', exit_code = 130,
+        error = $4::jsonb || jsonb_build_object('stage', t.stage), wait_deadline = NULL,
         next_run = NULL, status_change = $5::timestamptz
     FROM old WHERE t.id = old.id
     RETURNING t.*),
@@ -157,7 +159,8 @@ SELECT 'worker-online', e.id, $6,
 FROM e;
 
 -- name: heartbeat
--- An executor is alive; returns the number of tasks it holds.
+-- An executor is alive ($3: the tasks it holds, recorded in the event); returns 1, or 0 when
+-- its row is gone (the manager forgot it) and it must register again.
 WITH e AS (
     UPDATE executors SET heartbeat_at = $2, stopped_at = NULL WHERE id = $1 RETURNING id),
 ev AS (
@@ -205,7 +208,8 @@ SELECT * FROM claimed;
 
 -- name: record_stages
 -- Commit finished stages of running tasks (not the last one): result appended, next stage set.
--- Items: [{id, stage, result}]. Returns the ids that applied (still ours, at that stage).
+-- Items: [{id, stage, result, claim_id, method, duration_s}] (method and duration for the
+-- event). Returns the ids that applied (still this claim's run, at that stage).
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, stage integer, result jsonb, method text, duration_s double precision,
@@ -228,7 +232,8 @@ SELECT id FROM done;
 -- Finish running tasks: FINISHED, exit code 0, the last result appended (when `append`),
 -- a notification when `notify`, the `next_task` queued when it is idle or ended and enabled,
 -- and `next_run` set to the next cron fire time (the manager restarts the task then).
--- Items: [{id, stage, result, append, next_run}]. Returns the ids that applied.
+-- Items: [{id, stage, result, append, next_run, claim_id, method, duration_s}]. Returns the
+-- ids that applied.
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, stage integer, result jsonb, append boolean, next_run timestamptz,
@@ -275,7 +280,8 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 -- is retryable — at once, or after `retry_delay * 2^retries` seconds (IDLE until then) — else
 -- FAILED with the exit code, a notification when `notify`, and `next_run` for cron. A retry
 -- keeps the job_id; restart_policy FIRST starts over at stage 0 with no results.
--- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run}]; the row
+-- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run, rejected,
+-- method, duration_s, due, claim_id}]; the row
 -- must still be in that status, stage and executor. Returns [{id, status, executor_id}].
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
@@ -344,7 +350,7 @@ FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: wait_tasks
 -- Park running tasks on a Timer or Message stage: WAITING until `wait_deadline`, executor freed.
--- Items: [{id, stage, wait_deadline}]. Returns the ids that applied.
+-- Items: [{id, stage, wait_deadline, claim_id}]. Returns the ids that applied.
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, stage integer, wait_deadline timestamptz, claim_id text)),
@@ -364,24 +370,23 @@ ev AS (
 SELECT id FROM done;
 
 -- name: suspend_executor_tasks
--- Hand back the tasks an executor still holds (shutdown): SUSPENDED at their current stage.
+-- Hand back the tasks an executor still holds (shutdown): SUSPENDED at their current stage,
+-- and wake the manager at commit, which re-queues them at once instead of at its next tick.
 WITH done AS (
     UPDATE tasks SET status = 'SUSPENDED', executor_id = NULL, status_change = $2
     WHERE status = 'EXECUTED' AND executor_id = $1 AND claim_id = ANY($3::text[])
     RETURNING id, job_id, stage),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created)
-    SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, $1, $2 FROM done)
-SELECT id FROM done;
+    SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, $1, $2 FROM done),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_manager', '') WHERE EXISTS (SELECT 1 FROM done))
+SELECT id FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: orphans
 -- Claims an executor holds in the database but does not run (a lost claim or hand-back reply).
 SELECT id, claim_id FROM tasks
 WHERE status = 'EXECUTED' AND executor_id = $1 AND NOT (claim_id = ANY($2::text[]));
-
--- name: notify_manager
--- Wake the manager (tasks were handed back).
-SELECT pg_notify('kaiju_tasks_manager', '');
 
 -- name: task_status
 -- The status, stage and executor of the given tasks (to notice cancellations).
@@ -536,7 +541,7 @@ DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created < $1 LIMIT $
 
 -- name: prune_executors
 -- Forget executors that have been silent longer than the retention period.
-DELETE FROM executors WHERE heartbeat_at < $1;
+DELETE FROM executors WHERE id IN (SELECT id FROM executors WHERE heartbeat_at < $1 LIMIT $2);
 
 -- name: notify_cancel
 -- Tell executors to abandon the running stages of these tasks.
@@ -581,7 +586,8 @@ SELECT EXISTS (
 
 -- name: requeue_rejected
 -- A stage rejected its task with requeue: back in the queue at its stage, no retry counted.
--- Items: [{id, stage, error}]; returns the ids that applied (the caller checked the bound).
+-- Items: [{id, stage, error, claim_id}]; returns the ids that applied (the caller checked the
+-- bound).
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, stage integer, error jsonb, claim_id text)),
