@@ -202,8 +202,9 @@ class _Command(_Model):
 
     def to_json(self) -> dict[str, JSONValue]:
         """Return the command as stored in the ``commands`` column."""
-        # Fields hold JSON values already; reading them is much faster than model_dump.
-        return {name: getattr(self, name) for name in type(self).model_fields}
+        # Fields hold JSON values already, and pydantic keeps exactly the fields, in declaration
+        # order, in the instance dict (extra="forbid"): a copy is much faster than model_dump.
+        return dict(self.__dict__)
 
 
 class TaskCommand(_Command):

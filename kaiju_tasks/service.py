@@ -28,14 +28,21 @@ MAX_BULK = 10000
 
 _ALL_BUT_RUNNING = tuple(s.value for s in models.TaskStatus if s is not models.TaskStatus.EXECUTED)
 _COMMANDS_EDITABLE = ("IDLE", "FINISHED", "FAILED", "QUEUED")
+_QUEUED = models.TaskStatus.QUEUED.value
+_IDLE = models.TaskStatus.IDLE.value
 
+
+_ID = base.NEW_TASK_COLUMNS.index("id")
+_NEXT_TASK = base.NEW_TASK_COLUMNS.index("next_task")
+
+_ROWS_CHUNK = 1000
+"""A bulk create validates and builds this many rows at a time, between sends."""
 
 _GC_PAUSE_MIN = 256
 """From this many tasks on, ``create`` pauses the cyclic garbage collector while it builds rows."""
 
 
-_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & (2**128 - 1)
-_UUID4_SET = (0x8000 << 48) | (0x4000 << 64)
+_UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def _uuid4s(count: int) -> Iterator[str]:
@@ -43,11 +50,37 @@ def _uuid4s(count: int) -> Iterator[str]:
 
     One ``os.urandom`` call (the source ``uuid.uuid4`` uses) for all of them: a bulk create
     needs two per task, and ``uuid.uuid4()`` costs a system call and a ``UUID`` object each.
+    The version nibble is set to 4 and the variant bits to 10, as RFC 9562 says.
     """
-    data = os.urandom(16 * count)
-    for i in range(0, 16 * count, 16):
-        h = f"{int.from_bytes(data[i : i + 16]) & _UUID4_CLEAR | _UUID4_SET:032x}"
-        yield f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    data = os.urandom(16 * count).hex()
+    variant = _UUID4_VARIANT
+    for i in range(0, 32 * count, 32):
+        h = data[i : i + 32]
+        yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+class _NewRows:
+    """Rows built while they are read (once), whose number is known up front."""
+
+    def __init__(self, rows: Iterator[base.NewTask], count: int) -> None:
+        self._rows = rows
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[base.NewTask]:
+        return self._rows
+
+    def __contains__(self, row: object) -> bool:
+        raise TypeError("new rows are read once, in order")
+
+
+def _next_task_of(item: Any) -> Any:
+    """The next_task an item to create names, before validation (None if it names none)."""
+    if isinstance(item, Mapping):
+        return item.get("next_task")
+    return getattr(item, "next_task", None)
 
 
 def _json_ready(row: Mapping[str, Any], columns: Iterable[str] | None = None) -> dict[str, Any]:
@@ -144,56 +177,59 @@ class TaskService:
         if len(items) > MAX_BULK:
             raise errors.ValidationError(f"at most {MAX_BULK} tasks per call", field="data")
         selected = _columns(columns, models.TASK_COLUMNS)
-        access = _Access(caller)
-        now = self.clock.now()
-        bulk = len(items) >= _GC_PAUSE_MIN
-        with _gc.paused(bulk):
-            tasks, rows, seen = self._new_rows(items, many, caller, now)
-        await self._check_next_tasks(
-            {
-                f"{f'{i}.' if many else ''}next_task": t.next_task
-                for i, t in enumerate(tasks)
-                if t.next_task is not None and t.next_task not in seen
-            },
-            access,
+        rows: base.NewTasks = _NewRows(
+            self._new_rows(items, many, caller, self.clock.now()), len(items)
         )
-        created = await self.store.insert_tasks(rows)
-        with _gc.paused(bulk):
-            out = [_json_ready(row, selected) for row in created]
+        if any(_next_task_of(item) is not None for item in items):
+            # A chained task must exist and be the caller's to start: build every row first.
+            rows = builtins.list(rows)
+            ids = {row[_ID] for row in rows}
+            refs = {
+                f"{f'{i}.' if many else ''}next_task": row[_NEXT_TASK]
+                for i, row in enumerate(rows)
+                if row[_NEXT_TASK] is not None and row[_NEXT_TASK] not in ids
+            }
+            await self._check_next_tasks(refs, _Access(caller))
+        # Otherwise the rows are validated and built while the store sends them.
+        created = await self.store.insert_tasks(rows, selected)
+        with _gc.paused(len(items) >= _GC_PAUSE_MIN):
+            out = [_json_ready(row) for row in created]
         return out if many else out[0]
 
     def _new_rows(
         self, items: Sequence[Any], many: bool, caller: models.Caller, now: datetime
-    ) -> tuple[builtins.list[models.Task], builtins.list[dict[str, Any]], set[str]]:
-        """Validate ``items`` and build their rows; return the tasks, the rows and their ids."""
-        tasks = [
-            models.parse_task(item, prefix=str(i) if many else "") for i, item in enumerate(items)
-        ]
-        rows = []
+    ) -> Iterator[base.NewTask]:
+        """Validate ``items`` and yield their rows, a chunk at a time (the GC paused in bulk)."""
         seen: set[str] = set()
         parent = context.get()
-        fresh = _uuid4s(2 * len(tasks))  # an id and a job_id per task at most
-        for i, task in enumerate(tasks):
-            where = f"{i}." if many else ""
-            self._check_system_fields(task, caller, where)
-            task_id = task.id or next(fresh)
-            if task_id in seen:
-                raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
-            seen.add(task_id)
-            row = self._new_row(task, task_id, next(fresh), caller, now)
-            if parent is not None and row["parent_id"] is None:
-                # Created from inside a running stage: a child in that task's tree, with the
-                # root's priority (as in Karton, a different priority asked for is ignored).
-                row["parent_id"] = parent["task_id"]
-                row["root_id"] = parent["root_id"]
-                row["priority"] = parent["priority"]
-            rows.append(row)
-        return tasks, rows, seen
+        fresh = _uuid4s(2 * len(items))  # an id and a job_id per task at most
+        deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
+        new_row = self._new_row
+        bulk = len(items) >= _GC_PAUSE_MIN
+        for start in range(0, len(items), _ROWS_CHUNK):
+            chunk = []
+            with _gc.paused(bulk):
+                for i, item in enumerate(items[start : start + _ROWS_CHUNK], start):
+                    where = f"{i}." if many else ""
+                    task = models.parse_task(item, prefix=where[:-1])
+                    if not caller.is_system:
+                        self._check_system_fields(task, caller, where)
+                    task_id = task.id or next(fresh)
+                    if task_id in seen:
+                        raise errors.ValidationError(
+                            f"duplicate id {task_id!r}", field=f"{where}id"
+                        )
+                    seen.add(task_id)
+                    timeout = task.max_exec_timeout
+                    deadline = deadlines.get(timeout)
+                    if deadline is None:
+                        deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
+                    chunk.append(new_row(task, task_id, fresh, caller, now, deadline, parent))
+            yield from chunk
 
     @staticmethod
     def _check_system_fields(task: models.Task, caller: models.Caller, where: str) -> None:
-        if caller.is_system:
-            return
+        """Refuse fields only a system caller may set (``caller`` is not the system)."""
         if task.system:
             raise errors.ValidationError("only a system caller may set it", field=f"{where}system")
         if task.user_id is not None and task.user_id != caller.user_id:
@@ -208,40 +244,68 @@ class TaskService:
 
     @staticmethod
     def _new_row(
-        task: models.Task, task_id: str, job_id: str, caller: models.Caller, now: datetime
-    ) -> dict[str, Any]:
-        # Built field by field: this runs once per task of a bulk create (model_dump is slower).
-        # job_id is used only if the task is queued at once.
+        task: models.Task,
+        task_id: str,
+        fresh: Iterator[str],
+        caller: models.Caller,
+        now: datetime,
+        deadline: datetime,
+        parent: Mapping[str, Any] | None,
+    ) -> base.NewTask:
+        """The row of a new task, in ``base.NEW_TASK_COLUMNS`` order.
+
+        Built as one tuple from the model's fields: this runs once per task of a bulk create.
+        A task due at once is QUEUED with a new job_id (from ``fresh``) and its deadline.
+        """
         due = task.enabled and task.cron is None
-        return {
-            "id": task_id,
-            "app_name": task.app_name,
-            "commands": [c.to_json() for c in task.commands],
-            "kws": task.kws,
-            "enabled": task.enabled,
-            "cron": task.cron,
-            "max_exec_timeout": task.max_exec_timeout,
-            "max_retries": task.max_retries,
-            "restart_policy": task.restart_policy.value,
-            "retry_delay": task.retry_delay,
-            "next_task": task.next_task,
-            "notify": task.notify,
-            "system": task.system,
-            "description": task.description,
-            "meta": task.meta,
-            "priority": task.priority,
-            "status": models.TaskStatus.QUEUED.value if due else models.TaskStatus.IDLE.value,
-            "stages": len(task.commands),
-            "job_id": job_id if due else None,
-            "user_id": task.user_id if task.user_id is not None else caller.user_id,
-            "created": now,
-            "queued_at": now if due else None,
-            "exec_deadline": now + timedelta(seconds=task.max_exec_timeout) if due else None,
-            "next_run": None if due else (cron.next_fire(task.cron, now) if task.cron else now),
-            "expires_at": task.expires_at,
-            "parent_id": task.parent_id,
-            "root_id": task.root_id or task_id,
-        }
+        commands = task.commands
+        if parent is not None and task.parent_id is None:
+            # Created from inside a running stage: a child in that task's tree, with the
+            # root's priority (as in Karton, a different priority asked for is ignored).
+            parent_id, root_id, priority = parent["task_id"], parent["root_id"], parent["priority"]
+        else:
+            parent_id, root_id, priority = task.parent_id, task.root_id or task_id, task.priority
+        if due:
+            status, job_id, queued_at, exec_deadline, next_run = (
+                _QUEUED,
+                next(fresh),
+                now,
+                deadline,
+                None,
+            )
+        else:
+            status, job_id, queued_at, exec_deadline = _IDLE, None, None, None
+            next_run = cron.next_fire(task.cron, now) if task.cron else now
+        return (
+            task_id,
+            task.app_name,
+            [c.to_json() for c in commands],
+            task.kws,
+            task.enabled,
+            task.cron,
+            task.max_exec_timeout,
+            task.max_retries,
+            task.restart_policy.value,
+            task.retry_delay,
+            task.next_task,
+            task.notify,
+            task.system,
+            task.description,
+            task.meta,
+            priority,
+            status,
+            len(commands),
+            job_id,
+            task.user_id if task.user_id is not None else caller.user_id,
+            now,
+            queued_at,
+            exec_deadline,
+            next_run,
+            now,
+            task.expires_at,
+            parent_id,
+            root_id,
+        )
 
     async def _check_next_tasks(self, refs: Mapping[str, str], access: _Access) -> None:
         """Check that every referenced next_task exists and the caller may start it."""

@@ -7,11 +7,26 @@ implementation. Rows are plain dicts of columns.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 Row = dict[str, Any]
+
+NEW_TASK_COLUMNS = (
+    "id", "app_name", "commands", "kws", "enabled", "cron", "max_exec_timeout", "max_retries",
+    "restart_policy", "retry_delay", "next_task", "notify", "system", "description", "meta",
+    "priority", "status", "stages", "job_id", "user_id", "created", "queued_at", "exec_deadline",
+    "next_run", "status_change", "expires_at", "parent_id", "root_id",
+)  # fmt: skip
+"""A new task row, as ``TaskService`` builds it and :meth:`TaskStore.insert_tasks` takes it: a
+tuple of these columns in this order. The engine's other columns start at their defaults."""
+
+NewTask = tuple[Any, ...]
+
+NewTasks = Collection[NewTask]
+"""New task rows: their number is known up front; they may be built while they are read, so
+they are iterated once."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,8 +58,12 @@ class Page:
 class TaskStore(Protocol):
     """Persistence of tasks and notifications."""
 
-    async def insert_tasks(self, rows: Sequence[Mapping[str, Any]]) -> list[Row]:
-        """Insert complete task rows in one statement; return them as stored."""
+    async def insert_tasks(self, rows: NewTasks, columns: Sequence[str] | None = None) -> list[Row]:
+        """Insert new task rows (tuples of :data:`NEW_TASK_COLUMNS`) in one transaction.
+
+        Return them as stored, each a dict of ``columns`` (default: every column, in table
+        order).
+        """
         ...
 
     async def insert_full(self, row: Mapping[str, Any]) -> Row:

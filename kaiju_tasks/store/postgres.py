@@ -7,11 +7,11 @@ connection); user-driven listings are compiled from ``tables.py`` with every val
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-import operator
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -139,12 +139,10 @@ COPY_MIN_ROWS = 64
 
 _QUEUED = "QUEUED"
 _TASK_SENT = "task-sent"
-_COPY_TASK_COLUMNS = (
-    "id", "app_name", "commands", "kws", "enabled", "cron", "max_exec_timeout", "max_retries",
-    "restart_policy", "retry_delay", "next_task", "notify", "system", "description", "meta",
-    "priority", "status", "stages", "job_id", "user_id", "created", "queued_at", "exec_deadline",
-    "next_run", "status_change", "expires_at", "parent_id", "root_id",
-)  # fmt: skip
+_ALL_COLUMNS = tuple(str(column.name) for column in tables.tasks.columns)
+_ID, _APP, _STATUS, _JOB_ID, _CREATED = (
+    base.NEW_TASK_COLUMNS.index(name) for name in ("id", "app_name", "status", "job_id", "created")
+)
 _COPY_EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
 
 
@@ -193,85 +191,80 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
-def _stored_task(row: Mapping[str, Any]) -> tuple[Row, bool]:
-    """The row ``RETURNING *`` would give for a new task, and whether to read its JSON back."""
-    created = _utc(row["created"])
+_NEW = {name: i for i, name in enumerate(base.NEW_TASK_COLUMNS)}
+_JSON_COLUMNS = frozenset({"commands", "kws", "meta"})
+_TIME_COLUMNS = frozenset(
+    {"created", "queued_at", "exec_deadline", "next_run", "status_change", "expires_at"}
+)
+_STARTING_VALUES: dict[str, Any] = {
+    "retries": 0,
+    "stage": 0,
+    "result": None,  # a new list per row, see _stored_task
+    "error": None,
+    "exit_code": None,
+    "executor_id": None,
+    "wait_deadline": None,
+    "requeues": 0,
+    "claim_id": None,
+}
+"""The columns a new row does not give, as the table's defaults set them."""
+
+
+def _stored_task(row: base.NewTask, columns: Sequence[str]) -> tuple[Row, bool]:
+    """Return ``columns`` of the row ``RETURNING *`` would give for a new task.
+
+    With it, whether its JSON is to be read back from the table (see :class:`_Reread`).
+    """
+    stored: Row = {}
     reread = False
-    try:
-        commands = _as_jsonb(row["commands"])
-        kws = _as_jsonb(row["kws"])
-        meta = _as_jsonb(row["meta"])
-    except _Reread:
-        commands, kws, meta, reread = row["commands"], row["kws"], row["meta"], True
-    stored = {
-        "id": row["id"],
-        "app_name": row["app_name"],
-        "commands": commands,
-        "kws": kws,
-        "enabled": row["enabled"],
-        "cron": row["cron"],
-        "max_exec_timeout": row["max_exec_timeout"],
-        "max_retries": row["max_retries"],
-        "retries": 0,
-        "restart_policy": row["restart_policy"],
-        "retry_delay": row["retry_delay"],
-        "next_task": row["next_task"],
-        "notify": row["notify"],
-        "system": row["system"],
-        "description": row["description"],
-        "meta": meta,
-        "priority": row["priority"],
-        "status": row["status"],
-        "stage": 0,
-        "stages": row["stages"],
-        "result": [],
-        "error": None,
-        "exit_code": None,
-        "job_id": row["job_id"],
-        "user_id": row["user_id"],
-        "executor_id": None,
-        "created": created,
-        "queued_at": _utc(row["queued_at"]),
-        "exec_deadline": _utc(row["exec_deadline"]),
-        "wait_deadline": None,
-        "next_run": _utc(row["next_run"]),
-        "status_change": created,
-        "expires_at": _utc(row["expires_at"]),
-        "parent_id": row["parent_id"],
-        "root_id": row["root_id"],
-        "requeues": 0,
-        "claim_id": None,
-    }
+    for name in columns:
+        index = _NEW.get(name)
+        if index is None:
+            stored[name] = [] if name == "result" else _STARTING_VALUES[name]
+            continue
+        value = row[index]
+        if name in _JSON_COLUMNS:
+            try:
+                value = _as_jsonb(value)
+            except _Reread:
+                reread = True
+        elif name in _TIME_COLUMNS:
+            value = _utc(value)
+        stored[name] = value
     return stored, reread
 
 
 _RECORDS_CHUNK = 1000
 
 
-def _task_records(
-    rows: Sequence[Mapping[str, Any]], stored: list[Row], reread: list[int]
-) -> Iterator[tuple[Any, ...]]:
-    """COPY records of ``rows``; fills ``stored`` (and ``reread``) as COPY consumes them.
+def _copied(
+    rows: Iterable[base.NewTask],
+    columns: Sequence[str],
+    stored: list[Row],
+    reread: list[tuple[int, str]],
+    queued: list[base.NewTask],
+) -> Iterator[base.NewTask]:
+    """Yield ``rows`` to COPY a chunk at a time, and fill the lists given meanwhile.
 
-    A generator converting a chunk at a time, so that the server inserts the rows of one chunk
-    while the next is converted.
+    ``stored`` gets the rows to return; ``reread`` the index and id of those whose JSON
+    PostgreSQL may write otherwise; ``queued`` the queued rows. COPY sends each chunk as it
+    goes, so the server inserts one chunk while the next is built.
     """
-    for start in range(0, len(rows), _RECORDS_CHUNK):
+    only_id = tuple(columns) == ("id",)
+    rest = iter(rows)
+    while chunk := list(itertools.islice(rest, _RECORDS_CHUNK)):
         with _gc.paused():
-            chunk = [_task_record(row) for row in rows[start : start + _RECORDS_CHUNK]]
-            for i, row in enumerate(rows[start : start + _RECORDS_CHUNK], start):
-                as_stored, again = _stored_task(row)
-                stored.append(as_stored)
+            for row in chunk:
+                if row[_STATUS] == _QUEUED:
+                    queued.append(row)
+                if only_id:
+                    stored.append({"id": row[_ID]})
+                    continue
+                as_stored, again = _stored_task(row, columns)
                 if again:
-                    reread.append(i)
+                    reread.append((len(stored), row[_ID]))
+                stored.append(as_stored)
         yield from chunk
-
-
-_task_record = operator.itemgetter(
-    *("created" if c == "status_change" else c for c in _COPY_TASK_COLUMNS)
-)
-"""The COPY record of a new task row, in ``_COPY_TASK_COLUMNS`` order (``status_change``
-starts equal to ``created``)."""
 
 
 class PostgresTaskStore(base.TaskStore):
@@ -292,52 +285,57 @@ class PostgresTaskStore(base.TaskStore):
 
     # -- tasks --------------------------------------------------------------------------------
 
-    async def insert_tasks(self, rows: Sequence[Mapping[str, Any]]) -> list[Row]:
-        """Insert complete task rows in one transaction; return them as stored.
+    async def insert_tasks(
+        self, rows: base.NewTasks, columns: Sequence[str] | None = None
+    ) -> list[Row]:
+        """Insert new task rows in one transaction; return ``columns`` of them as stored.
 
         Each queued task gets a ``task-sent`` event, and the executors of its app are woken
         (``NOTIFY kaiju_tasks_queued``) when the transaction commits. Up to
-        :data:`COPY_MIN_ROWS` - 1 rows go in one ``INSERT`` statement that returns them; more
-        go through binary ``COPY`` (tasks, then events) in one transaction, and the rows are
-        returned as PostgreSQL would return them without being read back (see
-        :func:`_stored_task`).
+        :data:`COPY_MIN_ROWS` - 1 rows go in one ``INSERT`` statement that returns them. More
+        go through binary ``COPY`` (tasks, then events) in one transaction, read as they are
+        sent (an error raised while building a row aborts it all), and are returned as
+        PostgreSQL would return them without being read back (see :func:`_stored_task`).
         """
         if not rows:
             return []
+        names = _ALL_COLUMNS if columns is None else tuple(columns)
         if len(rows) < COPY_MIN_ROWS:
+            objects = [dict(zip(base.NEW_TASK_COLUMNS, r, strict=True)) for r in rows]
             async with self._connection() as connection:
-                records = await connection.fetch(QUERIES["insert_tasks"], list(rows))
-            return [dict(r) for r in records]
+                records = await connection.fetch(QUERIES["insert_tasks"], objects)
+            return [{name: r[name] for name in names} for r in records]
         stored: list[Row] = []
-        reread: list[int] = []  # rows whose JSON PostgreSQL may write differently
+        reread: list[tuple[int, str]] = []
+        queued: list[base.NewTask] = []
         async with self._connection() as connection, connection.transaction():
             try:
                 await connection.copy_records_to_table(
                     "tasks",
-                    records=_task_records(rows, stored, reread),
-                    columns=_COPY_TASK_COLUMNS,
+                    records=_copied(rows, names, stored, reread, queued),
+                    columns=base.NEW_TASK_COLUMNS,
                 )
             except orjson.JSONEncodeError as exc:
                 raise errors.ValidationError(f"invalid JSON value: {exc}") from None
-            queued = [row for row in rows if row["status"] == _QUEUED]
             if queued:
                 await connection.copy_records_to_table(
                     "events",
                     records=[
-                        (_TASK_SENT, row["id"], row["job_id"], _QUEUED, 0, row["created"])
+                        (_TASK_SENT, row[_ID], row[_JOB_ID], _QUEUED, 0, row[_CREATED])
                         for row in queued
                     ],
                     columns=_COPY_EVENT_COLUMNS,
                 )
-                apps = sorted({row["app_name"] for row in queued})
+                apps = sorted({row[_APP] for row in queued})
                 await connection.fetchval(QUERIES["notify_queued"], apps)
             if reread:
+                json_columns = [n for n in names if n in _JSON_COLUMNS]
                 records = await connection.fetch(
-                    QUERIES["task_json"], [stored[i]["id"] for i in reread]
+                    QUERIES["task_json"], [task_id for _, task_id in reread]
                 )
                 by_id = {r["id"]: r for r in records}
-                for i in reread:
-                    stored[i].update(by_id[stored[i]["id"]])
+                for i, task_id in reread:
+                    stored[i].update({n: by_id[task_id][n] for n in json_columns})
         return stored
 
     async def insert_full(self, row: Mapping[str, Any]) -> Row:
