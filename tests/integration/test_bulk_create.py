@@ -26,6 +26,7 @@ from kaiju_tasks import (
 )
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.methods import Methods
+from kaiju_tasks.models import SYSTEM
 from kaiju_tasks.store.postgres import COPY_MIN_ROWS
 
 N = COPY_MIN_ROWS + 36  # enough to take the COPY path
@@ -271,6 +272,47 @@ async def test_a_value_json_cannot_hold_creates_nothing_and_the_pool_stays_usabl
     created = await task_service.create(tasks, columns=["id"])
     assert len(created) == 3 * N
     assert await _counts(pool) == (3 * N, 3 * N)
+
+
+async def test_a_bad_item_found_after_earlier_rows_were_sent_creates_nothing(task_service, pool):
+    # Rows are validated while COPY sends the ones before: 2,500 items are several chunks, so
+    # the server has rows of this batch when item 2,300 turns out bad.
+    many = 2500
+    good: list[Any] = [{"commands": [{"method": "x"}], "id": f"s{i}"} for i in range(many)]
+    for bad, field, caller in [
+        ({"commands": [{"method": ""}]}, "2300.commands.0.method", None),
+        ({"commands": [{"method": "x"}], "id": "s5"}, "2300.id", None),
+        (Task(commands=[TaskCommand(method="x")], system=True), "2300.system", ALICE),
+        ("not a task", "2300", None),
+    ]:
+        data = [*good[:2300], bad, *good[2301:]]
+        with pytest.raises(ValidationError) as exc:
+            await task_service.create(data, caller=caller or SYSTEM)
+        assert exc.value.field == field
+        assert await _counts(pool) == (0, 0)
+    created = await task_service.create(good, columns=["id"])  # the pool is fine afterwards
+    assert [row["id"] for row in created] == [f"s{i}" for i in range(many)]
+    assert await _counts(pool) == (many, many)
+
+
+async def test_bulk_create_chains_to_tasks_of_the_batch_and_existing_ones(task_service, pool):
+    await task_service.create(Task(id="before", commands=[TaskCommand(method="m")]))
+    data: list[Any] = [{"commands": [{"method": "m"}], "id": f"c{i}"} for i in range(N)]
+    data[3] = {**data[3], "next_task": "c7"}
+    data[5] = {**data[5], "next_task": "before"}
+    created = await task_service.create(data, columns=["id", "next_task"])
+    assert created[3] == {"id": "c3", "next_task": "c7"}
+    assert created[5] == {"id": "c5", "next_task": "before"}
+    data = [{"commands": [{"method": "m"}]} for _ in range(N)]
+    data[N - 2] = {**data[N - 2], "next_task": "nowhere"}
+    with pytest.raises(ValidationError) as exc:
+        await task_service.create(data)
+    assert exc.value.field == f"{N - 2}.next_task"
+    assert await _counts(pool) == (N + 1, N + 1)
+    data[N - 2] = {**data[N - 2], "next_task": "before"}
+    with pytest.raises(ValidationError) as exc:  # alice may not start the system's task
+        await task_service.create(data, caller=ALICE)
+    assert exc.value.field == f"{N - 2}.next_task"
 
 
 # -- wake-up --------------------------------------------------------------------------------------

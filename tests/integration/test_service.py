@@ -835,3 +835,10 @@ async def test_sorting_by_a_json_column_says_so(task_service):
 async def test_list_accepts_a_tuple_of_columns(task_service, five):
     page = await task_service.list(columns=("id",), limit=1)
     assert page["data"] == [{"id": "task0"}]
+
+
+async def test_ids_sort_byte_by_byte_whatever_the_database_locale(task_service):
+    ids = ["b", "a", "B", "A", "é", "_x", "a1", "ä", "Z9"]
+    await task_service.create([Task(id=i, commands=[TaskCommand(method="m")]) for i in ids])
+    page = await task_service.list(sort=["id"], columns=["id"])
+    assert [row["id"] for row in page["data"]] == sorted(ids, key=lambda i: i.encode())

@@ -57,13 +57,22 @@ async def test_sqlalchemy_tables_match_the_migrated_schema(dsn):
     try:
         for table in tables.metadata.sorted_tables:
             rows = await connection.fetch(
-                "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
+                "SELECT column_name, data_type, is_nullable, collation_name"
+                " FROM information_schema.columns"
                 " WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
                 table.name,
             )
-            in_db = {r["column_name"]: (r["data_type"], r["is_nullable"] == "YES") for r in rows}
+            in_db = {
+                r["column_name"]: (r["data_type"], r["is_nullable"] == "YES", r["collation_name"])
+                for r in rows
+            }
             declared = {
-                c.name: (_pg_type(c.type), c.nullable and not c.primary_key) for c in table.columns
+                c.name: (
+                    _pg_type(c.type),
+                    c.nullable and not c.primary_key,
+                    getattr(c.type, "collation", None),
+                )
+                for c in table.columns
             }
             assert in_db == declared, table.name
     finally:
@@ -95,3 +104,21 @@ async def test_migration_failure_is_reported_and_rolled_back(empty_dsn, monkeypa
         assert await migrate.applied(connection) == []
     finally:
         await connection.close()
+
+
+async def test_identifiers_compare_byte_by_byte_whatever_the_database_locale(dsn):
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND data_type IN ('text', 'ARRAY')"
+        )
+    finally:
+        await connection.close()
+    collations = {(r["table_name"], r["column_name"]): r["collation_name"] for r in rows}
+    free_text = {("tasks", "description"), ("tasks", "cron"), ("executors", "host")}
+    for (table, column), collation in collations.items():
+        if table == "kaiju_tasks_migrations" or (table, column) in free_text or column == "name":
+            assert collation is None, (table, column)
+        elif (table, column) != ("tokens", "permissions"):
+            assert collation == "C", (table, column)
