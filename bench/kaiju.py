@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,13 +18,32 @@ from kaiju_tasks.store import migrate, postgres
 
 APP = "bench"
 
+# What the producer hands to TaskService.create, both documented: "dicts" (the default) are
+# tasks as plain dicts, the shape the JSON-RPC API takes and a web backend already holds;
+# "models" builds Task and TaskCommand objects first (validated when built, in the caller's code).
+#   BENCH_KAIJU_INPUT  dicts (default) | models
+INPUT = os.environ.get("BENCH_KAIJU_INPUT", "dicts")
+if INPUT not in ("dicts", "models"):
+    raise SystemExit(f"BENCH_KAIJU_INPUT is dicts or models, not {INPUT!r}")
 
-def _noop_task(t0: float | None = None) -> Task:
+
+def _noop_task(t0: float | None = None) -> Task | dict[str, Any]:
     params = None if t0 is None else {"t0": t0}
+    if INPUT == "dicts":
+        return {"app": APP, "commands": [{"method": "noop", "params": params}]}
     return Task(app=APP, commands=[TaskCommand(method="noop", params=params)])
 
 
-def _pipeline_task() -> Task:
+def _pipeline_task() -> Task | dict[str, Any]:
+    if INPUT == "dicts":
+        return {
+            "app": APP,
+            "commands": [
+                {"method": "step", "params": {"x": 1}},
+                {"method": "step", "params": {"x": "[0.x]"}},
+                {"method": "step", "params": {"x": "[1.x]"}},
+            ],
+        }
     return Task(
         app=APP,
         commands=[
@@ -53,7 +73,7 @@ class Kaiju:
         if self.pool is not None:
             await self.pool.close()
 
-    async def _create_many(self, n: int, build: Callable[[], Task]) -> None:
+    async def _create_many(self, n: int, build: Callable[[], Task | dict[str, Any]]) -> None:
         assert self.service is not None
         done = 0
         while done < n:

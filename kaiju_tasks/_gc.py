@@ -1,4 +1,4 @@
-"""Pausing the cyclic garbage collector over the synchronous loops of bulk creates."""
+"""Pausing the cyclic garbage collector over a bulk create."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def paused(pause: bool = True) -> Iterator[None]:
-    """Pause the cyclic garbage collector over a synchronous loop (no await inside).
+    """Pause the cyclic garbage collector over a bulk create (a fraction of a second).
 
     A bulk create allocates several objects per task that all stay alive until it returns, so
     the collections they trigger free nothing, yet each full one walks the whole heap: with
-    10,000 tasks they cost as much as building the rows. Reference counting still frees
-    everything else at once; a collection the pause put off runs at the next allocations.
+    10,000 tasks they cost as much as building the rows. Pausing only its loops would merely
+    put the collections off to the allocations right after, so a create keeps the pause across
+    its awaits; other coroutines meanwhile run without cyclic collection too, which defers
+    it and loses nothing. Reference counting still frees everything else at once. A pause
+    inside another leaves the collector as the outer one says.
     """
     if not pause or not gc.isenabled():
         yield

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import itertools
 import os
 import secrets
 import uuid
@@ -35,11 +36,11 @@ _IDLE = models.TaskStatus.IDLE.value
 _ID = base.NEW_TASK_COLUMNS.index("id")
 _NEXT_TASK = base.NEW_TASK_COLUMNS.index("next_task")
 
-_ROWS_CHUNK = 1000
-"""A bulk create validates and builds this many rows at a time, between sends."""
+_VALIDATE_CHUNK = 1000
+"""A bulk create validates this many tasks in one call, then sends their rows."""
 
 _GC_PAUSE_MIN = 256
-"""From this many tasks on, ``create`` pauses the cyclic garbage collector while it builds rows."""
+"""From this many tasks on, ``create`` pauses the cyclic garbage collector until it returns."""
 
 
 _UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
@@ -177,6 +178,20 @@ class TaskService:
         if len(items) > MAX_BULK:
             raise errors.ValidationError(f"at most {MAX_BULK} tasks per call", field="data")
         selected = _columns(columns, models.TASK_COLUMNS)
+        # Everything a bulk create allocates stays alive until it returns: collections during
+        # it would free nothing (see _gc.paused), and pausing only its loops merely defers them.
+        with _gc.paused(len(items) >= _GC_PAUSE_MIN):
+            created = await self._insert(items, many, caller, selected)
+            out = [_json_ready(row) for row in created]
+        return out if many else out[0]
+
+    async def _insert(
+        self,
+        items: Sequence[Any],
+        many: bool,
+        caller: models.Caller,
+        selected: builtins.list[str] | None,
+    ) -> builtins.list[base.Row]:
         rows: base.NewTasks = _NewRows(
             self._new_rows(items, many, caller, self.clock.now()), len(items)
         )
@@ -191,41 +206,34 @@ class TaskService:
             }
             await self._check_next_tasks(refs, _Access(caller))
         # Otherwise the rows are validated and built while the store sends them.
-        created = await self.store.insert_tasks(rows, selected)
-        with _gc.paused(len(items) >= _GC_PAUSE_MIN):
-            out = [_json_ready(row) for row in created]
-        return out if many else out[0]
+        return await self.store.insert_tasks(rows, selected)
 
     def _new_rows(
         self, items: Sequence[Any], many: bool, caller: models.Caller, now: datetime
     ) -> Iterator[base.NewTask]:
-        """Validate ``items`` and yield their rows, a chunk at a time (the GC paused in bulk)."""
+        """Validate ``items`` and yield their rows, one at a time as they are read."""
         seen: set[str] = set()
         parent = context.get()
         fresh = _uuid4s(2 * len(items))  # an id and a job_id per task at most
         deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
         new_row = self._new_row
-        bulk = len(items) >= _GC_PAUSE_MIN
-        for start in range(0, len(items), _ROWS_CHUNK):
-            chunk = []
-            with _gc.paused(bulk):
-                for i, item in enumerate(items[start : start + _ROWS_CHUNK], start):
-                    where = f"{i}." if many else ""
-                    task = models.parse_task(item, prefix=where[:-1])
-                    if not caller.is_system:
-                        self._check_system_fields(task, caller, where)
-                    task_id = task.id or next(fresh)
-                    if task_id in seen:
-                        raise errors.ValidationError(
-                            f"duplicate id {task_id!r}", field=f"{where}id"
-                        )
-                    seen.add(task_id)
-                    timeout = task.max_exec_timeout
-                    deadline = deadlines.get(timeout)
-                    if deadline is None:
-                        deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
-                    chunk.append(new_row(task, task_id, fresh, caller, now, deadline, parent))
-            yield from chunk
+        tasks: Iterable[models.Task] = itertools.chain.from_iterable(
+            models.parse_tasks(items[start : start + _VALIDATE_CHUNK], start if many else None)
+            for start in range(0, len(items), _VALIDATE_CHUNK)
+        )
+        for i, task in enumerate(tasks):
+            where = f"{i}." if many else ""
+            if not caller.is_system:
+                self._check_system_fields(task, caller, where)
+            task_id = task.id or next(fresh)
+            if task_id in seen:
+                raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
+            seen.add(task_id)
+            timeout = task.max_exec_timeout
+            deadline = deadlines.get(timeout)
+            if deadline is None:
+                deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
+            yield new_row(task, task_id, fresh, caller, now, deadline, parent)
 
     @staticmethod
     def _check_system_fields(task: models.Task, caller: models.Caller, where: str) -> None:

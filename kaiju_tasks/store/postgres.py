@@ -20,7 +20,7 @@ import orjson
 import sqlalchemy as sa
 
 from kaiju_tasks import _gc, errors
-from kaiju_tasks.store import base, tables
+from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,8 @@ COPY_MIN_ROWS = 64
 """From this many rows on, ``insert_tasks`` writes with binary COPY instead of one INSERT."""
 
 _QUEUED = "QUEUED"
-_TASK_SENT = "task-sent"
 _ALL_COLUMNS = tuple(str(column.name) for column in tables.tasks.columns)
-_ID, _APP, _STATUS, _JOB_ID, _CREATED = (
-    base.NEW_TASK_COLUMNS.index(name) for name in ("id", "app_name", "status", "job_id", "created")
-)
+_ID, _APP, _STATUS = (base.NEW_TASK_COLUMNS.index(name) for name in ("id", "app_name", "status"))
 _COPY_EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
 
 
@@ -309,22 +306,18 @@ class PostgresTaskStore(base.TaskStore):
         reread: list[tuple[int, str]] = []
         queued: list[base.NewTask] = []
         async with self._connection() as connection, connection.transaction():
-            try:
-                await connection.copy_records_to_table(
-                    "tasks",
-                    records=_copied(rows, names, stored, reread, queued),
-                    columns=base.NEW_TASK_COLUMNS,
-                )
-            except orjson.JSONEncodeError as exc:
-                raise errors.ValidationError(f"invalid JSON value: {exc}") from None
+            await connection.copy_to_table(
+                "tasks",
+                source=copy.chunks(copy.task_rows(_copied(rows, names, stored, reread, queued))),
+                columns=base.NEW_TASK_COLUMNS,
+                format="binary",
+            )
             if queued:
-                await connection.copy_records_to_table(
+                await connection.copy_to_table(
                     "events",
-                    records=[
-                        (_TASK_SENT, row[_ID], row[_JOB_ID], _QUEUED, 0, row[_CREATED])
-                        for row in queued
-                    ],
+                    source=copy.chunks(copy.task_sent_events(queued)),
                     columns=_COPY_EVENT_COLUMNS,
+                    format="binary",
                 )
                 apps = sorted({row[_APP] for row in queued})
                 await connection.fetchval(QUERIES["notify_queued"], apps)

@@ -175,9 +175,10 @@ WITH e AS (
 INSERT INTO events (type, executor_id, created) SELECT 'worker-offline', e.id, $2 FROM e;
 
 -- name: claim
--- Claim up to $3 QUEUED tasks of the given apps: highest priority first, then oldest. One
--- index scan per app (a plain `app_name = ANY(...)` would read and sort the whole queue);
--- rows locked beyond the final LIMIT are released at commit, untouched.
+-- Claim up to $3 QUEUED tasks of the given apps: highest priority first, then oldest (ties in
+-- the queue index's order, by the row's place in the table). One index scan per app (a plain
+-- `app_name = ANY(...)` would read and sort the whole queue); rows locked beyond the final
+-- LIMIT are released at commit, untouched.
 WITH picked AS (
     SELECT q.id FROM unnest($1::text[]) AS a(app)
     CROSS JOIN LATERAL (
@@ -186,10 +187,10 @@ WITH picked AS (
           -- an expired task that never started is left to the manager to revoke
           AND (expires_at IS NULL OR expires_at > $4 OR stage > 0 OR retries > 0
                OR result <> '[]'::jsonb)
-        ORDER BY priority DESC, queued_at, id
+        ORDER BY priority DESC, queued_at
         LIMIT $3
         FOR UPDATE SKIP LOCKED) q
-    ORDER BY q.priority DESC, q.queued_at, q.id
+    ORDER BY q.priority DESC, q.queued_at
     LIMIT $3),
 claimed AS (
     UPDATE tasks t

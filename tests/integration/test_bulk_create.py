@@ -315,6 +315,37 @@ async def test_bulk_create_chains_to_tasks_of_the_batch_and_existing_ones(task_s
     assert exc.value.field == f"{N - 2}.next_task"
 
 
+async def test_bulk_create_stores_times_before_2000_and_far_ahead_exactly(task_service):
+    # Times travel as microseconds since 2000-01-01 UTC: negative before it.
+    times = [
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=timezone(timedelta(hours=-11, minutes=-30))),
+        datetime(1, 1, 2, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=5))),
+    ]
+    tasks = [
+        Task(commands=[TaskCommand(method="m")], expires_at=times[i % len(times)]) for i in range(N)
+    ]
+    created = await task_service.create(tasks, columns=["id", "expires_at"])
+    for i, row in enumerate(created):
+        assert datetime.fromisoformat(row["expires_at"]) == times[i % len(times)]
+        assert (await task_service.get(row["id"], ["expires_at"])) == {
+            "expires_at": row["expires_at"]
+        }
+
+
+async def test_text_utf8_cannot_hold_creates_nothing(task_service, pool):
+    tasks: list[Any] = [{"commands": [{"method": "m"}]} for _ in range(N)]
+    tasks[N - 1] = {"commands": [{"method": "m"}], "description": "lone \ud800 surrogate"}
+    with pytest.raises(ValidationError) as exc:
+        await task_service.create(tasks)
+    assert exc.value.field == f"{N - 1}.description"
+    tasks[N - 1] = {"commands": [{"method": "m"}], "kws": {"k": "lone \ud800 surrogate"}}
+    with pytest.raises(ValidationError, match="surrogates not allowed"):
+        await task_service.create(tasks)
+    assert await _counts(pool) == (0, 0)
+
+
 # -- wake-up --------------------------------------------------------------------------------------
 
 

@@ -1197,3 +1197,20 @@ async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
             "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} {row['claim_id']}"
         )
         await eventually(lambda: ex.active == 0)
+
+
+async def test_claims_take_tasks_of_one_priority_and_time_in_the_order_they_were_created(
+    task_service, store, clock
+):
+    # One bulk create: one queued_at for all, so only the queue index's tie order decides.
+    ids = [f"t{i:03}" for i in range(300)][::-1]  # not in id order
+    await task_service.create([Task(id=i, commands=[TaskCommand(method="m")]) for i in ids])
+    await task_service.create(
+        [Task(id=f"hi{i}", commands=[TaskCommand(method="m")], priority="HIGH") for i in range(3)]
+    )
+    taken = []
+    while batch := await store.claim(["default"], "ex", limit=7, now=clock.now()):
+        taken.append({row["id"] for row in batch})
+    assert taken[0] == {"hi0", "hi1", "hi2", ids[0], ids[1], ids[2], ids[3]}
+    rest = [ids[4:][i : i + 7] for i in range(0, len(ids) - 4, 7)]
+    assert taken[1:] == [set(chunk) for chunk in rest]
