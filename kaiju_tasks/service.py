@@ -46,18 +46,20 @@ _GC_PAUSE_MIN = 256
 _UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
-def _uuid4s(count: int) -> Iterator[str]:
-    """Yield ``count`` new random UUID4 strings, as ``str(uuid.uuid4())`` writes them.
+def _uuid4s(count: int) -> list[str]:
+    """Return ``count`` new random UUID4 strings, as ``str(uuid.uuid4())`` writes them.
 
     One ``os.urandom`` call (the source ``uuid.uuid4`` uses) for all of them: a bulk create
     needs two per task, and ``uuid.uuid4()`` costs a system call and a ``UUID`` object each.
     The version nibble is set to 4 and the variant bits to 10, as RFC 9562 says.
     """
-    data = os.urandom(16 * count).hex()
+    h = os.urandom(16 * count).hex()
     variant = _UUID4_VARIANT
-    for i in range(0, 32 * count, 32):
-        h = data[i : i + 32]
-        yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:]}"
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+        f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]
 
 
 class _NewRows:
@@ -211,29 +213,81 @@ class TaskService:
     def _new_rows(
         self, items: Sequence[Any], many: bool, caller: models.Caller, now: datetime
     ) -> Iterator[base.NewTask]:
-        """Validate ``items`` and yield their rows, one at a time as they are read."""
+        """Validate ``items`` and yield their rows (``base.NEW_TASK_COLUMNS``), one at a time.
+
+        A task due at once (enabled, no cron) is QUEUED with a new job_id and its deadline;
+        the others wait in IDLE for ``next_run``. This loop runs once per task of a bulk create,
+        so it reads the model's fields straight into one tuple per task.
+        """
         seen: set[str] = set()
         parent = context.get()
-        fresh = _uuid4s(2 * len(items))  # an id and a job_id per task at most
+        fresh = iter(_uuid4s(2 * len(items)))  # an id and a job_id per task at most
         deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
-        new_row = self._new_row
+        system = caller.is_system
         tasks: Iterable[models.Task] = itertools.chain.from_iterable(
             models.parse_tasks(items[start : start + _VALIDATE_CHUNK], start if many else None)
             for start in range(0, len(items), _VALIDATE_CHUNK)
         )
         for i, task in enumerate(tasks):
-            where = f"{i}." if many else ""
-            if not caller.is_system:
-                self._check_system_fields(task, caller, where)
+            if not system:
+                self._check_system_fields(task, caller, f"{i}." if many else "")
             task_id = task.id or next(fresh)
             if task_id in seen:
+                where = f"{i}." if many else ""
                 raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
             seen.add(task_id)
+            if parent is not None and task.parent_id is None:
+                # Created from inside a running stage: a child in that task's tree, with the
+                # root's priority (as in Karton, a different priority asked for is ignored).
+                parent_id, root_id = parent["task_id"], parent["root_id"]
+                priority = parent["priority"]
+            else:
+                parent_id, root_id, priority = (
+                    task.parent_id,
+                    task.root_id or task_id,
+                    task.priority,
+                )
             timeout = task.max_exec_timeout
-            deadline = deadlines.get(timeout)
-            if deadline is None:
-                deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
-            yield new_row(task, task_id, fresh, caller, now, deadline, parent)
+            if task.enabled and task.cron is None:
+                status, job_id, queued_at, next_run = _QUEUED, next(fresh), now, None
+                deadline = deadlines.get(timeout)
+                if deadline is None:
+                    deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
+            else:
+                status, job_id, queued_at, deadline = _IDLE, None, None, None
+                next_run = cron.next_fire(task.cron, now) if task.cron else now
+            commands = task.commands
+            user_id = task.user_id
+            yield (
+                task_id,
+                task.app_name,
+                [c.to_json() for c in commands],
+                task.kws,
+                task.enabled,
+                task.cron,
+                timeout,
+                task.max_retries,
+                task.restart_policy._value_,  # the member's own value: no property call
+                task.retry_delay,
+                task.next_task,
+                task.notify,
+                task.system,
+                task.description,
+                task.meta,
+                priority,
+                status,
+                len(commands),
+                job_id,
+                user_id if user_id is not None else caller.user_id,
+                now,
+                queued_at,
+                deadline,
+                next_run,
+                now,
+                task.expires_at,
+                parent_id,
+                root_id,
+            )
 
     @staticmethod
     def _check_system_fields(task: models.Task, caller: models.Caller, where: str) -> None:
@@ -249,71 +303,6 @@ class TaskService:
                 raise errors.ValidationError(
                     "only a system caller may set it", field=f"{where}{name}"
                 )
-
-    @staticmethod
-    def _new_row(
-        task: models.Task,
-        task_id: str,
-        fresh: Iterator[str],
-        caller: models.Caller,
-        now: datetime,
-        deadline: datetime,
-        parent: Mapping[str, Any] | None,
-    ) -> base.NewTask:
-        """The row of a new task, in ``base.NEW_TASK_COLUMNS`` order.
-
-        Built as one tuple from the model's fields: this runs once per task of a bulk create.
-        A task due at once is QUEUED with a new job_id (from ``fresh``) and its deadline.
-        """
-        due = task.enabled and task.cron is None
-        commands = task.commands
-        if parent is not None and task.parent_id is None:
-            # Created from inside a running stage: a child in that task's tree, with the
-            # root's priority (as in Karton, a different priority asked for is ignored).
-            parent_id, root_id, priority = parent["task_id"], parent["root_id"], parent["priority"]
-        else:
-            parent_id, root_id, priority = task.parent_id, task.root_id or task_id, task.priority
-        if due:
-            status, job_id, queued_at, exec_deadline, next_run = (
-                _QUEUED,
-                next(fresh),
-                now,
-                deadline,
-                None,
-            )
-        else:
-            status, job_id, queued_at, exec_deadline = _IDLE, None, None, None
-            next_run = cron.next_fire(task.cron, now) if task.cron else now
-        return (
-            task_id,
-            task.app_name,
-            [c.to_json() for c in commands],
-            task.kws,
-            task.enabled,
-            task.cron,
-            task.max_exec_timeout,
-            task.max_retries,
-            task.restart_policy.value,
-            task.retry_delay,
-            task.next_task,
-            task.notify,
-            task.system,
-            task.description,
-            task.meta,
-            priority,
-            status,
-            len(commands),
-            job_id,
-            task.user_id if task.user_id is not None else caller.user_id,
-            now,
-            queued_at,
-            exec_deadline,
-            next_run,
-            now,
-            task.expires_at,
-            parent_id,
-            root_id,
-        )
 
     async def _check_next_tasks(self, refs: Mapping[str, str], access: _Access) -> None:
         """Check that every referenced next_task exists and the caller may start it."""

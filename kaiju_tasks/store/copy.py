@@ -40,6 +40,11 @@ _JSONB_VERSION = b"\x01"
 _EMPTY_OBJECT = struct.pack("!i", 3) + _JSONB_VERSION + b"{}"
 
 
+EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
+"""The columns of a ``task-sent`` event row, as :meth:`NewTasks.events` writes it."""
+_QUEUED = "QUEUED"
+
+
 def text(value: str) -> bytes:
     """A ``text`` field: its UTF-8 bytes, length first."""
     try:
@@ -89,94 +94,126 @@ class _Encodings(dict[Any, bytes]):
         return encoded
 
 
-def task_rows(rows: Iterable[base.NewTask], rows_per_chunk: int = 1000) -> Iterator[bytes]:
-    """Yield the binary COPY data of ``rows`` (in ``base.NEW_TASK_COLUMNS`` order) in chunks.
+_EVENT_HEAD = struct.pack("!h", len(EVENT_COLUMNS)) + text("task-sent")
+_EVENT_QUEUED = text(_QUEUED) + _int4(0)  # status, then stage 0
 
-    Raises :class:`errors.ValidationError` for a value the column cannot hold as given (text
-    UTF-8 cannot encode, a value JSON cannot hold); PostgreSQL checks the rest.
+
+class NewTasks:
+    """The binary COPY data of new task rows, and what the store needs of them afterwards.
+
+    :meth:`tasks` reads the rows (once) as COPY asks for data; meanwhile it keeps them in
+    :attr:`rows`, the apps of the queued ones in :attr:`apps`, and the COPY rows of their
+    ``task-sent`` events (made from the encodings of the task) for :meth:`events`.
     """
-    app, cron, policy, next_task, description, status, user_id, parent_id = (
-        _Encodings(text) for _ in range(8)
-    )
-    enabled, notify, system = (_Encodings(_boolean) for _ in range(3))
-    timeout, retries, delay, stages = (_Encodings(_int4) for _ in range(4))
-    priority = _Encodings(_int2)
-    created, queued_at, deadline, next_run, changed, expires = (
-        _Encodings(_timestamptz) for _ in range(6)
-    )
-    fields, null, empty = _FIELDS, NULL, _EMPTY_OBJECT
-    out: list[bytes] = [HEADER]
-    count = 0
-    for (
-        r_id, r_app, r_commands, r_kws, r_enabled, r_cron, r_timeout, r_retries,
-        r_policy, r_delay, r_next_task, r_notify, r_system, r_description, r_meta,
-        r_priority, r_status, r_stages, r_job_id, r_user_id, r_created, r_queued_at,
-        r_deadline, r_next_run, r_changed, r_expires, r_parent_id, r_root_id,
-    ) in rows:  # fmt: skip
-        encoded_id = text(r_id)
-        out += (
-            fields,
-            encoded_id,
-            app[r_app],
-            jsonb(r_commands),
-            jsonb(r_kws) if r_kws else empty,
-            enabled[r_enabled],
-            cron[r_cron],
-            timeout[r_timeout],
-            retries[r_retries],
-            policy[r_policy],
-            delay[r_delay],
-            next_task[r_next_task],
-            notify[r_notify],
-            system[r_system],
-            description[r_description],
-            jsonb(r_meta) if r_meta else empty,
-            priority[r_priority],
-            status[r_status],
-            stages[r_stages],
-            null if r_job_id is None else text(r_job_id),
-            user_id[r_user_id],
-            created[r_created],
-            queued_at[r_queued_at],
-            deadline[r_deadline],
-            next_run[r_next_run],
-            changed[r_changed],
-            expires[r_expires],
-            parent_id[r_parent_id],
-            encoded_id if r_root_id == r_id else text(r_root_id),
+
+    def __init__(self, rows: Iterable[base.NewTask], rows_per_chunk: int = 1000) -> None:
+        self._source = rows
+        self._rows_per_chunk = rows_per_chunk
+        self.rows: list[base.NewTask] = []
+        self.apps: set[str] = set()
+        self._sent: list[bytes] = []
+
+    @property
+    def queued(self) -> int:
+        """How many of the rows read so far are queued (each has a ``task-sent`` event)."""
+        return len(self._sent)
+
+    def tasks(self) -> Iterator[bytes]:
+        """Yield the COPY data of the rows (``base.NEW_TASK_COLUMNS``), in chunks.
+
+        Raises :class:`errors.ValidationError` for a value the column cannot hold as given
+        (text UTF-8 cannot encode, a value JSON cannot hold); PostgreSQL checks the rest.
+        """
+        try:
+            yield from self._tasks()
+        except UnicodeEncodeError as exc:
+            raise errors.ValidationError(f"text that UTF-8 cannot hold: {exc.reason}") from None
+        except orjson.JSONEncodeError as exc:
+            raise errors.ValidationError(f"invalid JSON value: {exc}") from None
+
+    def events(self) -> Iterator[bytes]:
+        """Yield the COPY data of the ``task-sent`` events (:data:`EVENT_COLUMNS`)."""
+        yield b"".join((HEADER, *self._sent, TRAILER))
+
+    def _tasks(self) -> Iterator[bytes]:
+        app, cron, policy, next_task, description, status, user_id, parent_id = (
+            _Encodings(text) for _ in range(8)
         )
-        count += 1
-        if count == rows_per_chunk:
-            yield b"".join(out)
-            out.clear()
-            count = 0
-    out.append(TRAILER)
-    yield b"".join(out)
-
-
-_EVENT_FIELDS = struct.pack("!h", 6)
-
-
-def task_sent_events(rows: Iterable[base.NewTask]) -> Iterator[bytes]:
-    """Yield the binary COPY data of a ``task-sent`` event for each of ``rows`` (all queued).
-
-    Columns: ``type, task_id, job_id, status, stage, created``.
-    """
-    head = _EVENT_FIELDS + text("task-sent")
-    queued, stage = text("QUEUED"), _int4(0)
-    created = _Encodings(_timestamptz)
-    task_id, job_id, created_at = (
-        base.NEW_TASK_COLUMNS.index(name) for name in ("id", "job_id", "created")
-    )
-    out = [HEADER]
-    out.extend(
-        b"".join(
-            (head, text(row[task_id]), text(row[job_id]), queued, stage, created[row[created_at]])
+        enabled, notify, system = (_Encodings(_boolean) for _ in range(3))
+        timeout, retries, delay, stages = (_Encodings(_int4) for _ in range(4))
+        priority = _Encodings(_int2)
+        created, queued_at, deadline, next_run, changed, expires = (
+            _Encodings(_timestamptz) for _ in range(6)
         )
-        for row in rows
-    )
-    out.append(TRAILER)
-    yield b"".join(out)
+        fields, null, empty, version = _FIELDS, NULL, _EMPTY_OBJECT, _JSONB_VERSION
+        event_head, event_status = _EVENT_HEAD, _EVENT_QUEUED
+        keep, sent, apps = self.rows.append, self._sent.append, self.apps.add
+        dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
+        out: list[bytes] = [HEADER]
+        count, per_chunk = 0, self._rows_per_chunk
+        for row in self._source:
+            (
+                r_id, r_app, r_commands, r_kws, r_enabled, r_cron, r_timeout, r_retries,
+                r_policy, r_delay, r_next_task, r_notify, r_system, r_description, r_meta,
+                r_priority, r_status, r_stages, r_job_id, r_user_id, r_created, r_queued_at,
+                r_deadline, r_next_run, r_changed, r_expires, r_parent_id, r_root_id,
+            ) = row  # fmt: skip
+            keep(row)
+            # ids, job ids and commands differ from row to row: encoded here, without a call.
+            data = r_id.encode()
+            encoded_id = len(data).to_bytes(4, "big") + data
+            if r_job_id is None:
+                encoded_job_id = null
+            else:
+                data = r_job_id.encode()
+                encoded_job_id = len(data).to_bytes(4, "big") + data
+            data = dumps(r_commands, option=option)
+            encoded_created = created[r_created]
+            out += (
+                fields,
+                encoded_id,
+                app[r_app],
+                (len(data) + 1).to_bytes(4, "big") + version + data,
+                jsonb(r_kws) if r_kws else empty,
+                enabled[r_enabled],
+                cron[r_cron],
+                timeout[r_timeout],
+                retries[r_retries],
+                policy[r_policy],
+                delay[r_delay],
+                next_task[r_next_task],
+                notify[r_notify],
+                system[r_system],
+                description[r_description],
+                jsonb(r_meta) if r_meta else empty,
+                priority[r_priority],
+                status[r_status],
+                stages[r_stages],
+                encoded_job_id,
+                user_id[r_user_id],
+                encoded_created,
+                queued_at[r_queued_at],
+                deadline[r_deadline],
+                next_run[r_next_run],
+                changed[r_changed],
+                expires[r_expires],
+                parent_id[r_parent_id],
+                encoded_id if r_root_id == r_id else text(r_root_id),
+            )
+            if r_status == _QUEUED:
+                apps(r_app)
+                sent(
+                    b"".join(
+                        (event_head, encoded_id, encoded_job_id, event_status, encoded_created)
+                    )
+                )
+            count += 1
+            if count == per_chunk:
+                yield b"".join(out)
+                out.clear()
+                count = 0
+        out.append(TRAILER)
+        yield b"".join(out)
 
 
 async def chunks(data: Iterable[bytes]) -> AsyncIterator[bytes]:

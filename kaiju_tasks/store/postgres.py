@@ -7,11 +7,10 @@ connection); user-driven listings are compiled from ``tables.py`` with every val
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -19,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import _gc, errors
+from kaiju_tasks import errors
 from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -140,7 +139,6 @@ COPY_MIN_ROWS = 64
 _QUEUED = "QUEUED"
 _ALL_COLUMNS = tuple(str(column.name) for column in tables.tasks.columns)
 _ID, _APP, _STATUS = (base.NEW_TASK_COLUMNS.index(name) for name in ("id", "app_name", "status"))
-_COPY_EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
 
 
 class _Reread(Exception):
@@ -231,39 +229,6 @@ def _stored_task(row: base.NewTask, columns: Sequence[str]) -> tuple[Row, bool]:
     return stored, reread
 
 
-_RECORDS_CHUNK = 1000
-
-
-def _copied(
-    rows: Iterable[base.NewTask],
-    columns: Sequence[str],
-    stored: list[Row],
-    reread: list[tuple[int, str]],
-    queued: list[base.NewTask],
-) -> Iterator[base.NewTask]:
-    """Yield ``rows`` to COPY a chunk at a time, and fill the lists given meanwhile.
-
-    ``stored`` gets the rows to return; ``reread`` the index and id of those whose JSON
-    PostgreSQL may write otherwise; ``queued`` the queued rows. COPY sends each chunk as it
-    goes, so the server inserts one chunk while the next is built.
-    """
-    only_id = tuple(columns) == ("id",)
-    rest = iter(rows)
-    while chunk := list(itertools.islice(rest, _RECORDS_CHUNK)):
-        with _gc.paused():
-            for row in chunk:
-                if row[_STATUS] == _QUEUED:
-                    queued.append(row)
-                if only_id:
-                    stored.append({"id": row[_ID]})
-                    continue
-                as_stored, again = _stored_task(row, columns)
-                if again:
-                    reread.append((len(stored), row[_ID]))
-                stored.append(as_stored)
-        yield from chunk
-
-
 class PostgresTaskStore(base.TaskStore):
     """The TaskStore on PostgreSQL via an asyncpg pool."""
 
@@ -302,25 +267,31 @@ class PostgresTaskStore(base.TaskStore):
             async with self._connection() as connection:
                 records = await connection.fetch(QUERIES["insert_tasks"], objects)
             return [{name: r[name] for name in names} for r in records]
-        stored: list[Row] = []
-        reread: list[tuple[int, str]] = []
-        queued: list[base.NewTask] = []
+        data = copy.NewTasks(rows)
         async with self._connection() as connection, connection.transaction():
             await connection.copy_to_table(
                 "tasks",
-                source=copy.chunks(copy.task_rows(_copied(rows, names, stored, reread, queued))),
+                source=copy.chunks(data.tasks()),
                 columns=base.NEW_TASK_COLUMNS,
                 format="binary",
             )
-            if queued:
+            if data.queued:
                 await connection.copy_to_table(
                     "events",
-                    source=copy.chunks(copy.task_sent_events(queued)),
-                    columns=_COPY_EVENT_COLUMNS,
+                    source=copy.chunks(data.events()),
+                    columns=copy.EVENT_COLUMNS,
                     format="binary",
                 )
-                apps = sorted({row[_APP] for row in queued})
-                await connection.fetchval(QUERIES["notify_queued"], apps)
+                await connection.fetchval(QUERIES["notify_queued"], sorted(data.apps))
+            if names == ("id",):
+                return [{"id": row[_ID]} for row in data.rows]
+            stored: list[Row] = []
+            reread: list[tuple[int, str]] = []  # index and id: JSON PostgreSQL may write otherwise
+            for row in data.rows:
+                as_stored, again = _stored_task(row, names)
+                if again:
+                    reread.append((len(stored), row[_ID]))
+                stored.append(as_stored)
             if reread:
                 json_columns = [n for n in names if n in _JSON_COLUMNS]
                 records = await connection.fetch(
