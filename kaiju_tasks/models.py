@@ -404,7 +404,10 @@ def _check_consistency(
 ) -> None:
     # ``kind``, not isinstance: pydantic's metaclass makes isinstance slow, and bulk creates
     # check every command of every task.
-    waited = sum(c.seconds for c in commands if c.kind == "timer")
+    waited: float = 0
+    for command in commands:
+        if command.kind == "timer":
+            waited += command.seconds
     if waited > max_exec_timeout:
         raise ValueError(
             f"max_exec_timeout: timers total {waited:g} s, more than the task's "

@@ -106,7 +106,7 @@ class NewTasks:
     ``task-sent`` events (made from the encodings of the task) for :meth:`events`.
     """
 
-    def __init__(self, rows: Iterable[base.NewTask], rows_per_chunk: int = 1000) -> None:
+    def __init__(self, rows: Iterable[base.NewTask], rows_per_chunk: int = 200) -> None:
         self._source = rows
         self._rows_per_chunk = rows_per_chunk
         self.rows: list[base.NewTask] = []
