@@ -280,7 +280,7 @@ class TaskService:
             yield (
                 task_id,
                 task.app_name,
-                [c.to_json() for c in commands],
+                list(map(vars, commands)),  # each command's fields (to_json without a copy)
                 task.kws,
                 task.enabled,
                 task.cron,

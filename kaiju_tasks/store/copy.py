@@ -82,6 +82,38 @@ def _timestamptz(value: datetime) -> bytes:
     return _INT8.pack(8, (value - _PG_EPOCH) // _MICROSECOND)
 
 
+def _maybe(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    return lambda value: NULL if value is None else encode(value)
+
+
+_text, _time = _maybe(text), _maybe(_timestamptz)
+
+# Runs of columns that a batch mostly repeats, encoded together (see _Run), in the order of
+# base.NEW_TASK_COLUMNS: enabled .. description (4-13), priority .. stages (15-17), and
+# user_id .. parent_id (19-26).
+_FLAGS = (_boolean, _text, _int4, _int4, _text, _int4, _text, _boolean, _boolean, _text)
+_RANKING = (_int2, _text, _int4)
+_TIMES = (_text, _time, _time, _time, _time, _time, _time, _text)
+
+
+class _Run(dict[tuple[Any, ...], bytes]):
+    """The encodings of a run of adjacent columns, by their values (a slice of the row).
+
+    A batch of tasks mostly repeats the same few combinations (the flags and limits, the
+    status, the creation time and deadline), so a row costs one lookup per run.
+    """
+
+    def __init__(self, encoders: tuple[Callable[[Any], bytes], ...]) -> None:
+        super().__init__()
+        self._encoders = encoders
+
+    def __missing__(self, values: tuple[Any, ...]) -> bytes:
+        encoded = self[values] = b"".join(
+            encode(value) for encode, value in zip(self._encoders, values, strict=True)
+        )
+        return encoded
+
+
 class _Encodings(dict[Any, bytes]):
     """The encodings of one column's values, each computed the first time it is asked for."""
 
@@ -136,15 +168,8 @@ class NewTasks:
         yield b"".join((HEADER, *self._sent, TRAILER))
 
     def _tasks(self) -> Iterator[bytes]:
-        app, cron, policy, next_task, description, status, user_id, parent_id = (
-            _Encodings(text) for _ in range(8)
-        )
-        enabled, notify, system = (_Encodings(_boolean) for _ in range(3))
-        timeout, retries, delay, stages = (_Encodings(_int4) for _ in range(4))
-        priority = _Encodings(_int2)
-        created, queued_at, deadline, next_run, changed, expires = (
-            _Encodings(_timestamptz) for _ in range(6)
-        )
+        app = _Encodings(text)
+        flags, ranking, times, created = (_Run(run) for run in (_FLAGS, _RANKING, _TIMES, (_time,)))
         fields, null, empty, version = _FIELDS, NULL, _EMPTY_OBJECT, _JSONB_VERSION
         event_head, event_status = _EVENT_HEAD, _EVENT_QUEUED
         keep, sent, apps = self.rows.append, self._sent.append, self.apps.add
@@ -152,59 +177,36 @@ class NewTasks:
         out: list[bytes] = [HEADER]
         count, per_chunk = 0, self._rows_per_chunk
         for row in self._source:
-            (
-                r_id, r_app, r_commands, r_kws, r_enabled, r_cron, r_timeout, r_retries,
-                r_policy, r_delay, r_next_task, r_notify, r_system, r_description, r_meta,
-                r_priority, r_status, r_stages, r_job_id, r_user_id, r_created, r_queued_at,
-                r_deadline, r_next_run, r_changed, r_expires, r_parent_id, r_root_id,
-            ) = row  # fmt: skip
             keep(row)
             # ids, job ids and commands differ from row to row: encoded here, without a call.
-            data = r_id.encode()
+            task_id, job_id = row[0], row[18]
+            data = task_id.encode()
             encoded_id = len(data).to_bytes(4, "big") + data
-            if r_job_id is None:
+            if job_id is None:
                 encoded_job_id = null
             else:
-                data = r_job_id.encode()
+                data = job_id.encode()
                 encoded_job_id = len(data).to_bytes(4, "big") + data
-            data = dumps(r_commands, option=option)
-            encoded_created = created[r_created]
+            data = dumps(row[2], option=option)
+            kws, meta, root_id = row[3], row[14], row[27]
             out += (
                 fields,
                 encoded_id,
-                app[r_app],
+                app[row[1]],
                 (len(data) + 1).to_bytes(4, "big") + version + data,
-                jsonb(r_kws) if r_kws else empty,
-                enabled[r_enabled],
-                cron[r_cron],
-                timeout[r_timeout],
-                retries[r_retries],
-                policy[r_policy],
-                delay[r_delay],
-                next_task[r_next_task],
-                notify[r_notify],
-                system[r_system],
-                description[r_description],
-                jsonb(r_meta) if r_meta else empty,
-                priority[r_priority],
-                status[r_status],
-                stages[r_stages],
+                jsonb(kws) if kws else empty,
+                flags[row[4:14]],
+                jsonb(meta) if meta else empty,
+                ranking[row[15:18]],
                 encoded_job_id,
-                user_id[r_user_id],
-                encoded_created,
-                queued_at[r_queued_at],
-                deadline[r_deadline],
-                next_run[r_next_run],
-                changed[r_changed],
-                expires[r_expires],
-                parent_id[r_parent_id],
-                encoded_id if r_root_id == r_id else text(r_root_id),
+                times[row[19:27]],
+                encoded_id if root_id == task_id else text(root_id),
             )
-            if r_status == _QUEUED:
-                apps(r_app)
+            if row[16] == _QUEUED:
+                apps(row[1])
                 sent(
                     b"".join(
-                        (event_head, encoded_id, encoded_job_id, event_status, encoded_created)
+                        (event_head, encoded_id, encoded_job_id, event_status, created[row[20:21]])
                     )
                 )
             count += 1
