@@ -202,9 +202,7 @@ def compile_conditions(table: sa.Table, conditions: Any, field: str = "condition
             return None
         return sa.and_(
             *(
-                _value_clause(
-                    _filter_column(table, name, f"{field}.{name}"), value, f"{field}.{name}"
-                )
+                _condition(table, name, value, f"{field}.{name}")
                 for name, value in conditions.items()
             )
         )
@@ -219,6 +217,20 @@ def compile_conditions(table: sa.Table, conditions: Any, field: str = "condition
             parts.append(sa.true() if clause is None else clause)
         return sa.or_(*parts)
     raise errors.ValidationError("conditions are an object or a list of objects", field=field)
+
+
+def _condition(table: sa.Table, name: Any, value: Any, field: str) -> sa.ColumnElement[bool]:
+    column = _filter_column(table, name, field)
+    clause = _value_clause(column, value, field)
+    if column is tasks.c.root_id and value is not None and not isinstance(value, Mapping):
+        # The tree index holds only tasks whose root is another task (migration 0011): a
+        # task that is its own root is found by its id instead.
+        by_id = _value_clause(tasks.c.id, value, field)
+        return sa.or_(
+            sa.and_(clause, column != tasks.c.id),
+            sa.and_(by_id, clause),
+        )
+    return clause
 
 
 def _filter_column(table: sa.Table, name: Any, field: str) -> sa.Column[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from kaiju_tasks import (
     errors,
     testing,
 )
+from kaiju_tasks.store import tables
 
 ALICE = Caller.user("alice")
 BOB = Caller.user("bob")
@@ -842,3 +844,45 @@ async def test_ids_sort_byte_by_byte_whatever_the_database_locale(task_service):
     await task_service.create([Task(id=i, commands=[TaskCommand(method="m")]) for i in ids])
     page = await task_service.list(sort=["id"], columns=["id"])
     assert [row["id"] for row in page["data"]] == sorted(ids, key=lambda i: i.encode())
+
+
+async def test_a_tree_listed_by_root_id_is_exact_and_read_through_indexes(task_service, pool):
+    # The tree index holds only tasks whose root is another task; a task that is its own root
+    # is found by id. Every task of the tree, and only those, comes back either way.
+    system_made = {"id": "adopted", "root_id": "r1"}  # a system caller's root, no parent
+    await task_service.create(
+        [
+            Task(id="r1", commands=[TaskCommand(method="m")]),
+            Task(id="r2", commands=[TaskCommand(method="m")]),
+            Task(id="c1", commands=[TaskCommand(method="m")], parent_id="r1", root_id="r1"),
+            Task(id="c2", commands=[TaskCommand(method="m")], parent_id="c1", root_id="r1"),
+            Task(id="c3", commands=[TaskCommand(method="m")], parent_id="r2", root_id="r2"),
+            Task(commands=[TaskCommand(method="m")], **system_made),
+        ]
+    )
+    await task_service.create([Task(commands=[TaskCommand(method="m")]) for _ in range(3000)])
+
+    async def ids(conditions: Any) -> set[str]:
+        page = await task_service.list(conditions=conditions, columns=["id"], limit=1000)
+        return {row["id"] for row in page["data"]}
+
+    assert await ids({"root_id": "r1"}) == {"r1", "c1", "c2", "adopted"}
+    assert await ids({"root_id": ["r2", "nowhere"]}) == {"r2", "c3"}
+    assert await ids([{"root_id": "r2"}, {"id": "r1"}]) == {"r2", "c3", "r1"}
+    assert await ids({"root_id": {"ne": "r1"}, "id": ["r1", "r2", "c3"]}) == {"r2", "c3"}
+    assert await ids({"root_id": None}) == set()
+
+    await pool.execute("ANALYZE tasks")
+    statement = tables.select_page(
+        tables.tasks,
+        where=[tables.compile_conditions(tables.tasks, {"root_id": "r1"})],
+        columns=[tables.tasks.c.id],
+        order=[],
+        offset=0,
+        limit=100,
+    )
+    sql, params = tables.to_sql(statement)
+    plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {sql}", *params))
+    assert "Seq Scan" not in plan, plan
+    assert "tasks_root_idx" in plan, plan
+    assert "tasks_pkey" in plan, plan
