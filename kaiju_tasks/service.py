@@ -78,6 +78,15 @@ def _uuid4s(count: int) -> list[str]:
     ]
 
 
+def _fresh_uuid4s(block: int) -> Iterator[str]:
+    """New UUID4 strings, as many as asked for, made ``block`` at a time (see :func:`_uuid4s`).
+
+    A bulk create takes them as it validates its tasks, so the first rows leave sooner.
+    """
+    while True:
+        yield from _uuid4s(block)
+
+
 class _NewRows:
     """Rows built while they are read (once), whose number is known up front."""
 
@@ -240,7 +249,7 @@ class TaskService:
         """
         seen: set[str] = set()
         parent = context.get()
-        fresh = iter(_uuid4s(2 * len(items)))  # an id and a job_id per task at most
+        fresh = _fresh_uuid4s(min(2 * len(items), 2 * _VALIDATE_CHUNK))  # id and job_id
         deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
         system = caller.is_system
         tasks: Iterable[models.Task] = itertools.chain.from_iterable(
