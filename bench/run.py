@@ -5,7 +5,8 @@
     python bench/run.py --scenarios b,d --systems kaiju,pgqueuer --profile py-spy
 
 Scenarios (each system, same server, its own freshly created database per scenario):
-  a  bulk enqueue N no-op jobs with the system's bulk API (median of 5)        -> jobs/s
+  a  bulk enqueue N no-op jobs with the system's bulk API (median of 5, the
+     systems taking turns)                                                    -> jobs/s
   b  drain those N jobs with one worker process, concurrency 10               -> jobs/s
   c  create->first-stage-start latency, idle worker, 200 jobs 20 ms apart     -> p50/p95/p99 ms
   d  drain 3,000 3-stage pipelines (kaiju: templates; peers: enqueue next job from the handler)
@@ -349,46 +350,75 @@ class Run:
             **({"profile": str(worker.profile_path)} if worker.profile_path else {}),
         }
 
-    async def scenario_ab(self, system: common.System, scenarios: set[str]) -> list[Sample]:
+    async def scenario_a(self) -> None:
+        """a for every system, their enqueues taking turns; record each system's median.
+
+        An enqueue lasts a fraction of a second, so one sample is at the mercy of the machine's
+        moment: each system is timed --enqueue-samples times per --repeat, each time into a
+        fresh database, and the systems alternate so that they share the machine's moods.
+        """
         n = self.args.n
-        # An enqueue lasts a fraction of a second, so one sample is at the mercy of the machine:
-        # a takes the median of several, each into a fresh database; b drains the last one.
-        timings: list[float] = []
-        for _ in range(self.args.enqueue_samples if "a" in scenarios else 1):
-            dsn = await self.fresh(system)
-            try:
-                label = f"{system.name}-a"
-                timings.append(await self.timed_enqueue(system, label, system.enqueue_noop(n)))
-            finally:
-                await system.close()
-        out: list[Sample] = []
-        if "a" in scenarios:
-            seconds = statistics.median(timings)
-            out.append(
-                (
-                    "a_enqueue",
-                    "throughput",
-                    n / seconds,
-                    "jobs/s",
-                    {
-                        "n": n,
-                        "elapsed_s": round(seconds, 3),
-                        "samples_s": [round(t, 3) for t in timings],
-                    },
-                )
+        timings: dict[str, list[float]] = {name: [] for name in self.args.systems}
+        failed: dict[str, str] = {}
+        rounds = self.args.enqueue_samples * self.args.repeat
+        for turn in range(rounds):
+            for name in self.args.systems:
+                if name in failed:
+                    continue
+                system = make_system(name)
+                log(f"{name}: scenario a ({turn + 1}/{rounds}) ...")
+                try:
+                    await self.fresh(system)
+                    try:
+                        body = system.enqueue_noop(n)
+                        timings[name].append(await self.timed_enqueue(system, f"{name}-a", body))
+                    finally:
+                        await system.close()
+                except Exception as exc:  # noqa: BLE001 -- one failure must not stop the others
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    log(f"{name}: scenario a FAILED: {failed[name]}")
+                    self.record(name, "a_", "error", None, "", error=failed[name])
+        load = round(os.getloadavg()[0], 2)
+        for name, seconds in timings.items():
+            if name in failed or not seconds:
+                continue
+            median = statistics.median(seconds)
+            self.record(
+                name,
+                "a_enqueue",
+                "throughput",
+                n / median,
+                "jobs/s",
+                n=n,
+                elapsed_s=round(median, 3),
+                samples_s=[round(t, 3) for t in seconds],
+                loadavg_1m=load,
             )
-        if "b" in scenarios:
-            m = await self.worker_measure(system, dsn, common.NOOP, f"{system.name}-b", n, n)
-            out.append(
-                (
-                    "b_drain",
-                    "throughput",
-                    n / m["elapsed_s"],
-                    "jobs/s",
-                    {"n": n, "concurrency": self.args.concurrency, **m},
-                )
+
+    async def scenario_b(self, system: common.System) -> list[Sample]:
+        n = self.args.n
+        dsn = await self.fresh(system)
+        try:
+            enqueue_s = await self.timed_enqueue(
+                system, f"{system.name}-b-enqueue", system.enqueue_noop(n)
             )
-        return out
+        finally:
+            await system.close()
+        m = await self.worker_measure(system, dsn, common.NOOP, f"{system.name}-b", n, n)
+        return [
+            (
+                "b_drain",
+                "throughput",
+                n / m["elapsed_s"],
+                "jobs/s",
+                {
+                    "n": n,
+                    "concurrency": self.args.concurrency,
+                    "enqueue_s": round(enqueue_s, 3),
+                    **m,
+                },
+            )
+        ]
 
     async def scenario_c(self, system: common.System) -> list[Sample]:
         count, interval = self.args.latency_count, self.args.latency_interval
@@ -498,15 +528,16 @@ class Run:
         for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly: workers down, databases gone
             loop.add_signal_handler(sig, me.cancel)
         try:
-            for group in ("ab", "c", "d"):
-                if not scenarios & set(group):
+            if "a" in scenarios:
+                await self.scenario_a()
+            for group in ("b", "c", "d"):
+                if group not in scenarios:
                     continue
                 for name in self.args.systems:
                     system = make_system(name)
                     body: Callable[[], Awaitable[list[Sample]]]
-                    if group == "ab":
-                        label = "".join(sorted(scenarios & set("ab")))
-                        body = functools.partial(self.scenario_ab, system, scenarios)
+                    if group == "b":
+                        label, body = "b", functools.partial(self.scenario_b, system)
                     elif group == "c":
                         label, body = "c", functools.partial(self.scenario_c, system)
                     else:
@@ -641,7 +672,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--enqueue-samples",
         type=int,
         default=5,
-        help="a: enqueues timed (each into a fresh database); the median is reported",
+        help="a: enqueues timed per system and --repeat (each into a fresh database, the "
+        "systems taking turns); the median is reported",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: n=1000, pipelines=300, 50 latency samples"

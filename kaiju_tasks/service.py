@@ -200,6 +200,8 @@ class TaskService:
         """
         many = isinstance(data, Sequence) and not isinstance(data, str | bytes | Mapping)
         items: Sequence[Any] = data if many else [data]  # type: ignore[assignment]
+        if not isinstance(items, list | tuple):
+            items = builtins.list(items)  # validated in slices
         if many and not items:
             raise errors.ValidationError("no tasks given", field="data")
         if len(items) > MAX_BULK:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -344,6 +345,30 @@ async def test_text_utf8_cannot_hold_creates_nothing(task_service, pool):
     with pytest.raises(ValidationError, match="surrogates not allowed"):
         await task_service.create(tasks)
     assert await _counts(pool) == (0, 0)
+
+
+class _Indexable(Sequence[Any]):
+    """A sequence that can be indexed one item at a time, not sliced."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int):
+            raise TypeError("no slices here")
+        return self._items[index]
+
+
+async def test_bulk_create_takes_any_sequence_and_a_tuple(task_service, pool):
+    one = {"commands": [{"method": "m"}]}
+    created = await task_service.create(_Indexable([one] * N), columns=["id"])
+    assert len(created) == N
+    created = await task_service.create(tuple([one] * N), columns=["id"])
+    assert len(created) == N
+    assert await _counts(pool) == (2 * N, 2 * N)
 
 
 # -- wake-up --------------------------------------------------------------------------------------
