@@ -14,7 +14,7 @@ import os
 import secrets
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kaiju_tasks import _gc, context, cron, errors, models
@@ -250,6 +250,9 @@ class TaskService:
         so it reads the model's fields straight into one tuple per task.
         """
         seen: set[str] = set()
+        # Times go to the store in UTC: equal-looking local times may be different instants
+        # (a repeated hour at a DST change), and the COPY encoding caches by value.
+        now = now.astimezone(UTC)
         parent = context.get()
         fresh = _fresh_uuid4s(min(2 * len(items), 2 * _VALIDATE_CHUNK))  # id and job_id
         deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
@@ -288,6 +291,15 @@ class TaskService:
                 next_run = cron.next_fire(task.cron, now) if task.cron else now
             commands = task.commands
             user_id = task.user_id
+            expires_at = task.expires_at
+            if expires_at is not None:
+                try:
+                    expires_at = expires_at.astimezone(UTC)
+                except OverflowError:
+                    where = f"{i}." if many else ""
+                    raise errors.ValidationError(
+                        "out of range once in UTC", field=f"{where}expires_at"
+                    ) from None
             yield (
                 task_id,
                 task.app_name,
@@ -314,7 +326,7 @@ class TaskService:
                 deadline,
                 next_run,
                 now,
-                task.expires_at,
+                expires_at,
                 parent_id,
                 root_id,
             )

@@ -86,13 +86,19 @@ def _maybe(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return lambda value: NULL if value is None else encode(value)
 
 
-_text, _time = _maybe(text), _maybe(_timestamptz)
+_text, _time, _bool, _int, _small = (
+    _maybe(encode) for encode in (text, _timestamptz, _boolean, _int4, _int2)
+)
 
 # Runs of columns that a batch mostly repeats, encoded together (see _Run), in the order of
-# base.NEW_TASK_COLUMNS: enabled .. description (4-13), priority .. stages (15-17), and
+# base.NEW_TASK_COLUMNS. None is NULL everywhere: a NOT NULL column then refuses it, as it
+# would refuse it from any writer. Times are in UTC (TaskService makes them so): equal times
+# of one zone can be different instants (fold), and these caches go by equality.
+#
+# Runs: enabled .. description (4-13), priority .. stages (15-17), and
 # user_id .. parent_id (19-26).
-_FLAGS = (_boolean, _text, _int4, _int4, _text, _int4, _text, _boolean, _boolean, _text)
-_RANKING = (_int2, _text, _int4)
+_FLAGS = (_bool, _text, _int, _int, _text, _int, _text, _bool, _bool, _text)
+_RANKING = (_small, _text, _int)
 _TIMES = (_text, _time, _time, _time, _time, _time, _time, _text)
 
 
@@ -200,7 +206,7 @@ class NewTasks:
                 ranking[row[15:18]],
                 encoded_job_id,
                 times[row[19:27]],
-                encoded_id if root_id == task_id else text(root_id),
+                encoded_id if root_id == task_id else _text(root_id),
             )
             if row[16] == _QUEUED:
                 apps(row[1])

@@ -222,7 +222,12 @@ def compile_conditions(table: sa.Table, conditions: Any, field: str = "condition
 def _condition(table: sa.Table, name: Any, value: Any, field: str) -> sa.ColumnElement[bool]:
     column = _filter_column(table, name, field)
     clause = _value_clause(column, value, field)
-    if column is tasks.c.root_id and value is not None and not isinstance(value, Mapping):
+    if (
+        column is tasks.c.root_id
+        and value is not None
+        and not isinstance(value, Mapping)
+        and not (isinstance(value, list) and None in value)
+    ):
         # The tree index holds only tasks whose root is another task (migration 0011): a
         # task that is its own root is found by its id instead.
         by_id = _value_clause(tasks.c.id, value, field)

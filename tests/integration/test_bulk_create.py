@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -333,6 +334,35 @@ async def test_bulk_create_stores_times_before_2000_and_far_ahead_exactly(task_s
         assert (await task_service.get(row["id"], ["expires_at"])) == {
             "expires_at": row["expires_at"]
         }
+
+
+async def test_bulk_create_keeps_apart_two_instants_that_read_the_same_local_time(task_service):
+    # 01:30 happens twice in New York on 2025-11-02: fold=0 is EDT, fold=1 an hour later (EST).
+    # The two compare equal in Python, yet they are different times to store.
+    zone = ZoneInfo("America/New_York")
+    first = datetime(2025, 11, 2, 1, 30, tzinfo=zone)
+    second = first.replace(fold=1)
+    assert first == second
+    assert second.astimezone(UTC) - first.astimezone(UTC) == timedelta(hours=1)
+    tasks = [
+        Task(commands=[TaskCommand(method="m")], expires_at=first if i % 2 else second)
+        for i in range(N)
+    ]
+    created = await task_service.create(tasks, columns=["id"])
+    for i, row in enumerate(created):
+        stored = (await task_service.get(row["id"], ["expires_at"]))["expires_at"]
+        expected = (first if i % 2 else second).astimezone(UTC)
+        assert datetime.fromisoformat(stored) == expected
+
+
+async def test_an_expiry_out_of_range_in_utc_is_refused_by_field(task_service, pool):
+    tasks = [Task(commands=[TaskCommand(method="m")]) for _ in range(N)]
+    early = datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=5)))  # year 0 in UTC
+    tasks[N - 1] = Task(commands=[TaskCommand(method="m")], expires_at=early)
+    with pytest.raises(ValidationError) as exc:
+        await task_service.create(tasks)
+    assert exc.value.field == f"{N - 1}.expires_at"
+    assert await _counts(pool) == (0, 0)
 
 
 async def test_text_utf8_cannot_hold_creates_nothing(task_service, pool):

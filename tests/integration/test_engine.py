@@ -1202,7 +1202,8 @@ async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
 async def test_claims_take_tasks_of_one_priority_and_time_in_the_order_they_were_created(
     task_service, store, clock
 ):
-    # One bulk create: one queued_at for all, so only the queue index's tie order decides.
+    # One bulk create: one queued_at for all, so only the queue index's tie order decides: the
+    # rows' place in the table, here fresh space, in the order given.
     ids = [f"t{i:03}" for i in range(300)][::-1]  # not in id order
     await task_service.create([Task(id=i, commands=[TaskCommand(method="m")]) for i in ids])
     await task_service.create(

@@ -846,7 +846,9 @@ async def test_ids_sort_byte_by_byte_whatever_the_database_locale(task_service):
     assert [row["id"] for row in page["data"]] == sorted(ids, key=lambda i: i.encode())
 
 
-async def test_a_tree_listed_by_root_id_is_exact_and_read_through_indexes(task_service, pool):
+async def test_a_tree_listed_by_root_id_is_exact_and_read_through_indexes(
+    task_service, pool, make_task
+):
     # The tree index holds only tasks whose root is another task; a task that is its own root
     # is found by id. Every task of the tree, and only those, comes back either way.
     system_made = {"id": "adopted", "root_id": "r1"}  # a system caller's root, no parent
@@ -871,6 +873,10 @@ async def test_a_tree_listed_by_root_id_is_exact_and_read_through_indexes(task_s
     assert await ids([{"root_id": "r2"}, {"id": "r1"}]) == {"r2", "c3", "r1"}
     assert await ids({"root_id": {"ne": "r1"}, "id": ["r1", "r2", "c3"]}) == {"r2", "c3"}
     assert await ids({"root_id": None}) == set()
+    await make_task(id="rootless")
+    await pool.execute("UPDATE tasks SET root_id = NULL WHERE id = 'rootless'")  # a direct write
+    assert await ids({"root_id": None}) == {"rootless"}
+    assert await ids({"root_id": [None, "r2"]}) == {"rootless", "r2", "c3"}
 
     await pool.execute("ANALYZE tasks")
     statement = tables.select_page(
