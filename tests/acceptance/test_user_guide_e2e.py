@@ -21,6 +21,7 @@ from kaiju_tasks import (
     TaskRuntime,
     Timer,
     logs,
+    testing,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -318,6 +319,10 @@ async def test_log_tracing_by_job_id(runtime, orders, caplog):
     )
     task = await finished(runtime, task["id"])
     assert {c[2] for c in orders.calls} == {task["job_id"]}  # the correlation id on every call
-    mine = [r for r in caplog.records if getattr(r, "task_id", None) == task["id"]]
-    assert mine
+    # The executor logs "Task finished" right after the commit that the wait above saw.
+    mine = await testing.eventually(
+        lambda: [r for r in caplog.records if getattr(r, "task_id", None) == task["id"]],
+        within=5,
+        what="a log record of the task",
+    )
     assert {r.job_id for r in mine} == {task["job_id"]}
