@@ -14,10 +14,11 @@ def paused(pause: bool = True) -> Iterator[None]:
     A bulk create allocates several objects per task that all stay alive until it returns, so
     the collections they trigger free nothing, yet each full one walks the whole heap: with
     10,000 tasks they cost as much as building the rows. Pausing only its loops would merely
-    put the collections off to the allocations right after, so a create keeps the pause across
-    its awaits; other coroutines meanwhile run without cyclic collection too, which defers
-    it and loses nothing. Reference counting still frees everything else at once. A pause
-    inside another leaves the collector as the outer one says.
+    put the collections off to the allocations right after, so the store keeps the pause over
+    the awaits of a bulk write, from the moment it holds its connection (never over a wait for
+    one): other coroutines meanwhile run without cyclic collection too, which defers it and
+    loses nothing. Reference counting still frees everything else at once. A pause inside
+    another leaves the collector as the outer one says.
     """
     if not pause or not gc.isenabled():
         yield

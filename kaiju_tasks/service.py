@@ -56,7 +56,8 @@ Small chunks keep the server busy from the start: it inserts one while the next 
 """
 
 _GC_PAUSE_MIN = 256
-"""From this many tasks on, ``create`` pauses the cyclic garbage collector until it returns."""
+"""From this many tasks on, ``create`` pauses the cyclic garbage collector over its loops (the
+store pauses it over a bulk write, see ``PostgresTaskStore.insert_tasks``)."""
 
 
 _UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
@@ -207,13 +208,11 @@ class TaskService:
         if len(items) > MAX_BULK:
             raise errors.ValidationError(f"at most {MAX_BULK} tasks per call", field="data")
         selected = _columns(columns, models.TASK_COLUMNS)
-        # Everything a bulk create allocates stays alive until it returns: collections during
-        # it would free nothing (see _gc.paused), and pausing only its loops merely defers them.
-        with _gc.paused(len(items) >= _GC_PAUSE_MIN):
-            created = await self._insert(items, many, caller, selected)
-            if selected is not None and _TIME_COLUMNS.isdisjoint(selected):
-                out = created  # fresh dicts with no timestamp to write as text
-            else:
+        created = await self._insert(items, many, caller, selected)
+        if selected is not None and _TIME_COLUMNS.isdisjoint(selected):
+            out = created  # fresh dicts with no timestamp to write as text
+        else:
+            with _gc.paused(len(created) >= _GC_PAUSE_MIN):
                 out = [_json_ready(row) for row in created]
         return out if many else out[0]
 
@@ -229,7 +228,8 @@ class TaskService:
         )
         if any(_next_task_of(item) is not None for item in items):
             # A chained task must exist and be the caller's to start: build every row first.
-            rows = builtins.list(rows)
+            with _gc.paused(len(items) >= _GC_PAUSE_MIN):
+                rows = builtins.list(rows)
             ids = {row[_ID] for row in rows}
             refs = {
                 f"{f'{i}.' if many else ''}next_task": row[_NEXT_TASK]

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import errors
+from kaiju_tasks import _gc, errors
 from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -283,37 +283,46 @@ class PostgresTaskStore(base.TaskStore):
             return [{name: r[name] for name in names} for r in records]
         data = copy.NewTasks(rows)
         async with self._connection() as connection, connection.transaction():
+            # From here on everything allocated stays alive until the rows are returned, so
+            # collections would free nothing; the pause starts once the connection is held.
+            with _gc.paused():
+                return await self._copy_tasks(connection, data, names)
+
+    async def _copy_tasks(
+        self, connection: asyncpg.Connection, data: copy.NewTasks, names: tuple[str, ...]
+    ) -> list[Row]:
+        """Write ``data`` (tasks, then their task-sent events) and return its rows as stored."""
+        await connection.copy_to_table(
+            "tasks",
+            source=copy.chunks(data.tasks()),
+            columns=base.NEW_TASK_COLUMNS,
+            format="binary",
+        )
+        if data.queued:
             await connection.copy_to_table(
-                "tasks",
-                source=copy.chunks(data.tasks()),
-                columns=base.NEW_TASK_COLUMNS,
+                "events",
+                source=copy.chunks(data.events()),
+                columns=copy.EVENT_COLUMNS,
                 format="binary",
             )
-            if data.queued:
-                await connection.copy_to_table(
-                    "events",
-                    source=copy.chunks(data.events()),
-                    columns=copy.EVENT_COLUMNS,
-                    format="binary",
-                )
-                await connection.fetchval(QUERIES["notify_queued"], sorted(data.apps))
-            if names == ("id",):
-                return [{"id": row[_ID]} for row in data.rows]
-            stored: list[Row] = []
-            reread: list[tuple[int, str]] = []  # index and id: JSON PostgreSQL may write otherwise
-            for row in data.rows:
-                as_stored, again = _stored_task(row, names)
-                if again:
-                    reread.append((len(stored), row[_ID]))
-                stored.append(as_stored)
-            if reread:
-                json_columns = [n for n in names if n in _JSON_COLUMNS]
-                records = await connection.fetch(
-                    QUERIES["task_json"], [task_id for _, task_id in reread]
-                )
-                by_id = {r["id"]: r for r in records}
-                for i, task_id in reread:
-                    stored[i].update({n: by_id[task_id][n] for n in json_columns})
+            await connection.fetchval(QUERIES["notify_queued"], sorted(data.apps))
+        if names == ("id",):
+            return [{"id": row[_ID]} for row in data.rows]
+        stored: list[Row] = []
+        reread: list[tuple[int, str]] = []  # index and id: JSON PostgreSQL may write otherwise
+        for row in data.rows:
+            as_stored, again = _stored_task(row, names)
+            if again:
+                reread.append((len(stored), row[_ID]))
+            stored.append(as_stored)
+        if reread:
+            json_columns = [n for n in names if n in _JSON_COLUMNS]
+            records = await connection.fetch(
+                QUERIES["task_json"], [task_id for _, task_id in reread]
+            )
+            by_id = {r["id"]: r for r in records}
+            for i, task_id in reread:
+                stored[i].update({n: by_id[task_id][n] for n in json_columns})
         return stored
 
     async def insert_full(self, row: Mapping[str, Any]) -> Row:
