@@ -36,18 +36,6 @@ _IDLE = models.TaskStatus.IDLE.value
 _ID = base.NEW_TASK_COLUMNS.index("id")
 _NEXT_TASK = base.NEW_TASK_COLUMNS.index("next_task")
 
-_TIME_COLUMNS = frozenset(
-    {
-        "created",
-        "queued_at",
-        "exec_deadline",
-        "wait_deadline",
-        "next_run",
-        "status_change",
-        "expires_at",
-    }
-)
-"""Columns holding a timestamp, which the service returns as ISO 8601 text."""
 
 _VALIDATE_CHUNK = 200
 """A bulk create validates this many tasks in one call, then hands their rows to the store.
@@ -63,29 +51,22 @@ store pauses it over a bulk write, see ``PostgresTaskStore.insert_tasks``)."""
 _UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
-def _uuid4s(count: int) -> list[str]:
-    """Return ``count`` new random UUID4 strings, as ``str(uuid.uuid4())`` writes them.
-
-    One ``os.urandom`` call (the source ``uuid.uuid4`` uses) for all of them: a bulk create
-    needs two per task, and ``uuid.uuid4()`` costs a system call and a ``UUID`` object each.
-    The version nibble is set to 4 and the variant bits to 10, as RFC 9562 says.
-    """
-    h = os.urandom(16 * count).hex()
-    variant = _UUID4_VARIANT
-    return [
-        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
-        f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-        for i in range(0, 32 * count, 32)
-    ]
-
-
 def _fresh_uuid4s(block: int) -> Iterator[str]:
-    """New UUID4 strings, as many as asked for, made ``block`` at a time (see :func:`_uuid4s`).
+    """New random UUID4 strings, as ``str(uuid.uuid4())`` writes them, as many as asked for.
 
-    A bulk create takes them as it validates its tasks, so the first rows leave sooner.
+    They are made ``block`` at a time from one ``os.urandom`` call (the source ``uuid.uuid4``
+    uses): a bulk create needs two per task, and ``uuid.uuid4()`` costs a system call and a
+    ``UUID`` object each. Made as the tasks are validated, so the first rows leave sooner. The
+    version nibble is set to 4 and the variant bits to 10, as RFC 9562 says.
     """
+    variant = _UUID4_VARIANT
     while True:
-        yield from _uuid4s(block)
+        h = os.urandom(16 * block).hex()
+        yield from [
+            f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+            f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+            for i in range(0, 32 * block, 32)
+        ]
 
 
 class _NewRows:
@@ -209,7 +190,7 @@ class TaskService:
             raise errors.ValidationError(f"at most {MAX_BULK} tasks per call", field="data")
         selected = _columns(columns, models.TASK_COLUMNS)
         created = await self._insert(items, many, caller, selected)
-        if selected is not None and _TIME_COLUMNS.isdisjoint(selected):
+        if selected is not None and base.TIME_COLUMNS.isdisjoint(selected):
             out = created  # fresh dicts with no timestamp to write as text
         else:
             with _gc.paused(len(created) >= _GC_PAUSE_MIN):

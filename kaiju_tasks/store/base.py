@@ -24,6 +24,19 @@ tuple of these columns in this order. The engine's other columns start at their 
 
 NewTask = tuple[Any, ...]
 
+TIME_COLUMNS = frozenset(
+    {
+        "created",
+        "queued_at",
+        "exec_deadline",
+        "wait_deadline",
+        "next_run",
+        "status_change",
+        "expires_at",
+    }
+)
+"""The ``tasks`` columns holding a timestamp (``timestamptz``, in UTC as the store returns it)."""
+
 NewTasks = Collection[NewTask]
 """New task rows: their number is known up front; they may be built while they are read, so
 they are iterated once."""

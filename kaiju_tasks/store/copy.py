@@ -2,10 +2,10 @@
 
 A bulk create sends 28 columns per task. Through asyncpg's record COPY, every value costs an
 encoder call, and a ``timestamptz`` several Python-level datetime operations: for 10,000 tasks
-that is most of the client's time. Here each column keeps a dict of the encodings it has seen
-(``_Encodings``): most columns of a batch repeat a handful of values (the app, the status,
-the creation time, the deadline, NULL...), so a value is encoded once and then found by one
-dict lookup. Only the ids and the JSON columns are encoded per row.
+that is most of the client's time. Here runs of adjacent columns keep a dict of the encodings
+they have seen (``_Run``): most columns of a batch repeat a handful of values (the app, the
+status, the creation time, the deadline, NULL...), so a combination is encoded once and then
+found by one dict lookup. Only the ids and the JSON columns are encoded per row.
 
 The format (https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4): a
 signature and two zero int32s, then per row an int16 field count and per field an int32 length
@@ -45,22 +45,31 @@ EVENT_COLUMNS = ("type", "task_id", "job_id", "status", "stage", "created")
 _QUEUED = "QUEUED"
 
 
+def jsonb_value(value: Any) -> bytes:
+    """A value in jsonb's binary form: a version byte and the JSON text.
+
+    Also the pool's jsonb codec (``postgres.init_connection``).
+    """
+    return _JSONB_VERSION + orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def jsonb_from(data: bytes) -> Any:
+    """The value of jsonb's binary form (the pool's jsonb decoder)."""
+    if data[:1] != _JSONB_VERSION:
+        raise ValueError(f"unsupported jsonb format version {data[:1]!r}")
+    return orjson.loads(memoryview(data)[1:])
+
+
 def text(value: str) -> bytes:
     """A ``text`` field: its UTF-8 bytes, length first."""
-    try:
-        data = value.encode()
-    except UnicodeEncodeError as exc:
-        raise errors.ValidationError(f"text that UTF-8 cannot hold: {exc.reason}") from None
+    data = value.encode()
     return len(data).to_bytes(4, "big") + data
 
 
 def jsonb(value: Any) -> bytes:
-    """A ``jsonb`` field: a version byte and the JSON text."""
-    try:
-        data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-    except orjson.JSONEncodeError as exc:
-        raise errors.ValidationError(f"invalid JSON value: {exc}") from None
-    return (len(data) + 1).to_bytes(4, "big") + _JSONB_VERSION + data
+    """A ``jsonb`` field, length first."""
+    data = jsonb_value(value)
+    return len(data).to_bytes(4, "big") + data
 
 
 def _boolean(value: bool) -> bytes:
@@ -120,18 +129,6 @@ class _Run(dict[tuple[Any, ...], bytes]):
         return encoded
 
 
-class _Encodings(dict[Any, bytes]):
-    """The encodings of one column's values, each computed the first time it is asked for."""
-
-    def __init__(self, encode: Callable[[Any], bytes]) -> None:
-        super().__init__({None: NULL})
-        self._encode = encode
-
-    def __missing__(self, value: Any) -> bytes:
-        encoded = self[value] = self._encode(value)
-        return encoded
-
-
 _EVENT_HEAD = struct.pack("!h", len(EVENT_COLUMNS)) + text("task-sent")
 _EVENT_QUEUED = text(_QUEUED) + _int4(0)  # status, then stage 0
 
@@ -174,8 +171,9 @@ class NewTasks:
         yield b"".join((HEADER, *self._sent, TRAILER))
 
     def _tasks(self) -> Iterator[bytes]:
-        app = _Encodings(text)
-        flags, ranking, times, created = (_Run(run) for run in (_FLAGS, _RANKING, _TIMES, (_time,)))
+        app, flags, ranking, times, created = (
+            _Run(run) for run in ((_text,), _FLAGS, _RANKING, _TIMES, (_time,))
+        )
         fields, null, empty, version = _FIELDS, NULL, _EMPTY_OBJECT, _JSONB_VERSION
         event_head, event_status = _EVENT_HEAD, _EVENT_QUEUED
         keep, sent, apps = self.rows.append, self._sent.append, self.apps.add
@@ -198,7 +196,7 @@ class NewTasks:
             out += (
                 fields,
                 encoded_id,
-                app[row[1]],
+                app[row[1:2]],
                 (len(data) + 1).to_bytes(4, "big") + version + data,
                 jsonb(kws) if kws else empty,
                 flags[row[4:14]],

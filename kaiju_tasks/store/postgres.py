@@ -35,20 +35,6 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-_JSONB_VERSION = b"\x01"
-
-
-def _jsonb_encode(value: Any) -> bytes:
-    # jsonb's binary format is a version byte followed by the JSON text.
-    return _JSONB_VERSION + orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-
-
-def _jsonb_decode(data: bytes) -> Any:
-    if data[:1] != _JSONB_VERSION:
-        raise ValueError(f"unsupported jsonb format version {data[:1]!r}")
-    return orjson.loads(memoryview(data)[1:])
-
-
 async def init_connection(connection: asyncpg.Connection) -> None:
     """Decode json/jsonb columns to Python values and encode Python values to JSON.
 
@@ -60,8 +46,8 @@ async def init_connection(connection: asyncpg.Connection) -> None:
     )
     await connection.set_type_codec(
         "jsonb",
-        encoder=_jsonb_encode,
-        decoder=_jsonb_decode,
+        encoder=copy.jsonb_value,
+        decoder=copy.jsonb_from,
         schema="pg_catalog",
         format="binary",
     )
@@ -150,9 +136,8 @@ def _row(record: asyncpg.Record | None) -> Row | None:
 COPY_MIN_ROWS = 64
 """From this many rows on, ``insert_tasks`` writes with binary COPY instead of one INSERT."""
 
-_QUEUED = "QUEUED"
 _ALL_COLUMNS = tuple(str(column.name) for column in tables.tasks.columns)
-_ID, _APP, _STATUS = (base.NEW_TASK_COLUMNS.index(name) for name in ("id", "app_name", "status"))
+_ID = base.NEW_TASK_COLUMNS.index("id")
 
 
 class _Reread(Exception):
@@ -202,9 +187,6 @@ def _utc(value: datetime | None) -> datetime | None:
 
 _NEW = {name: i for i, name in enumerate(base.NEW_TASK_COLUMNS)}
 _JSON_COLUMNS = frozenset({"commands", "kws", "meta"})
-_TIME_COLUMNS = frozenset(
-    {"created", "queued_at", "exec_deadline", "next_run", "status_change", "expires_at"}
-)
 _STARTING_VALUES: dict[str, Any] = {
     "retries": 0,
     "stage": 0,
@@ -237,7 +219,7 @@ def _stored_task(row: base.NewTask, columns: Sequence[str]) -> tuple[Row, bool]:
                 value = _as_jsonb(value)
             except _Reread:
                 reread = True
-        elif name in _TIME_COLUMNS:
+        elif name in base.TIME_COLUMNS:
             value = _utc(value)
         stored[name] = value
     return stored, reread

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from kaiju_tasks import errors
-from kaiju_tasks.store import migrate, tables
+from kaiju_tasks.store import base, migrate, tables
 
 
 async def test_migrate_takes_an_empty_database_to_head(empty_dsn):
@@ -122,3 +122,10 @@ async def test_identifiers_compare_byte_by_byte_whatever_the_database_locale(dsn
             assert collation is None, (table, column)
         elif (table, column) != ("tokens", "permissions"):
             assert collation == "C", (table, column)
+
+
+def test_the_store_knows_which_task_columns_hold_times():
+    # The service writes these as ISO 8601 text and the bulk path stores them in UTC.
+    timestamps = {c.name for c in tables.tasks.columns if isinstance(c.type, sa.DateTime)}
+    assert timestamps == base.TIME_COLUMNS
+    assert set(base.NEW_TASK_COLUMNS) <= {c.name for c in tables.tasks.columns}
