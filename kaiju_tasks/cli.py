@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import config, errors, logs, methods, models
+from kaiju_tasks import config, errors, limits, logs, methods, models
 from kaiju_tasks.clock import SystemClock
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
@@ -224,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
         logs.configure(settings.logging.level, settings.logging.format)
+        limits.configure(settings.limits)
         if args.command == "migrate":
             return _migrate(settings)
         if args.command == "executor":

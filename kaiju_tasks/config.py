@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, limits
 
 ENV_PREFIX = "KAIJU_TASKS_"
 DEFAULT_POOL_MIN = 2
@@ -118,6 +118,8 @@ class Settings:
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     executor: ExecutorSettings = dataclasses.field(default_factory=ExecutorSettings)
     manager: ManagerSettings = dataclasses.field(default_factory=ManagerSettings)
+    limits: limits.Limits = dataclasses.field(default_factory=limits.Limits)
+    """``[limits]``: the bounds on user-controlled input (see :mod:`kaiju_tasks.limits`)."""
     apps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """``[apps]``: app name -> JSON-RPC URL that runs its stages over HTTP."""
 
@@ -128,6 +130,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "executor": ExecutorSettings,
     "manager": ManagerSettings,
+    "limits": limits.Limits,
 }
 SECRET_OPTIONS = frozenset({("database", "dsn"), ("executor", "token")})
 
@@ -244,10 +247,21 @@ def load(
         server=ServerSettings(**values["server"]),
         executor=ExecutorSettings(**values["executor"]),
         manager=ManagerSettings(**values["manager"]),
+        limits=_limits(values["limits"], sources),
         apps=dict(values["apps"]),
     )
     _check(settings, sources)
     return settings, sources
+
+
+def _limits(values: Mapping[str, Any], sources: Mapping[str, str]) -> limits.Limits:
+    for name, value in values.items():
+        if value < 1:
+            source = sources.get(f"limits.{name}")
+            raise errors.ConfigError(
+                f"[limits] {name} must be at least 1" + (f" (from {source})" if source else "")
+            )
+    return limits.Limits(**values)
 
 
 def _check(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -459,7 +459,7 @@ class Executor:
         meter: dict[str, Any],
     ) -> Any:
         method = templates.render(command["method"], data, now=now)
-        meter["method"] = method
+        meter["method"] = command["method"]  # as written: a template's source, never user data
         if not isinstance(method, str) or not method:
             raise errors.StageError(
                 f"method template rendered to {method!r}, not a method name", retryable=False
