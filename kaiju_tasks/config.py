@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import errors, limits
+from kaiju_tasks import errors, limits, redact
 
 ENV_PREFIX = "KAIJU_TASKS_"
 DEFAULT_POOL_MIN = 2
@@ -136,14 +136,10 @@ SECRET_OPTIONS = frozenset({("database", "dsn"), ("executor", "token")})
 
 
 def mask(value: str) -> str:
-    """Hide the password of a DSN (``postgresql://user:***@host/db``) or a whole secret."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(value)
-    if parts.scheme and parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return value if parts.scheme else "***"
+    """Hide the secrets of a URL or DSN (:func:`kaiju_tasks.redact.url`), or a whole secret."""
+    if "://" in value or "=" in value:
+        return redact.url(value)
+    return redact.MASK
 
 
 def default_paths(cwd: Path | None = None, home: Path | None = None) -> list[Path]:

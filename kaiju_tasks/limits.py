@@ -76,7 +76,7 @@ def active() -> Limits:
 
 def configure(limits: Limits) -> None:
     """Apply ``limits`` to this process (at start-up, before serving)."""
-    global _active  # noqa: PLW0603 - one process-wide setting, read on every bounded operation
+    global _active  # one process-wide setting, read on every bounded operation
     _active = limits
 
 
