@@ -24,11 +24,15 @@ Operators
     (``None`` included) is false, never an error.
     ``has``: the data value contains the operand (an item of a list, a substring of a string, a
     key of an object). ``in``: the operand (a list, string or object) contains the data value.
-    ``match``: ``re.search`` of a regular expression in a string value; the pattern is compiled
-    when the condition is validated and may be at most ``MAX_PATTERN_LENGTH`` characters.
+    ``match``: a search for a regular expression anywhere in a string value, in RE2 syntax (the
+    syntax of Python's ``re`` without backreferences and lookaround assertions; ``\A``, ``\z``,
+    ``(?i)``, classes, repetitions and groups all work). RE2 matches in time linear in the text
+    whatever the pattern, so no pattern can stall the service. The pattern is compiled when the
+    condition is validated and may be at most ``[limits] pattern_chars`` characters, and take
+    at most ``[limits] regex_memory`` bytes once compiled.
     ``like``: SQL ``LIKE`` on a string value, case-sensitive, over the whole string: ``%`` is any
-    run of characters, ``_`` one character, ``\`` escapes the next character. It runs as a
-    sequence of fixed-length regular expressions, so it cannot backtrack catastrophically.
+    run of characters, ``_`` one character, ``\`` escapes the next character. It is translated
+    to an RE2 expression, so it matches in linear time too.
     ``not``: its operand is a value (scalar, list or operator object) that must *not* match:
     ``{'0.status': {'not': {'in': ['a', 'b']}}}``.
 
@@ -38,6 +42,11 @@ Templates
     ``[`` and ends with ``]`` is therefore a template, so a regular expression such as ``[a-z]+``
     must be backtick-quoted: ``{'match': '`[a-z]+`'}``.
 
+Bounds
+    A condition may nest at most ``[limits] condition_depth`` levels, and one evaluation may do
+    at most ``[limits] eval_steps`` steps of work (values compared, characters matched), its
+    operands' templates included.
+
 A malformed condition raises ``errors.ValidationError`` naming the field (``condition.0.count.gt``)
 when it is built; a template that fails at evaluation time raises it from ``evaluate``.
 """
@@ -45,24 +54,25 @@ when it is built; a template that fails at evaluation time raises it from ``eval
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import re
-import warnings
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from kaiju_tasks import errors, templates
+import re2
+
+from kaiju_tasks import errors, limits, templates
 
 OPERATORS: Final = ("eq", "ne", "gt", "lt", "ge", "le", "has", "in", "match", "like", "not")
 """The operators an operator object may use."""
 
-MAX_PATTERN_LENGTH: Final = 256
-"""Longest ``match`` or ``like`` pattern accepted (characters); bounds the cost of matching."""
+MAX_PATTERN_LENGTH: Final = limits.DEFAULT.pattern_chars
+"""Longest ``match`` or ``like`` pattern accepted by default (characters; ``[limits]
+pattern_chars``)."""
 
-MAX_DEPTH: Final = 64
-"""Deepest nesting of conditions and ``not`` operators accepted (levels)."""
+MAX_DEPTH: Final = limits.DEFAULT.condition_depth
+"""Deepest nesting of conditions and ``not`` operators accepted by default (levels; ``[limits]
+condition_depth``)."""
 
 _ORDERINGS: Final = {
     "gt": lambda order: order > 0,
@@ -95,7 +105,7 @@ class Condition:
 
     def evaluate(self, data: Mapping[str, Any], *, now: datetime | None = None) -> bool:
         """Whether the condition holds for ``data`` (``now`` is passed to templates)."""
-        return _evaluate(self.spec, data, now, "condition")
+        return _evaluate_bounded(self.spec, data, now)
 
     def to_json(self) -> templates.JSONLike:
         """Return the condition as JSON."""
@@ -146,15 +156,22 @@ def evaluate(
     if isinstance(spec, Condition):
         return spec.evaluate(data, now=now)
     validate(spec)
-    return _evaluate(spec, data, now, "condition")
+    return _evaluate_bounded(spec, data, now)
 
 
 # --- validation ---------------------------------------------------------------------------------
 
 
+def _check_depth(depth: int, field: str) -> None:
+    bound = limits.active().condition_depth
+    if depth > bound:
+        raise errors.ValidationError(
+            f"nested deeper than condition_depth ({bound} levels)", field=field
+        )
+
+
 def _validate(spec: Any, field: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise errors.ValidationError(f"nested deeper than {MAX_DEPTH} levels", field=field)
+    _check_depth(depth, field)
     if isinstance(spec, Mapping):
         for key, value in spec.items():
             if not isinstance(key, str):
@@ -190,8 +207,7 @@ def _check_path(key: str, field: str) -> None:
 
 
 def _validate_value(value: Any, field: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise errors.ValidationError(f"nested deeper than {MAX_DEPTH} levels", field=field)
+    _check_depth(depth, field)
     if isinstance(value, Mapping):
         if not value:
             raise errors.ValidationError(
@@ -256,63 +272,90 @@ def _check_operand(op: str, operand: Any) -> None:
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def _evaluate(spec: Any, data: Mapping[str, Any], now: datetime | None, field: str) -> bool:
+class _Run:
+    """One evaluation: the data, the time and the work it may still do."""
+
+    __slots__ = ("budget", "data", "now")
+
+    def __init__(self, data: Mapping[str, Any], now: datetime | None) -> None:
+        self.data = data
+        self.now = now
+        self.budget = templates.Budget()
+
+
+def _evaluate_bounded(spec: Any, data: Mapping[str, Any], now: datetime | None) -> bool:
+    try:
+        return _evaluate(spec, _Run(data, now), "condition")
+    except RecursionError:
+        raise errors.ValidationError("nested too deeply to evaluate", field="condition") from None
+
+
+def _evaluate(spec: Any, run: _Run, field: str) -> bool:
+    run.budget.charge(1)
     if isinstance(spec, Mapping):
         for key, value in spec.items():
             where = f"{field}.{key}"
             if key == "not":
-                if _evaluate(value, data, now, where):
+                if _evaluate(value, run, where):
                     return False
-            elif not _test(templates.get_path(data, key, None), value, data, now, where):
+            elif not _test(templates.get_path(run.data, key, None), value, run, where):
                 return False
         return True
-    return any(_evaluate(item, data, now, f"{field}.{i}") for i, item in enumerate(spec))
+    return any(_evaluate(item, run, f"{field}.{i}") for i, item in enumerate(spec))
 
 
-def _test(
-    actual: Any, value: Any, data: Mapping[str, Any], now: datetime | None, field: str
-) -> bool:
+def _test(actual: Any, value: Any, run: _Run, field: str) -> bool:
     if isinstance(value, Mapping):
         return all(
-            _apply(op, actual, operand, data, now, f"{field}.{op}") for op, operand in value.items()
+            _apply(op, actual, operand, run, f"{field}.{op}") for op, operand in value.items()
         )
     if isinstance(value, list | tuple):
-        return _apply("in", actual, value, data, now, field)
-    return _apply("eq", actual, value, data, now, field)
+        return _apply("in", actual, value, run, field)
+    return _apply("eq", actual, value, run, field)
 
 
-def _apply(
-    op: str, actual: Any, operand: Any, data: Mapping[str, Any], now: datetime | None, field: str
-) -> bool:
+def _apply(op: str, actual: Any, operand: Any, run: _Run, field: str) -> bool:
+    budget = run.budget
+    budget.charge(1)
     if op == "not":
-        return not _test(actual, operand, data, now, field)
-    expected: Any = templates.render(operand, data, now=now, field=field)
+        return not _test(actual, operand, run, field)
+    expected: Any = templates.render(operand, run.data, now=run.now, field=field, budget=budget)
     if op == "eq":
-        return templates.json_equal(actual, expected)
+        return templates.json_equal(actual, expected, budget)
     if op == "ne":
-        return not templates.json_equal(actual, expected)
+        return not templates.json_equal(actual, expected, budget)
     if op == "has":
-        return _contains(actual, expected)
+        return _contains(actual, expected, budget)
     try:
         _check_operand(op, expected)
     except errors.ValidationError as exc:
-        raise errors.ValidationError(f"{exc.message} (from {operand!r})", field=field) from exc
+        shown = templates.shown(operand) if isinstance(operand, str) else "the operand"
+        raise errors.ValidationError(f"{exc.message} (from {shown})", field=field) from exc
     if op == "in":
-        return _contains(expected, actual)
+        return _contains(expected, actual, budget)
     if op in _ORDERINGS:
+        if isinstance(actual, str):
+            budget.chars(len(actual))
         order = templates.compare(actual, expected)
         return order is not None and _ORDERINGS[op](order)
     if not isinstance(actual, str):
         return False
+    budget.chars(len(actual) * _MATCH_COST)
     if op == "match":
         return _regex(expected).search(actual) is not None
-    return _like(expected).fullmatch(actual)
+    return _like(expected).search(actual) is not None
 
 
-def _contains(container: Any, item: Any) -> bool:
+_MATCH_COST: Final = 4  # a character matched costs as much as this many copied or compared
+
+
+def _contains(container: Any, item: Any, budget: templates.Budget) -> bool:
     if isinstance(container, list | tuple):
-        return any(templates.json_equal(element, item) for element in container)
+        budget.charge(len(container))
+        return any(templates.json_equal(element, item, budget) for element in container)
     if isinstance(container, str | Mapping):
+        if isinstance(container, str):
+            budget.chars(len(container))
         return isinstance(item, str) and item in container
     return False
 
@@ -321,58 +364,51 @@ def _contains(container: Any, item: Any) -> bool:
 
 
 def _check_length(pattern: str) -> None:
-    if len(pattern) > MAX_PATTERN_LENGTH:
+    bound = limits.active().pattern_chars
+    if len(pattern) > bound:
         raise errors.ValidationError(
-            f"pattern is longer than {MAX_PATTERN_LENGTH} characters ({len(pattern)})"
+            f"pattern is {len(pattern)} characters, more than pattern_chars ({bound})"
         )
 
 
-@functools.lru_cache(maxsize=512)
-def _regex(pattern: str) -> re.Pattern[str]:
-    _check_length(pattern)
-    # The re module warns (FutureWarning) about patterns whose meaning will change, such as
-    # "[[a]"; such a pattern is refused rather than left to mean something else later.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            return re.compile(pattern)
-        except (re.error, OverflowError, RecursionError, Warning) as exc:
-            raise errors.ValidationError(f"invalid regular expression {pattern!r}: {exc}") from exc
+def _options() -> re2.Options:
+    options = re2.Options()
+    options.max_mem = limits.active().regex_memory
+    options.never_capture = True  # only whether it matches is needed: the fastest engine
+    options.log_errors = False  # the error is raised to the caller instead
+    return options
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _LikePattern:
-    """A LIKE pattern split at ``%`` into fixed-length chunks.
-
-    Matching takes the first chunk at the start, the last at the end and every middle chunk at
-    its leftmost position after the previous one: with fixed-length chunks the leftmost choice
-    is never worse, so this is exact and costs O(len(text) * len(pattern)).
-    """
-
-    chunks: tuple[re.Pattern[str], ...]
-    last_length: int
-
-    def fullmatch(self, text: str) -> bool:
-        first, *middle = self.chunks
-        if not middle:
-            return first.fullmatch(text) is not None
-        found = first.match(text)
-        if found is None:
-            return False
-        position = found.end()
-        for chunk in middle[:-1]:
-            found = chunk.search(text, position)
-            if found is None:
-                return False
-            position = found.end()
-        start = len(text) - self.last_length
-        return start >= position and middle[-1].fullmatch(text, start) is not None
+def _compile(pattern: str, source: str, what: str) -> Any:
+    _check_length(source)
+    try:
+        return re2.compile(pattern, _options())
+    except (re2.error, TypeError, ValueError) as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise errors.ValidationError(f"invalid {what} {source!r}: {reason}") from None
 
 
-@functools.lru_cache(maxsize=512)
-def _like(pattern: str) -> _LikePattern:
-    _check_length(pattern)
-    chunks: list[list[str]] = [[]]
+def _regex(pattern: str) -> Any:
+    """The compiled RE2 expression of a ``match`` pattern."""
+    return _regex_cached(pattern, limits.active())
+
+
+def _like(pattern: str) -> Any:
+    """The RE2 expression of a ``LIKE`` pattern, anchored at both ends."""
+    return _like_cached(pattern, limits.active())
+
+
+# At most 64 compiled patterns of each kind are kept: each holds up to regex_memory bytes.
+@functools.lru_cache(maxsize=64)
+def _regex_cached(pattern: str, bounds: limits.Limits) -> Any:
+    return _compile(pattern, pattern, "regular expression")
+
+
+@functools.lru_cache(maxsize=64)
+def _like_cached(pattern: str, bounds: limits.Limits) -> Any:
+    out = ["(?s)\\A"]
     i = 0
     while i < len(pattern):
         char = pattern[i]
@@ -381,16 +417,13 @@ def _like(pattern: str) -> _LikePattern:
                 raise errors.ValidationError(
                     f"LIKE pattern {pattern!r} ends with the escape character '\\'"
                 )
-            chunks[-1].append(re.escape(pattern[i + 1]))
+            out.append(re2.escape(pattern[i + 1]))
             i += 2
             continue
-        if char == "%":
-            chunks.append([])
-        else:
-            chunks[-1].append("." if char == "_" else re.escape(char))
+        out.append(".*" if char == "%" else "." if char == "_" else re2.escape(char))
         i += 1
-    compiled = tuple(re.compile("".join(chunk), re.DOTALL) for chunk in chunks)
-    return _LikePattern(compiled, len(chunks[-1]))
+    out.append("\\z")
+    return _compile("".join(out), pattern, "LIKE pattern")
 
 
 def _type_name(value: Any) -> str:

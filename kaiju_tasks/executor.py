@@ -24,7 +24,17 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import batch, conditions, context, cron, errors, models, notifications, templates
+from kaiju_tasks import (
+    batch,
+    conditions,
+    context,
+    cron,
+    errors,
+    limits,
+    models,
+    notifications,
+    templates,
+)
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.rpc import client as rpc_client
@@ -383,6 +393,8 @@ class Executor:
         task_id = row["id"]
         commands: list[dict[str, Any]] = row["commands"]
         results: list[Any] = list(row["result"])
+        # What the stored results already take, toward [limits] task_result_bytes.
+        stored = len(orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS)) if results else 2
         stage: int = row["stage"]
         stages = len(commands)
         if stage >= stages:  # a Timer or Message was the last stage
@@ -418,7 +430,8 @@ class Executor:
                     await self._wait(row, stage, _stage_deadline(row, command, now)[0])
                     return
                 else:
-                    result = _json_checked(await self._call(row, stage, command, data, now, meter))
+                    result = await self._call(row, stage, command, data, now, meter)
+                    stored += _json_checked(result, stored)
             except errors.StageError as exc:
                 await self._fail(row, stage, exc, _measured(meter))
                 return
@@ -669,20 +682,38 @@ def _stage_deadline(
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash
 
 
-def _json_checked(result: Any) -> Any:
-    """Refuse a stage result that cannot be stored as JSON (it would fail every write)."""
+def _json_checked(result: Any, stored: int) -> int:
+    """Refuse a stage result that is not storable JSON or is too large; return its size.
+
+    The size is in bytes of JSON; a result that is not JSON would fail every write.
+
+    ``stored`` is the size of the task's results so far, toward ``[limits] task_result_bytes``.
+    """
     try:
         dumped = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
         raise errors.StageError(
             f"the stage returned a value that is not JSON: {exc}", retryable=False
         ) from None
+    bounds = limits.active()
+    if len(dumped) > bounds.stage_result_bytes:
+        raise errors.StageError(
+            f"the stage result is {len(dumped):,} bytes of JSON, more than stage_result_bytes"
+            f" ({limits.describe(bounds.stage_result_bytes)})",
+            retryable=False,
+        )
+    if stored + len(dumped) + 1 > bounds.task_result_bytes:
+        raise errors.StageError(
+            f"the task's results would take {stored + len(dumped) + 1:,} bytes of JSON, more"
+            f" than task_result_bytes ({limits.describe(bounds.task_result_bytes)})",
+            retryable=False,
+        )
     if _NUL.search(dumped):  # PostgreSQL jsonb cannot hold NUL characters
         raise errors.StageError(
             "the stage returned text with NUL characters, which cannot be stored",
             retryable=False,
         )
-    return result
+    return len(dumped) + 1
 
 
 def _storable(value: Any) -> Any:

@@ -37,6 +37,10 @@ class Limits:
     """Most operators and operands in one ``!e:`` expression."""
     template_nesting: int = 32
     """Deepest nesting of template groups, calls and expression parentheses (levels)."""
+    eval_steps: int = 250_000
+    """Most work one rendering of a stage's templates, or one evaluation of a condition, may do
+    (steps: a step is about one node evaluated, one value visited, or 64 characters copied,
+    compared or matched)."""
     value_depth: int = 200
     """Deepest nesting of JSON values (params, kws, a stage result) (levels)."""
     condition_depth: int = 32

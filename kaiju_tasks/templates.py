@@ -67,11 +67,12 @@ import json
 import math
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, limits
 
 if TYPE_CHECKING:
     from kaiju_tasks import conditions
@@ -88,11 +89,15 @@ JSONLike: TypeAlias = (
 )
 """A JSON value as accepted from callers (read-only containers, so ``dict[str, int]`` fits)."""
 
-MAX_NESTING: Final = 32
-"""Deepest nesting of templates, parentheses and unary operators inside one template (levels)."""
+MAX_NESTING: Final = limits.DEFAULT.template_nesting
+"""Deepest nesting of templates, parentheses and unary operators inside one template (levels,
+by default; ``[limits] template_nesting``)."""
 
-MAX_VALUE_DEPTH: Final = 200
-"""Deepest nesting of dicts and lists that ``validate`` and ``render`` walk (levels)."""
+MAX_VALUE_DEPTH: Final = limits.DEFAULT.value_depth
+"""Deepest nesting of dicts and lists that ``validate`` and ``render`` walk (levels, by default;
+``[limits] value_depth``)."""
+
+_CHARS_PER_STEP: Final = 64  # copying or comparing this many characters costs one step
 
 _MAX_INT_BITS: Final = 1024  # an !e result beyond this is refused: it would not be useful JSON
 _MAX_NUMBER_CHARS: Final = 400  # longer numeric literals are refused before int()/float()
@@ -157,9 +162,13 @@ def parse(template: str) -> Node:
     """
     if not is_template(template):
         raise errors.ValidationError(
-            f"not a template: {template!r} must start with '[' and end with ']'"
+            f"not a template: {shown(template)} must start with '[' and end with ']'"
         )
-    return _parse_cached(template)
+    node = _CACHE.get(template)
+    if node is None:
+        node = _parse_uncached(template)
+        _CACHE.put(template, node)
+    return node
 
 
 def validate(value: Any, field: str = "params") -> None:
@@ -177,25 +186,104 @@ def validate(value: Any, field: str = "params") -> None:
 
 
 def render(
-    value: Any, data: Mapping[str, Any], *, now: datetime | None = None, field: str = "params"
+    value: Any,
+    data: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    field: str = "params",
+    budget: Budget | None = None,
 ) -> JSONValue:
     """Render every template inside ``value`` against ``data``.
+
+    The work is bounded: the rendered value may be at most ``[limits] rendered_bytes`` of JSON
+    (checked while it is built, so a larger value never exists) and the rendering may take at
+    most ``[limits] eval_steps`` steps.
 
     Args:
         value: a JSON value; dicts and lists are rendered recursively.
         data: the task data: ``{'id', 'kws', 'executor', '0', '1', ...}``.
         now: the current time, for ``[!x:now]`` and ``[!x:timestamp]``.
         field: the name of ``value``, used to build the dotted path reported in errors.
+        budget: the work allowance to draw from (shared with a condition being evaluated);
+            a fresh one by default.
 
     Returns:
         A new value with every template replaced by its result.
 
     Raises:
         errors.ValidationError: a template is malformed, a path is missing without a default,
-            or a helper got unusable values; ``field`` is the dotted path to the template.
+            a helper got unusable values, or a limit was passed; ``field`` is the dotted path
+            to the template.
     """
-    result: JSONValue = _render(value, _Context(data, now), field, 0)
+    ctx = _Context(data, now, budget or Budget())
+    result: JSONValue = _render(value, ctx, field, 0)
+    if ctx.rendered:  # only templates can make a value larger than what was validated
+        size = json_size(result, limits.active().rendered_bytes, ctx.budget)
+        if size > limits.active().rendered_bytes:
+            raise errors.ValidationError(_too_large("rendered", size), field=field)
     return result
+
+
+def json_size(value: Any, bound: int, budget: Budget | None = None) -> int:
+    """Estimate the size of ``value`` as JSON (bytes, at least), stopping once past ``bound``.
+
+    Strings count their characters (a lower bound of their UTF-8 bytes), so the estimate never
+    exceeds the encoded size by more than the punctuation; the walk stops as soon as the total
+    passes ``bound`` and charges ``budget`` for what it visited.
+    """
+    total = 0
+    stack = [value]
+    visited = 0
+    while stack:
+        item = stack.pop()
+        visited += 1
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, Mapping):
+            total += 2
+            for key, child in item.items():
+                total += len(key) + 4 if isinstance(key, str) else 8
+                stack.append(child)
+        elif isinstance(item, list | tuple):
+            total += 2 + len(item)
+            stack.extend(item)
+        elif item is None or isinstance(item, bool):
+            total += 5
+        else:
+            total += 8 if isinstance(item, int | float) else len(str(item))
+        if total > bound:
+            break
+    if budget is not None:
+        budget.charge(visited + total // _CHARS_PER_STEP)
+    return total
+
+
+class Budget:
+    """The work one rendering or one condition evaluation may do, in steps.
+
+    A step is about one node evaluated, one value visited or ``64`` characters copied, compared
+    or matched; the allowance is ``[limits] eval_steps``. Past it, the rendering fails with an
+    ``errors.ValidationError`` naming the limit: whatever a task holds, its templates and
+    conditions cost a bounded time.
+    """
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limits.active().eval_steps if limit is None else limit
+        self.left = self.limit
+
+    def charge(self, steps: int) -> None:
+        """Spend ``steps``; raise errors.ValidationError once the allowance is spent."""
+        self.left -= steps
+        if self.left < 0:
+            raise errors.ValidationError(
+                f"too much work: more than eval_steps ({self.limit:,} steps) to evaluate"
+            )
+
+    def chars(self, count: int) -> None:
+        """Spend the steps of copying, comparing or matching ``count`` characters."""
+        self.charge(1 + count // _CHARS_PER_STEP)
 
 
 def get_path(data: Any, path: str, default: Any = _MISSING) -> Any:
@@ -221,16 +309,27 @@ def get_path(data: Any, path: str, default: Any = _MISSING) -> Any:
     return _walk(data, parts, 0, lambda: default)
 
 
-def json_equal(left: Any, right: Any) -> bool:
-    """Compare two JSON values as JSON does: booleans are not numbers, ``1 == 1.0``."""
+def json_equal(left: Any, right: Any, budget: Budget | None = None) -> bool:
+    """Compare two JSON values as JSON does: booleans are not numbers, ``1 == 1.0``.
+
+    With a ``budget``, every value compared is charged to it.
+    """
+    if left is right and left is not None and not isinstance(left, float):
+        return True  # the same object (e.g. one path read twice); NaN never reaches here
+    if budget is not None:
+        budget.chars(len(left) if isinstance(left, str) else 0)
     if isinstance(left, bool) or isinstance(right, bool):
         return isinstance(left, bool) and isinstance(right, bool) and left is right
     if _is_number(left) and _is_number(right):
         return bool(left == right)
     if isinstance(left, list | tuple) and isinstance(right, list | tuple):
-        return len(left) == len(right) and all(map(json_equal, left, right))
+        return len(left) == len(right) and all(
+            json_equal(a, b, budget) for a, b in zip(left, right, strict=True)
+        )
     if isinstance(left, Mapping) and isinstance(right, Mapping):
-        return left.keys() == right.keys() and all(json_equal(v, right[k]) for k, v in left.items())
+        return left.keys() == right.keys() and all(
+            json_equal(v, right[k], budget) for k, v in left.items()
+        )
     if isinstance(left, list | tuple | Mapping) or isinstance(right, list | tuple | Mapping):
         return False
     return bool(type(left) is type(right) and left == right)
@@ -248,10 +347,16 @@ def compare(left: Any, right: Any) -> int | None:
 # --- nodes --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Context:
-    data: Mapping[str, Any]
-    now: datetime | None
+    """What a rendering reads (the data, the time) and the work it may still do."""
+
+    __slots__ = ("budget", "data", "now", "rendered")
+
+    def __init__(self, data: Mapping[str, Any], now: datetime | None, budget: Budget) -> None:
+        self.data = data
+        self.now = now
+        self.budget = budget
+        self.rendered = False  # a template was evaluated: the result may outgrow the input
 
 
 class Node(abc.ABC):
@@ -259,9 +364,16 @@ class Node(abc.ABC):
 
     __slots__ = ()
 
-    def render(self, data: Mapping[str, Any], *, now: datetime | None = None) -> Any:
+    def render(
+        self, data: Mapping[str, Any], *, now: datetime | None = None, budget: Budget | None = None
+    ) -> Any:
         """Evaluate the template against ``data`` (raises errors.ValidationError on failure)."""
-        return self._eval(_Context(data, now))
+        ctx = _Context(data, now, budget or Budget())
+        value = _evaluate_node(self, ctx)
+        size = json_size(value, limits.active().rendered_bytes, ctx.budget)
+        if size > limits.active().rendered_bytes:
+            raise errors.ValidationError(_too_large("rendered", size))
+        return value
 
     @abc.abstractmethod
     def _eval(self, ctx: _Context) -> Any: ...
@@ -314,13 +426,14 @@ class _Lookup(Node):
     default: Node | None
 
     def _eval(self, ctx: _Context) -> Any:
+        ctx.budget.charge(1)
         if self.default is None:
-            return _lookup_strict(ctx.data, self.path.resolve(ctx))
+            return _lookup_strict(ctx.data, self.path.resolve(ctx), ctx.budget)
         return self.lookup(ctx, functools.cache(functools.partial(self.default._eval, ctx)))
 
     def lookup(self, ctx: _Context, fallback: _Fallback) -> Any:
         """Look the path up; ``fallback`` supplies missing or ``None`` values (or ``_MISSING``)."""
-        return _walk(ctx.data, self.path.resolve(ctx), 0, fallback)
+        return _walk(ctx.data, self.path.resolve(ctx), 0, fallback, ctx.budget)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -346,6 +459,7 @@ class _Call(Node):
                 values.append(None if value is _MISSING else value)
             else:
                 values.append(arg._eval(ctx))
+        ctx.budget.charge(1)
         try:
             result = self.function.impl(ctx, values)
         except (TypeError, ValueError, ArithmeticError) as exc:
@@ -361,7 +475,14 @@ class _Format(Node):
     pieces: tuple[str | Node, ...]
 
     def _eval(self, ctx: _Context) -> Any:
-        return "".join(p if isinstance(p, str) else _to_text(p._eval(ctx)) for p in self.pieces)
+        texts = []
+        size = 0
+        for piece in self.pieces:
+            text = piece if isinstance(piece, str) else _to_text(piece._eval(ctx), ctx.budget)
+            size += len(text)
+            _check_size(size, ctx.budget, len(text))
+            texts.append(text)
+        return "".join(texts)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -370,6 +491,7 @@ class _Unary(Node):
     operand: Node
 
     def _eval(self, ctx: _Context) -> Any:
+        ctx.budget.charge(1)
         value = self.operand._eval(ctx)
         if self.source == "not":
             return not value
@@ -387,6 +509,7 @@ class _Binary(Node):
     right: Node
 
     def _eval(self, ctx: _Context) -> Any:
+        ctx.budget.charge(1)
         op = self.source
         if op == "and":
             return bool(self.left._eval(ctx)) and bool(self.right._eval(ctx))
@@ -395,17 +518,19 @@ class _Binary(Node):
         left = self.left._eval(ctx)
         right = self.right._eval(ctx)
         if op == "==":
-            return json_equal(left, right)
+            return json_equal(left, right, ctx.budget)
         if op == "!=":
-            return not json_equal(left, right)
+            return not json_equal(left, right, ctx.budget)
         if op in _COMPARISONS:
+            if isinstance(left, str):
+                ctx.budget.chars(len(left))
             order = compare(left, right)
             if order is None:
                 raise errors.ValidationError(
                     f"cannot compare {_type_name(left)} and {_type_name(right)} with {op!r}"
                 )
             return {"<": order < 0, ">": order > 0, "<=": order <= 0, ">=": order >= 0}[op]
-        return _arithmetic(op, left, right)
+        return _arithmetic(op, left, right, ctx.budget)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -429,8 +554,17 @@ def _as_index(part: str) -> int | None:
     return int(part)
 
 
-def _walk(value: Any, parts: tuple[str, ...], start: int, fallback: _Fallback) -> Any:
-    """Follow ``parts[start:]``; a missing (or ``None``) end takes ``fallback()``, else _MISSING."""
+def _walk(
+    value: Any,
+    parts: tuple[str, ...],
+    start: int,
+    fallback: _Fallback,
+    budget: Budget | None = None,
+) -> Any:
+    """Follow ``parts[start:]``; a missing (or ``None``) end takes ``fallback()``, else _MISSING.
+
+    With a ``budget``, each element a list maps over is charged to it.
+    """
     for i in range(start, len(parts)):
         part = parts[i]
         if isinstance(value, Mapping):
@@ -444,9 +578,11 @@ def _walk(value: Any, parts: tuple[str, ...], start: int, fallback: _Fallback) -
         elif isinstance(value, list | tuple):
             index = _as_index(part)
             if index is None:
+                if budget is not None:
+                    budget.charge(len(value))
                 mapped = []
                 for item in value:
-                    result = _walk(item, parts, i, fallback)
+                    result = _walk(item, parts, i, fallback, budget)
                     if result is _MISSING:
                         return _MISSING
                     mapped.append(result)
@@ -460,8 +596,8 @@ def _walk(value: Any, parts: tuple[str, ...], start: int, fallback: _Fallback) -
     return value
 
 
-def _lookup_strict(data: Any, parts: tuple[str, ...]) -> Any:
-    value = _walk(data, parts, 0, None)
+def _lookup_strict(data: Any, parts: tuple[str, ...], budget: Budget | None = None) -> Any:
+    value = _walk(data, parts, 0, None, budget)
     if value is _MISSING:
         path = ".".join(parts)
         raise errors.ValidationError(f"path {path!r} not found: {_explain_missing(data, parts)}")
@@ -502,19 +638,117 @@ def _explain_missing(value: Any, parts: tuple[str, ...], done: tuple[str, ...] =
 # --- parser -------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2048)
-def _parse_cached(template: str) -> Node:
+class _ParseCache:
+    """Parsed templates, least recently used first, bounded by the characters of their text.
+
+    The bound is ``[limits] template_cache_bytes``; a template longer than a sixteenth of it is
+    parsed each time rather than kept, so a few huge templates cannot push out the many small
+    ones a pipeline reuses.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: OrderedDict[str, Node] = OrderedDict()
+        self.size = 0
+
+    def get(self, template: str) -> Node | None:
+        node = self._nodes.get(template)
+        if node is not None:
+            self._nodes.move_to_end(template)
+        return node
+
+    def put(self, template: str, node: Node) -> None:
+        bound = limits.active().template_cache_bytes
+        if len(template) > bound // 16 or template in self._nodes:
+            return
+        self._nodes[template] = node
+        self.size += len(template)
+        while self.size > bound:
+            evicted, _ = self._nodes.popitem(last=False)
+            self.size -= len(evicted)
+
+    def clear(self) -> None:
+        self._nodes.clear()
+        self.size = 0
+
+
+_CACHE: Final = _ParseCache()
+
+
+def _parse_uncached(template: str) -> Node:
+    bound = limits.active().template_chars
+    if len(template) > bound:
+        raise errors.ValidationError(
+            f"template is {len(template):,} characters, more than template_chars ({bound:,})"
+        )
     try:
         body = template[1:-1]
         _segments(body)  # the outer brackets must enclose one balanced group
-        return _parse_body(body, template, 1)
+        node = _parse_body(body, template, 1)
+        _check_height(node)
     except errors.ValidationError as exc:
-        raise errors.ValidationError(f"invalid template {template!r}: {exc.message}") from exc
+        raise errors.ValidationError(f"invalid template {shown(template)}: {exc.message}") from exc
+    except RecursionError:
+        raise errors.ValidationError(
+            f"invalid template {shown(template)}: nested too deeply"
+        ) from None
+    return node
+
+
+def shown(text: str, width: int = 80) -> str:
+    """``repr(text)``, cut to about ``width`` characters: how messages quote user text."""
+    return repr(text) if len(text) <= width else f"{text[: width - 3]!r}..."
 
 
 def _check_depth(depth: int) -> None:
-    if depth > MAX_NESTING:
-        raise errors.ValidationError(f"nested too deeply (more than {MAX_NESTING} levels)")
+    bound = limits.active().template_nesting
+    if depth > bound:
+        raise errors.ValidationError(
+            f"nested too deeply (more than template_nesting, {bound} levels)"
+        )
+
+
+def _children(node: Node | _PathSpec) -> Sequence[Node | _PathSpec]:
+    if isinstance(node, _Lookup):
+        return (node.path,) if node.default is None else (node.path, node.default)
+    if isinstance(node, _PathSpec | _Format):
+        return [piece for piece in node.pieces if not isinstance(piece, str)]
+    if isinstance(node, _Call):
+        return node.args
+    if isinstance(node, _Unary):
+        return (node.operand,)
+    if isinstance(node, _Binary):
+        return (node.left, node.right)
+    if isinstance(node, _Expression):
+        return (node.root,)
+    return ()
+
+
+def _check_height(root: Node) -> None:
+    """Refuse a parsed template whose evaluation would recurse too deeply or do too much.
+
+    Each expression's length is bounded as it is tokenized; this bounds the whole tree, where
+    expressions nest inside one another: at most ``template_nesting + expression_terms`` nodes
+    on any path from the root, so evaluating it never exhausts the interpreter's stack.
+    """
+    bound = limits.active()
+    height_bound = bound.template_nesting + bound.expression_terms
+    stack: list[tuple[Node | _PathSpec, int]] = [(root, 1)]
+    while stack:
+        node, height = stack.pop()
+        if height > height_bound:
+            raise errors.ValidationError(
+                f"nested too deeply: more than {height_bound} levels of operations"
+                " (template_nesting + expression_terms)"
+            )
+        stack.extend((child, height + 1) for child in _children(node))
+
+
+def _evaluate_node(node: Node, ctx: _Context) -> Any:
+    ctx.rendered = True
+    try:
+        return node._eval(ctx)
+    except RecursionError:
+        raise errors.ValidationError("nested too deeply to evaluate") from None
 
 
 def _group_end(text: str, start: int) -> int:
@@ -855,8 +1089,13 @@ class _ExpressionParser:
 
 def _tokenize(text: str, depth: int) -> list[str | Node]:
     tokens: list[str | Node] = []
+    bound = limits.active().expression_terms
     i = 0
     while i < len(text):
+        if len(tokens) > bound:
+            raise errors.ValidationError(
+                f"expression has more than expression_terms ({bound}) operators and operands"
+            )
         char = text[i]
         if char.isspace():
             i += 1
@@ -926,19 +1165,43 @@ def _type_name(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _to_text(value: Any) -> str:
+def _to_text(value: Any, budget: Budget | None = None) -> str:
     if isinstance(value, str):
         return value
+    bound = limits.active().rendered_bytes
+    size = json_size(value, bound, budget)
+    if size > bound:
+        raise errors.ValidationError(_too_large("formatted", size))
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise errors.ValidationError(f"cannot format {_type_name(value)} as text: {exc}") from exc
 
 
-def _arithmetic(op: str, left: Any, right: Any) -> Any:
+def _too_large(what: str, size: int) -> str:
+    bound = limits.active().rendered_bytes
+    return (
+        f"{what} value is larger than rendered_bytes ({limits.describe(bound)}):"
+        f" at least {size:,} bytes"
+    )
+
+
+def _check_size(size: int, budget: Budget, added: int) -> None:
+    """Charge ``added`` characters; refuse a value whose total ``size`` is too large."""
+    budget.chars(added)
+    if size > limits.active().rendered_bytes:
+        raise errors.ValidationError(_too_large("rendered", size))
+
+
+def _arithmetic(op: str, left: Any, right: Any, budget: Budget | None = None) -> Any:
     if op == "+" and isinstance(left, str) and isinstance(right, str):
+        _check_size(len(left) + len(right), budget or Budget(), len(left) + len(right))
         return left + right
     if op == "+" and isinstance(left, list) and isinstance(right, list):
+        bound = limits.active().rendered_bytes
+        size = json_size(left, bound, budget) + json_size(right, bound, budget)
+        if size > bound:
+            raise errors.ValidationError(_too_large("rendered", size))
         return left + right
     if not (_is_number(left) and _is_number(right)):
         raise errors.ValidationError(
@@ -1020,19 +1283,23 @@ def _fn_float(ctx: _Context, args: list[Any]) -> Any:
     return result
 
 
-def _numbers(values: Any, name: str) -> list[Any]:
+def _numbers(values: Any, name: str, budget: Budget) -> list[Any]:
     items = list(_need(values, (list, tuple), "a list", name))
+    budget.charge(len(items))
     for item in items:
         _need(item, (int, float), "a list of numbers", name)
     return items
 
 
 def _fn_sum(ctx: _Context, args: list[Any]) -> Any:
-    return sum(_numbers(args[0], "sum"))
+    return sum(_numbers(args[0], "sum", ctx.budget))
 
 
-def _extreme(args: list[Any], name: str, pick: Callable[[list[Any]], Any]) -> Any:
+def _extreme(args: list[Any], name: str, pick: Callable[[list[Any]], Any], budget: Budget) -> Any:
     items = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else args
+    budget.charge(len(items))
+    if items and isinstance(items[0], str):
+        budget.chars(sum(len(x) for x in items if isinstance(x, str)))
     if not items:
         raise errors.ValidationError(f"{name}() of an empty list")
     if not all(_is_number(x) for x in items) and not all(isinstance(x, str) for x in items):
@@ -1041,11 +1308,11 @@ def _extreme(args: list[Any], name: str, pick: Callable[[list[Any]], Any]) -> An
 
 
 def _fn_min(ctx: _Context, args: list[Any]) -> Any:
-    return _extreme(args, "min", min)
+    return _extreme(args, "min", min, ctx.budget)
 
 
 def _fn_max(ctx: _Context, args: list[Any]) -> Any:
-    return _extreme(args, "max", max)
+    return _extreme(args, "max", max, ctx.budget)
 
 
 def _fn_first(ctx: _Context, args: list[Any]) -> Any:
@@ -1059,23 +1326,39 @@ def _fn_last(ctx: _Context, args: list[Any]) -> Any:
 
 
 def _fn_upper(ctx: _Context, args: list[Any]) -> Any:
-    return _need(args[0], str, "a string", "upper").upper()
+    text = _need(args[0], str, "a string", "upper")
+    ctx.budget.chars(len(text))
+    return text.upper()
 
 
 def _fn_lower(ctx: _Context, args: list[Any]) -> Any:
-    return _need(args[0], str, "a string", "lower").lower()
+    text = _need(args[0], str, "a string", "lower")
+    ctx.budget.chars(len(text))
+    return text.lower()
 
 
 def _fn_join(ctx: _Context, args: list[Any]) -> Any:
     separator = _need(args[0], str, "a string separator", "join")
-    return separator.join(_to_text(x) for x in _need(args[1], (list, tuple), "a list", "join"))
+    texts = []
+    size = 0
+    for item in _need(args[1], (list, tuple), "a list", "join"):
+        text = _to_text(item, ctx.budget)
+        size += len(text) + len(separator)
+        _check_size(size, ctx.budget, len(text) + len(separator))
+        texts.append(text)
+    return separator.join(texts)
 
 
 def _fn_split(ctx: _Context, args: list[Any]) -> Any:
     separator = _need(args[0], str, "a string separator", "split")
     if not separator:
         raise errors.ValidationError("split() needs a non-empty separator")
-    return _need(args[1], str, "a string", "split").split(separator)
+    text = _need(args[1], str, "a string", "split")
+    ctx.budget.chars(len(text))
+    parts = text.count(separator) + 1
+    ctx.budget.charge(parts)
+    _check_size(len(text) + 3 * parts, ctx.budget, 0)
+    return text.split(separator)
 
 
 def _fn_abs(ctx: _Context, args: list[Any]) -> Any:
@@ -1091,7 +1374,7 @@ def _fn_round(ctx: _Context, args: list[Any]) -> Any:
 
 
 def _fn_str(ctx: _Context, args: list[Any]) -> Any:
-    return _to_text(args[0])
+    return _to_text(args[0], ctx.budget)
 
 
 def _fn_bool(ctx: _Context, args: list[Any]) -> Any:
@@ -1103,11 +1386,15 @@ def _fn_not(ctx: _Context, args: list[Any]) -> Any:
 
 
 def _fn_keys(ctx: _Context, args: list[Any]) -> Any:
-    return list(_need(args[0], Mapping, "an object", "keys").keys())
+    mapping = _need(args[0], Mapping, "an object", "keys")
+    ctx.budget.charge(len(mapping))
+    return list(mapping.keys())
 
 
 def _fn_values(ctx: _Context, args: list[Any]) -> Any:
-    return list(_need(args[0], Mapping, "an object", "values").values())
+    mapping = _need(args[0], Mapping, "an object", "values")
+    ctx.budget.charge(len(mapping))
+    return list(mapping.values())
 
 
 def _fn_default(ctx: _Context, args: list[Any]) -> Any:
@@ -1159,9 +1446,16 @@ _FUNCTIONS: Final[Mapping[str, _Function]] = {
 # --- walking values -----------------------------------------------------------------------------
 
 
+def _check_value_depth(depth: int, field: str) -> None:
+    bound = limits.active().value_depth
+    if depth > bound:
+        raise errors.ValidationError(
+            f"nested deeper than value_depth ({bound} levels)", field=field
+        )
+
+
 def _validate(value: Any, field: str, depth: int) -> None:
-    if depth > MAX_VALUE_DEPTH:
-        raise errors.ValidationError(f"nested deeper than {MAX_VALUE_DEPTH} levels", field=field)
+    _check_value_depth(depth, field)
     if isinstance(value, str):
         if is_template(value):
             try:
@@ -1177,8 +1471,7 @@ def _validate(value: Any, field: str, depth: int) -> None:
 
 
 def _render(value: Any, ctx: _Context, field: str, depth: int) -> Any:
-    if depth > MAX_VALUE_DEPTH:
-        raise errors.ValidationError(f"nested deeper than {MAX_VALUE_DEPTH} levels", field=field)
+    _check_value_depth(depth, field)
     if isinstance(value, str):
         if is_literal(value):
             return value[1:-1]
@@ -1189,9 +1482,11 @@ def _render(value: Any, ctx: _Context, field: str, depth: int) -> Any:
         except errors.ValidationError as exc:
             raise errors.ValidationError(exc.message, field=field) from exc
         try:
-            return node._eval(ctx)
+            return _evaluate_node(node, ctx)
         except errors.ValidationError as exc:
-            raise errors.ValidationError(f"template {value!r}: {exc.message}", field=field) from exc
+            raise errors.ValidationError(
+                f"template {shown(value)}: {exc.message}", field=field
+            ) from exc
     if isinstance(value, Mapping):
         return {key: _render(item, ctx, f"{field}.{key}", depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
