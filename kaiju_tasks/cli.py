@@ -286,7 +286,7 @@ def _load_methods(specs: Sequence[str]) -> methods.Methods:
         for name in found:
             function = found.get(name)
             assert function is not None
-            registry.add(name, function)
+            registry.add(name, function, access=found.access(name))
     return registry
 
 
@@ -316,6 +316,8 @@ def _apps(settings: config.Settings, specs: Sequence[str]) -> tuple[list[str], d
         apps.append(name)
         if url:
             urls[name] = url
+    if settings.executor.token:
+        config.check_app_credentials(urls, {n: "--app" for n in urls if n not in settings.apps})
     return apps, urls
 
 
@@ -404,9 +406,9 @@ class _HttpServer:
     """The HTTP API as an ``async with`` component."""
 
     def __init__(self, app: Any, host: str, port: int, metrics: Any = None) -> None:
-        from aiohttp import web
+        from kaiju_tasks.rpc import server as rpc_server
 
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = rpc_server.runner(app)
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -451,17 +453,45 @@ def _api(
         result["status"] = "ok" if result["leader"] else "degraded"
         return result
 
+    server = settings.server
     return rpc_server.Api(
         tasks=TaskService(store),
         notifications=NotificationService(store),
         tokens=TokenService(store),
         methods=registry,
         health=health,
-        max_body=settings.server.max_body,
-        max_batch=settings.server.max_batch,
-        request_timeout=float(settings.server.request_timeout),
+        max_body=server.max_body,
+        max_batch=server.max_batch,
+        request_timeout=float(server.request_timeout),
+        header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
+        auth_failures=server.auth_failures,
+        auth_window=server.auth_window,
+        auth_clients=server.auth_clients,
+        trusted_proxies=config.networks(server.trusted_proxies),
         metrics=metrics.render if metrics is not None else None,
+        on_auth_refused=auth_counter(metrics.registry) if metrics is not None else None,
     )
+
+
+def auth_counter(registry: Any) -> Any:
+    """``kaiju_tasks_auth_refused_total{reason}`` on the /metrics registry; its ``inc``."""
+    from prometheus_client import Counter
+
+    counter = Counter(
+        "kaiju_tasks_auth_refused",
+        "HTTP requests refused for their token: reason=invalid (a failed authentication) or "
+        "rate_limited (HTTP 429, too many failures from the address)",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in ("invalid", "rate_limited"):
+        counter.labels(reason)  # both series exist from the start, at 0
+
+    def refused(reason: str) -> None:
+        counter.labels(reason).inc()
+
+    return refused
 
 
 def _web_app(api: Any, store: Any, dsn: str) -> Any:
@@ -471,7 +501,8 @@ def _web_app(api: Any, store: Any, dsn: str) -> Any:
 
     app = rpc_server.create_app(api)
     data = dashboard.DashboardData(store.pool, dsn)
-    dashboard.setup(app, dashboard.Dashboard(api.tasks, api.tokens, data))
+    tokens = rpc_server.counted_tokens(app)  # the dashboard's failures count too
+    dashboard.setup(app, dashboard.Dashboard(api.tasks, tokens, data))
     return app
 
 
@@ -533,6 +564,9 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
         apps, urls = _apps(settings, args.app)
         if args.demo:
             demo.register(registry)
+            for name in registry:
+                if name.startswith("demo."):  # the tour calls them with any token
+                    registry.set_access(name, public=True)
             if demo.APP not in apps:
                 apps.append(demo.APP)
         async with engine_store(settings, dsn, "kaiju-tasks-run") as store:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kaiju_tasks import errors, limits, redact
 
@@ -67,6 +69,20 @@ class ServerSettings:
     """Most calls in one JSON-RPC batch."""
     request_timeout: int = 30
     """Seconds one call may take before it is answered with a timeout error."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a complete request head, from when it connects or from
+    its previous response; also how long an idle keep-alive connection is kept."""
+    body_timeout: float = 30.0
+    """Seconds a request has to send its whole body once its head arrived (HTTP 408 beyond)."""
+    auth_failures: int = 20
+    """Failed authentications one client address may make at once (HTTP 429 beyond)."""
+    auth_window: float = 60.0
+    """Seconds in which an address earns back ``auth_failures`` tries."""
+    auth_clients: int = 10_000
+    """Most client addresses whose failures are remembered at once."""
+    trusted_proxies: str | None = None
+    """Comma-separated addresses or networks (CIDR) of proxies whose ``X-Forwarded-For`` is
+    believed; unset: the peer address is the client."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -286,11 +302,20 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
         raise errors.ConfigError(
             f"[server] port must be 0-65535, got {server.port}" + where("server.port")
         )
-    for name in ("max_body", "max_batch", "request_timeout"):
+    for name in ("max_body", "max_batch", "request_timeout", "auth_failures", "auth_clients"):
         if getattr(server, name) < 1:
             raise errors.ConfigError(
                 f"[server] {name} must be at least 1" + where(f"server.{name}")
             )
+    for name in ("header_timeout", "body_timeout", "auth_window"):
+        if getattr(server, name) <= 0:
+            raise errors.ConfigError(f"[server] {name} must be > 0" + where(f"server.{name}"))
+    try:
+        networks(server.trusted_proxies)
+    except ValueError as exc:
+        raise errors.ConfigError(
+            f"[server] trusted_proxies: {exc}" + where("server.trusted_proxies")
+        ) from None
     executor = settings.executor
     if executor.concurrency < 1 or executor.prefetch < 0:
         raise errors.ConfigError(
@@ -306,5 +331,44 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
     for app, url in settings.apps.items():
         if not str(url).startswith(("http://", "https://")):
             raise errors.ConfigError(
-                f"[apps] {app} must be an http(s) URL, got {url!r}" + where(f"apps.{app}")
+                f"[apps] {app} must be an http(s) URL, got {redact.url(str(url))!r}"
+                + where(f"apps.{app}")
             )
+    if settings.executor.token:
+        check_app_credentials(settings.apps, sources)
+
+
+def check_app_credentials(apps: Mapping[str, str], sources: Mapping[str, str]) -> None:
+    """Refuse an app URL holding a user or password when ``[executor] token`` is set.
+
+    A stage call carries one ``Authorization`` header: the token's or the URL's credentials,
+    not both.
+    """
+    for app, url in apps.items():
+        try:
+            parts = urlsplit(str(url))
+            has_user = parts.username is not None or parts.password is not None
+        except ValueError:
+            continue
+        if has_user:
+            source = sources.get(f"apps.{app}")
+            raise errors.ConfigError(
+                f"app {app!r}: its URL {redact.url(str(url))} holds a user and password, and "
+                "[executor] token is set; a stage call carries only one Authorization header: "
+                "remove the credentials from the URL or unset the token"
+                + (f" (from {source})" if source else "")
+            )
+
+
+def networks(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse ``[server] trusted_proxies``: comma-separated addresses or CIDR networks."""
+    found = []
+    for item in (text or "").split(","):
+        if item.strip():
+            try:
+                found.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{item.strip()!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+                ) from None
+    return tuple(found)

@@ -17,6 +17,10 @@ TIMEOUT: Final = -32004
 REJECTED: Final = -32005
 CANCELLED: Final = -32006
 """The error code of a task cancelled by a user."""
+REPLY_TOO_LARGE: Final = -32007
+"""The replies of one HTTP request would pass ``[limits] reply_bytes``."""
+RATE_LIMITED: Final = -32008
+"""Too many failed authentications from the client's address (with HTTP 429)."""
 
 CORRELATION_HEADER: Final = "X-Correlation-Id"
 """Carries the task's ``job_id`` on every stage call."""

@@ -308,21 +308,164 @@ async def test_null_for_a_field_that_always_holds_a_value_is_invalid_params(rpc,
     ]
 
 
-async def test_a_batch_runs_its_calls_concurrently(rpc, registry):
-    import asyncio
-    import time
-
-    @registry.register("app.sleep")
-    async def sleep():
-        await asyncio.sleep(0.3)
-        return True
-
-    started = time.monotonic()
-    _, replies = await rpc.raw(
-        [{"jsonrpc": "2.0", "id": i, "method": "app.sleep"} for i in range(5)]
+async def test_a_batch_runs_its_calls_one_after_another_in_array_order(rpc):
+    # create, then an update sent as a notification, then a get: the get sees both.
+    status, replies = await rpc.raw(
+        [
+            {"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": TASK}},
+            {
+                "jsonrpc": "2.0",
+                "method": "tasks.update",
+                "params": {"id": "t1", "data": {"description": "batched"}},
+            },
+            {
+                "jsonrpc": "2.0",
+                "id": 3,
+                "method": "tasks.get",
+                "params": {"id": "t1", "columns": ["id", "description"]},
+            },
+        ]
     )
-    assert [r["result"] for r in replies] == [True] * 5
-    assert time.monotonic() - started < 1.0
+    assert status == 200
+    assert [r["id"] for r in replies] == [1, 3]
+    assert replies[0]["result"]["id"] == "t1"
+    assert replies[1]["result"] == {"id": "t1", "description": "batched"}
+
+
+async def test_a_later_call_of_a_batch_starts_after_the_earlier_one_ended(rpc, registry):
+    import asyncio
+
+    events: list[str] = []
+
+    @registry.register("app.slow")
+    async def slow(name):
+        events.append(f"start {name}")
+        await asyncio.sleep(0.05)
+        events.append(f"end {name}")
+        return name
+
+    _, replies = await rpc.raw(
+        [{"jsonrpc": "2.0", "id": i, "method": "app.slow", "params": [str(i)]} for i in range(3)]
+    )
+    assert [r["result"] for r in replies] == ["0", "1", "2"]
+    assert events == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "field", "reply_id"),
+    [
+        ({"id": 1, "method": "tasks.list"}, 'jsonrpc must be "2.0"', "jsonrpc", 1),
+        (
+            {"jsonrpc": "1.0", "id": 1, "method": "tasks.list"},
+            'jsonrpc must be "2.0"',
+            "jsonrpc",
+            1,
+        ),
+        (
+            {"jsonrpc": 2.0, "id": "a", "method": "tasks.list"},
+            'jsonrpc must be "2.0"',
+            "jsonrpc",
+            "a",
+        ),
+        ({"jsonrpc": "2.0", "id": 1}, "method must be a string", "method", 1),
+        ({"jsonrpc": "2.0", "id": 1, "method": 5}, "method must be a string", "method", 1),
+        (
+            {"jsonrpc": "2.0", "id": 1.5, "method": "tasks.list"},
+            "id must be a string, an integer or null",
+            "id",
+            None,
+        ),
+        (
+            {"jsonrpc": "2.0", "id": True, "method": "tasks.list"},
+            "id must be a string, an integer or null",
+            "id",
+            None,
+        ),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": "x"},
+            "params must be an object or an array",
+            "params",
+            1,
+        ),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": None},
+            "params must be an object or an array",
+            "params",
+            1,
+        ),
+        ('"a string"', "a request must be a JSON object", None, None),
+    ],
+)
+async def test_an_invalid_request_names_what_is_wrong(rpc, body, message, field, reply_id):
+    status, reply = await rpc.raw(body)
+    assert status == 200
+    assert reply["id"] == reply_id
+    assert reply["error"] == {
+        "code": -32600,
+        "message": f"invalid request: {message}",
+        "data": {"field": field},
+    }
+
+
+async def test_an_invalid_member_of_a_batch_names_what_is_wrong(rpc):
+    _, replies = await rpc.raw(
+        [42, {"jsonrpc": "2.0", "id": 2, "method": "app.add", "params": [1, 1]}]
+    )
+    assert replies[0]["error"]["message"] == "invalid request: a request must be a JSON object"
+    assert replies[1]["result"] == 2
+
+
+LONE_SURROGATE_BODIES = [
+    # (raw body, the field named in data.errors)
+    (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tasks.list", '
+        '"params": {"conditions": {"\\ud800": {}}}}',
+        "conditions.\\ud800",
+    ),
+    (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": '
+        '{"commands": [{"method": "x", "params": {"a": ["ok", "\\uDFFF"]}}]}}}',
+        "data.commands.0.params.a.1",
+    ),
+    (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": '
+        '{"commands": [{"method": "x", "condition": {"kws.\\udbff": {"eq": 1}}}]}}}',
+        "data.commands.0.condition.kws.\\udbff",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), LONE_SURROGATE_BODIES)
+async def test_a_lone_surrogate_anywhere_is_invalid_params_naming_the_field(
+    rpc, caplog, body, field
+):
+    status, reply = await rpc.raw(body)
+    assert status == 200
+    assert reply["error"]["code"] == -32602, reply
+    assert reply["error"]["data"]["errors"][0]["field"] == field
+    assert field in reply["error"]["message"]
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_lone_surrogate_in_one_call_of_a_batch_leaves_the_others_alone(rpc):
+    body = (
+        '[{"jsonrpc": "2.0", "id": 1, "method": "tasks.list",'
+        ' "params": {"conditions": {"\\ud800": 1}}},'
+        ' {"jsonrpc": "2.0", "id": 2, "method": "app.add", "params": [2, 2]}]'
+    )
+    _, replies = await rpc.raw(body)
+    assert replies[0]["error"]["code"] == -32602
+    assert replies[1]["result"] == 4
+
+
+async def test_escaped_text_that_is_valid_unicode_is_accepted(rpc):
+    # a surrogate pair is one character (an emoji), not a lone surrogate
+    body = (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": '
+        '{"id": "e", "commands": [{"method": "x"}], "kws": {"\\ud83d\\ude00": "\\u05d0"}}}}'
+    )
+    _, reply = await rpc.raw(body)
+    assert reply["result"]["kws"] == {"\U0001f600": "\u05d0"}
 
 
 async def test_a_timeout_inside_a_method_is_not_reported_as_the_request_timing_out(rpc, registry):
