@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -46,10 +47,16 @@ DEFAULT_BODY_TIMEOUT = 30.0  # seconds to deliver a request body
 DEFAULT_AUTH_FAILURES = 20  # failed authentications per address per window
 DEFAULT_AUTH_WINDOW = 60.0  # seconds
 DEFAULT_AUTH_CLIENTS = 10_000  # addresses tracked at once
+LINGER_TIME: Final = 2.0
+"""Most seconds the rest of a refused body is read and dropped before the connection closes."""
 TRACEBACK_EVERY: Final = 60.0
 """Seconds between two logged tracebacks of the same method."""
 LOG_MESSAGE_CHARS: Final = 500
 """Longest exception text copied into the log line of an internal error."""
+TRACEBACK_FRAMES: Final = 20
+"""Innermost frames of a logged traceback."""
+TRACEBACK_CHARS: Final = 8000
+"""Longest logged traceback."""
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -252,7 +259,14 @@ def runner(app: web.Application) -> web.AppRunner:
     response, closes a connection still waiting for a complete head.)
     """
     api = app[API_KEY]
-    return web.AppRunner(app, access_log=None, keepalive_timeout=api.header_timeout)
+    return web.AppRunner(
+        app,
+        access_log=None,
+        keepalive_timeout=api.header_timeout,
+        # After a refused body (408, 413), read what the client still sends this long at most,
+        # so it can see the reply, then close.
+        lingering_time=min(LINGER_TIME, api.body_timeout),
+    )
 
 
 _UNGUARDED: Final = frozenset({"/health", "/metrics", "/public/rpc/openrpc.json"})
@@ -591,7 +605,7 @@ _LAST_TRACEBACK: dict[str, float] = {}
 
 
 def _log_internal(exc: Exception, method: str) -> None:
-    """One bounded line per internal error; its traceback at most once a minute per method.
+    """One bounded line per internal error; a bounded traceback at most once a minute per method.
 
     ``method`` is a served method's name or ``(unknown)``, so the table stays bounded.
     """
@@ -600,16 +614,22 @@ def _log_internal(exc: Exception, method: str) -> None:
     with_traceback = last is None or now - last >= TRACEBACK_EVERY
     if with_traceback:
         _LAST_TRACEBACK[method] = now
-    text = str(exc)
-    if len(text) > LOG_MESSAGE_CHARS:
-        text = text[:LOG_MESSAGE_CHARS] + f"... ({len(text):,} characters)"
+    text = _bounded(str(exc), LOG_MESSAGE_CHARS)
+    stack = ""
+    if with_traceback:  # the innermost frames, never the (unbounded) message again
+        frames = traceback.format_tb(exc.__traceback__, limit=-TRACEBACK_FRAMES)
+        stack = _bounded("\nTraceback (innermost frames):\n" + "".join(frames), TRACEBACK_CHARS)
     logger.error(
-        "RPC method failed: %s: %s",
+        "RPC method failed: %s: %s%s",
         type(exc).__name__,
         text,
-        exc_info=exc if with_traceback else None,
+        stack,
         extra={"event": "rpc_error", "method": method[:200]},
     )
+
+
+def _bounded(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most] + f"... ({len(text):,} characters)"
 
 
 async def _dispatch(api: Api, method: str, params: Any, caller: models.Caller) -> Any:
