@@ -113,7 +113,7 @@ def test_an_unknown_permission_is_refused_at_registration():
 
 async def test_stages_call_private_methods(dsn, registry):
     async with TaskRuntime(dsn, methods=registry, manager=False) as runtime:
-        task = await runtime.tasks.create({"commands": [{"method": "app.private"}]})
+        task: Any = await runtime.tasks.create({"commands": [{"method": "app.private"}]})
 
         async def finished() -> Any:
             got = await runtime.tasks.get(task["id"], ["status", "result"])
