@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -343,3 +344,71 @@ def test_top_shows_executors_and_running_tasks(dsn):
     finally:
         executor.interrupt()
         executor.close()
+
+
+def _status(url, body, token):
+    try:
+        post(url, body, token)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Retry-After")
+    return 200, None
+
+
+def test_run_closes_slow_connections_limits_failed_logins_and_guards_app_methods(dsn):
+    import socket
+
+    plain = cli("--dsn", dsn, "token", "create", "--user", "reader").stdout.strip()
+    run = Running(
+        "--dsn",
+        dsn,
+        "run",
+        "--port",
+        "0",
+        "--methods",
+        "tests.acceptance.methods_for_cli:methods",
+        env={
+            "KAIJU_TASKS_SERVER_HEADER_TIMEOUT": "1",
+            "KAIJU_TASKS_SERVER_AUTH_FAILURES": "3",
+            "KAIJU_TASKS_SERVER_AUTH_WINDOW": "3600",
+        },
+    )
+    try:
+        url = run.wait_for("kaiju-tasks API on ")
+        token = run.wait_for("system token: ")
+        run.wait_for("kaiju-tasks running")
+        # an application method loaded with --methods is not open to a plain token
+        call = {"jsonrpc": "2.0", "id": 1, "method": "cli.slow", "params": {"seconds": 0}}
+        assert post(url, call, plain)["error"]["code"] == -32001
+        assert post(url, call, token)["result"] == "slept"
+        # a connection trickling its request head is closed by the server
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(b"POST /public/rpc HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            received = b"-"
+            while received:  # one byte a second until the server closes (recv gives b"")
+                try:
+                    slow.sendall(b"a")
+                    received = slow.recv(1024) if _readable(slow, 1.0) else b"-"
+                except ConnectionError:
+                    break
+                assert time.monotonic() - started < 30
+        # three wrong tokens, then 429 for everyone at this address, counted on /metrics
+        wrong = {"jsonrpc": "2.0", "id": 1, "method": "tasks.list"}
+        for _ in range(3):
+            assert post(url, wrong, "kt_wrong")["error"]["code"] == -32001
+        status, retry_after = _status(url, wrong, token)
+        assert status == 429
+        assert int(retry_after) >= 1
+        metrics = _get(url.replace("/public/rpc", "/metrics"), token)
+        assert 'kaiju_tasks_auth_refused_total{reason="invalid"} 3.0' in metrics
+        assert 'kaiju_tasks_auth_refused_total{reason="rate_limited"} 1.0' in metrics
+    finally:
+        run.interrupt()
+        run.close()
+
+
+def _readable(sock, within):
+    import select
+
+    return bool(select.select([sock], [], [], within)[0])

@@ -144,3 +144,64 @@ def test_executor_and_manager_sections_take_numbers(tmp_path):
 def test_bad_executor_and_manager_values_are_refused(environ, message):
     with pytest.raises(errors.ConfigError, match=message):
         config.load(paths=[], environ=environ)
+
+
+def test_server_read_timeouts_and_auth_limits_have_defaults_and_come_from_env(tmp_path):
+    settings, _ = config.load(paths=[], environ={})
+    server = settings.server
+    assert (server.header_timeout, server.body_timeout) == (10.0, 30.0)
+    assert (server.auth_failures, server.auth_window, server.auth_clients) == (20, 60.0, 10_000)
+    assert server.trusted_proxies is None
+    settings, sources = config.load(
+        paths=[],
+        environ={
+            "KAIJU_TASKS_SERVER_HEADER_TIMEOUT": "2.5",
+            "KAIJU_TASKS_SERVER_AUTH_FAILURES": "3",
+            "KAIJU_TASKS_SERVER_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        },
+    )
+    assert settings.server.header_timeout == 2.5
+    assert settings.server.auth_failures == 3
+    assert [str(n) for n in config.networks(settings.server.trusted_proxies)] == [
+        "10.0.0.0/8",
+        "127.0.0.1/32",
+    ]
+    assert sources["server.header_timeout"] == "env KAIJU_TASKS_SERVER_HEADER_TIMEOUT"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("HEADER_TIMEOUT", "0", r"\[server\] header_timeout must be > 0"),
+        ("BODY_TIMEOUT", "-1", r"\[server\] body_timeout must be > 0"),
+        ("AUTH_FAILURES", "0", r"\[server\] auth_failures must be at least 1"),
+        ("AUTH_CLIENTS", "x", r"\[server\] auth_clients must be an integer"),
+        ("TRUSTED_PROXIES", "proxy.local", "'proxy.local' is not an IP address or network"),
+    ],
+)
+def test_bad_server_options_are_refused_naming_them(variable, value, message):
+    with pytest.raises(errors.ConfigError, match=message):
+        config.load(paths=[], environ={f"KAIJU_TASKS_SERVER_{variable}": value})
+
+
+def test_an_executor_token_with_an_app_url_holding_a_password_is_refused(tmp_path):
+    path = _write(
+        tmp_path / "c.ini",
+        "[executor]\ntoken = kt_abc\n[apps]\norders = http://svc:hunter2@orders:8080/rpc\n",
+    )
+    with pytest.raises(errors.ConfigError) as refused:
+        config.load(paths=[path], environ={})
+    message = str(refused.value)
+    assert "app 'orders'" in message
+    assert "[executor] token" in message
+    assert "hunter2" not in message
+    assert "svc:***@orders" in message
+    # either one alone is fine
+    config.load(paths=[path], environ={"KAIJU_TASKS_EXECUTOR_TOKEN": ""})
+    config.load(paths=[path], environ={"KAIJU_TASKS_APPS_ORDERS": "http://orders:8080/rpc"})
+
+
+def test_an_app_url_refused_for_its_scheme_shows_no_password():
+    with pytest.raises(errors.ConfigError) as refused:
+        config.load(paths=[], environ={"KAIJU_TASKS_APPS_X": "ftp://u:hunter2@h/"})
+    assert "hunter2" not in str(refused.value)
