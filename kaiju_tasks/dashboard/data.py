@@ -1,15 +1,20 @@
-"""What the dashboard reads besides TaskService: timelines, throughput, queues, workers.
+"""What the dashboard reads besides TaskService: timelines, throughput, queues, workers, sessions.
 
 Each read is one statement with bound parameters. Task rows themselves always go through
 :class:`~kaiju_tasks.service.TaskService`, so the dashboard sees exactly what its caller may see;
 this module only reads events, executors and aggregate counts, and filters events by the tasks
-the caller may see.
+the caller may see. The one exception is :meth:`DashboardData.raw_task`, the stored JSON of a
+task as text, read only after TaskService has said the caller may see that task.
+
+Sessions live in the ``dashboard_sessions`` table (migration 0012), so they survive restarts and
+are shared by every server process on the database. Only a SHA-256 of a session id is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,6 +86,81 @@ WHERE e.heartbeat_at > $1 OR e.stopped_at > $1
 ORDER BY e.stopped_at IS NOT NULL, e.started DESC
 LIMIT $2
 """
+
+
+# The stored JSON of one task, as text: what the page shows when it cannot format the task.
+_RAW_TASK = """
+SELECT id, app_name, status, stage, stages, user_id, created, status_change,
+       left(commands::text, $2) AS commands, length(commands::text) AS commands_chars,
+       left(kws::text, $2) AS kws, length(kws::text) AS kws_chars,
+       left(result::text, $2) AS result, length(result::text) AS result_chars,
+       left(error::text, $2) AS error, length(error::text) AS error_chars
+FROM tasks
+WHERE id = $1
+"""
+
+# A new session ($1: hash of its id) for the active token whose hash is $2; nothing if the token
+# is unknown or revoked.
+_SESSION_START = """
+INSERT INTO dashboard_sessions (id_hash, token_id, created, expires)
+SELECT $1, t.id, $3, $4 FROM tokens t WHERE t.token_hash = $2 AND t.revoked_at IS NULL
+RETURNING token_id
+"""
+
+# Keep the newest $2 sessions of token $1; the older ones end.
+_SESSION_TRIM = """
+DELETE FROM dashboard_sessions
+WHERE id_hash IN (
+    SELECT id_hash FROM dashboard_sessions WHERE token_id = $1
+    ORDER BY created DESC, id_hash
+    OFFSET $2
+)
+"""
+
+# Sessions that have ended ($1 = now, $2 = the longest a session may last): idle too long, too
+# old, or of a revoked token.
+_SESSION_PRUNE = """
+DELETE FROM dashboard_sessions s
+WHERE s.expires <= $1
+   OR s.created <= $1 - $2::interval
+   OR EXISTS (SELECT 1 FROM tokens t WHERE t.id = s.token_id AND t.revoked_at IS NOT NULL)
+"""
+
+# The caller a live session ($1: hash of its id) stands for at $2; a session used again after
+# more than $5 of quiet is extended to $2 + $3 (idle expiry). $4: the longest a session lasts.
+_SESSION_FIND = """
+WITH found AS (
+    SELECT s.id_hash, s.token_id, s.expires, t.user_id, t.permissions
+    FROM dashboard_sessions s
+    JOIN tokens t ON t.id = s.token_id
+    WHERE s.id_hash = $1
+      AND s.expires > $2
+      AND s.created > $2 - $4::interval
+      AND t.revoked_at IS NULL
+), touched AS (
+    UPDATE dashboard_sessions s SET expires = $2 + $3::interval
+    FROM found
+    WHERE s.id_hash = found.id_hash AND found.expires < $2 + $3::interval - $5::interval
+)
+SELECT token_id, user_id, permissions FROM found
+"""
+
+_SESSION_END = """
+DELETE FROM dashboard_sessions WHERE id_hash = $1
+"""
+
+SESSION_IDLE = timedelta(hours=12)
+"""A session ends after this long without a request."""
+SESSION_LIFETIME = timedelta(days=7)
+"""A session ends this long after the login, however busy."""
+SESSIONS_PER_TOKEN = 20
+"""Sessions kept per API token; a new login beyond this ends the oldest."""
+SESSION_TOUCH = timedelta(minutes=1)
+"""How stale a session's expiry may get before a request extends it (one write per minute)."""
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class DashboardData:
@@ -173,6 +253,51 @@ class DashboardData:
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(_WORKERS, heard_since, limit)
         return [dict(r) for r in rows]
+
+    async def raw_task(self, task_id: str, chars: int) -> dict[str, Any] | None:
+        """A task's facts and its JSON columns as stored text (each cut to ``chars``).
+
+        For a page that cannot format the task's content. The caller's right to see the task
+        is checked by TaskService before this is called.
+        """
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(_RAW_TASK, task_id, chars)
+        return None if row is None else dict(row)
+
+    async def start_session(self, session_id: str, token: str, *, now: datetime) -> bool:
+        """Store a session for an active API token; False if the token is not (or no longer) one.
+
+        Also ends the token's oldest sessions beyond ``SESSIONS_PER_TOKEN`` and prunes every
+        ended session.
+        """
+        # tokens.token_hash is the token's SHA-256 (migration 0003), as kaiju_tasks.service keeps.
+        async with self.pool.acquire() as connection, connection.transaction():
+            token_id = await connection.fetchval(
+                _SESSION_START, _digest(session_id), _digest(token), now, now + SESSION_IDLE
+            )
+            if token_id is None:
+                return False
+            await connection.execute(_SESSION_TRIM, token_id, SESSIONS_PER_TOKEN)
+            await connection.execute(_SESSION_PRUNE, now, SESSION_LIFETIME)
+        return True
+
+    async def session(self, session_id: str, *, now: datetime) -> dict[str, Any] | None:
+        """The ``token_id``, ``user_id`` and ``permissions`` of a live session, or None."""
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                _SESSION_FIND,
+                _digest(session_id),
+                now,
+                SESSION_IDLE,
+                SESSION_LIFETIME,
+                SESSION_TOUCH,
+            )
+        return None if row is None else dict(row)
+
+    async def end_session(self, session_id: str) -> None:
+        """Delete a session (log out): its cookie no longer logs anyone in."""
+        async with self.pool.acquire() as connection:
+            await connection.execute(_SESSION_END, _digest(session_id))
 
     async def close(self) -> None:
         """Stop the live event follower, if it runs."""

@@ -2,8 +2,23 @@
 
 Pages are rendered on the server (Jinja2, autoescaped) and work without JavaScript; a small
 static script follows ``GET /stream`` (server-sent events) and swaps in the page's live part
-(``?partial=1``) when something changed, so nothing reloads. Callers log in with an API token,
-kept in an HttpOnly, SameSite=Strict cookie; every form carries a CSRF token derived from it.
+(``?partial=1``) when something changed, so nothing reloads; the live part holds a task's action
+buttons too, so they always match the status shown.
+
+Callers log in with an API token. The token itself never goes into a cookie: a login starts a
+server-side session (:meth:`DashboardData.start_session`) and the HttpOnly, SameSite=Strict
+cookie holds only the session's random id. Logging out deletes the session, a revoked token ends
+its sessions, and a session ends after ``SESSION_IDLE`` without a request (or
+``SESSION_LIFETIME`` after the login). Every form carries a CSRF token derived from the session.
+
+A task id may hold any character, ``/``, ``?``, ``#``, ``%`` and ``..`` included: links name a
+task with :func:`task_url` (every character outside the unreserved set percent-encoded; the ids
+``.`` and ``..``, which a browser would resolve as path steps whatever their encoding, go in the
+query of ``/task?id=``), and actions post the id in the form body to ``/actions/<action>``.
+
+A task page never fails because of what the task holds: a stage whose template or condition
+cannot be evaluated says so, and a task whose content cannot be formatted at all is shown as the
+JSON text stored in the database.
 """
 
 from __future__ import annotations
@@ -11,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import math
+import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,6 +50,8 @@ from kaiju_tasks.service import TaskService, TokenService
 logger = logging.getLogger(__name__)
 
 COOKIE = "kaiju_tasks_session"
+"""The session cookie: a random session id (``secrets.token_urlsafe(32)``), never a token."""
+SESSION_ID_CHARS = 64  # longer cookie values are not session ids: no database lookup
 PAGE_SIZE = 50
 MAX_PAGE = 100_000
 ALIVE_WITHIN = timedelta(seconds=30)
@@ -72,7 +91,7 @@ class Dashboard:
         self.data = data
         self.clock = clock or clock_.SystemClock()
         self.streams: collections.Counter[str] = collections.Counter()
-        """Open live streams by token (hashed), to cap them."""
+        """Open live streams by API token (``Auth.holder``), to cap them."""
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("kaiju_tasks.dashboard", "templates"),
             autoescape=True,
@@ -86,6 +105,7 @@ class Dashboard:
             pretty=_pretty,
             compact=_compact,
             stage=_stage,
+            task_url=task_url,
         )
 
 
@@ -98,12 +118,14 @@ def setup(app: web.Application, dashboard: Dashboard) -> None:
     app.router.add_get("/", _overview)
     app.router.add_get("/tasks", _tasks)
     app.router.add_get("/tasks/{id}", _task)
-    app.router.add_post("/tasks/{id}/{action:reset|cancel|message}", _action)
+    app.router.add_get("/task", _task_by_query)
+    app.router.add_post("/actions/{action:reset|cancel|message}", _action)
     app.router.add_get("/workers", _workers)
     app.router.add_get("/login", _login_form)
     app.router.add_post("/login", _login)
     app.router.add_post("/logout", _logout)
     app.router.add_get("/stream", _stream)
+    app.router.add_get("/favicon.ico", _favicon)
     app.router.add_static("/static", _static_dir(), name="static", append_version=True)
     app.on_response_prepare.append(_security_headers)
     app.on_startup.append(_start)
@@ -114,6 +136,29 @@ def _static_dir() -> str:
     from importlib import resources
 
     return str(resources.files("kaiju_tasks.dashboard") / "static")
+
+
+async def _favicon(request: web.Request) -> web.StreamResponse:
+    """Browsers ask for ``/favicon.ico`` on their own; pages link the same icon."""
+    from pathlib import Path
+
+    icon = Path(_static_dir()) / "favicon.svg"
+    return web.FileResponse(
+        icon, headers={"Content-Type": "image/svg+xml", "Cache-Control": "max-age=86400"}
+    )
+
+
+def task_url(task_id: str, **query: str) -> str:
+    """The dashboard page of exactly this task, whatever characters its id holds.
+
+    Every character outside the unreserved set is percent-encoded, so ``/``, ``?``, ``#`` and
+    ``%`` stay inside the one path segment. A browser resolves a segment ``.`` or ``..`` (even
+    written ``%2E%2E``) as a step in the path, so those two ids go in a query instead.
+    """
+    if task_id in ("", ".", ".."):
+        return "/task?" + urllib.parse.urlencode({"id": task_id, **query})
+    url = "/tasks/" + urllib.parse.quote(task_id, safe="")
+    return f"{url}?{urllib.parse.urlencode(query)}" if query else url
 
 
 async def _start(app: web.Application) -> None:
@@ -141,20 +186,41 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 # -- auth ---------------------------------------------------------------------------------------
 
 
-def _csrf(token: str) -> str:
-    return hmac.new(token.encode(), b"kaiju-tasks-dashboard-csrf", hashlib.sha256).hexdigest()
+def _csrf(secret: str) -> str:
+    """The form token of a session (or of a bearer token): forms must echo it."""
+    return hmac.new(secret.encode(), b"kaiju-tasks-dashboard-csrf", hashlib.sha256).hexdigest()
 
 
-async def _caller(request: web.Request) -> tuple[models.Caller, str] | None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Auth:
+    """Who is logged in, and what their forms and live streams are keyed by."""
+
+    caller: models.Caller
+    secret: str
+    """The session id, or the bearer token of a scripted request: the CSRF token derives from it."""
+    holder: str
+    """The API token behind the login (its id, or a hash): live streams are capped per token."""
+
+
+async def _caller(request: web.Request) -> Auth | None:
     dashboard = request.app[DASHBOARD_KEY]
-    token = request.cookies.get(COOKIE) or bearer_token(request)
+    session_id = request.cookies.get(COOKIE)
+    if session_id and len(session_id) <= SESSION_ID_CHARS:
+        found = await dashboard.data.session(session_id, now=dashboard.clock.now())
+        if found is not None:
+            caller = models.Caller.user(found["user_id"], found["permissions"])
+            return Auth(caller, session_id, f"token:{found['token_id']}")
+    token = bearer_token(request)  # scripts may send the API token in a header instead
+    if token is None:
+        return None
     try:
-        return await dashboard.tokens.authenticate(token), token or ""
+        caller = await dashboard.tokens.authenticate(token)
     except errors.NotAuthorized:
         return None
+    return Auth(caller, token, "bearer:" + hashlib.sha256(token.encode()).hexdigest())
 
 
-Handler = Callable[[web.Request, models.Caller, str], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, Auth], Awaitable[web.StreamResponse]]
 
 
 def _login_required(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -163,9 +229,10 @@ def _login_required(handler: Handler) -> Callable[[web.Request], Awaitable[web.S
         if found is None:
             if request.query.get("partial") or request.path == "/stream":
                 raise web.HTTPUnauthorized(text="log in again")
-            target = urllib.parse.quote(request.path_qs, safe="")
+            # The path as sent: decoded, an id's "%2F.." would become a step up the path.
+            target = urllib.parse.quote(request.rel_url.raw_path_qs, safe="")
             raise web.HTTPSeeOther(f"/login?next={target}")
-        return await handler(request, *found)
+        return await handler(request, found)
 
     return wrapped
 
@@ -220,27 +287,39 @@ async def _login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = str(form.get("token", "")).strip()
     target = _safe_next(str(form.get("next", "/")))
+    refused = _render(
+        request,
+        "login.html",
+        {"next": target, "error": "That token is not valid or has been revoked."},
+        status=401,
+    )
     try:
         await dashboard.tokens.authenticate(token)
     except errors.NotAuthorized:
-        return _render(
-            request,
-            "login.html",
-            {"next": target, "error": "That token is not valid or has been revoked."},
-            status=401,
-        )
+        return refused
+    session_id = secrets.token_urlsafe(32)
+    now = dashboard.clock.now()
+    if not await dashboard.data.start_session(session_id, token, now=now):
+        return refused  # revoked between the check and the session
+    old = request.cookies.get(COOKIE)
+    if old and len(old) <= SESSION_ID_CHARS:
+        await dashboard.data.end_session(old)  # a new login replaces this browser's session
     response = web.HTTPSeeOther(target)
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="Strict", secure=_secure(request), path="/"
+        COOKIE, session_id, httponly=True, samesite="Strict", secure=_secure(request), path="/"
     )
     raise response
 
 
 async def _logout(request: web.Request) -> web.StreamResponse:
+    dashboard = request.app[DASHBOARD_KEY]
     found = await _caller(request)
     form = await request.post()
-    if found is not None and not _token_matches(form.get("csrf", ""), _csrf(found[1])):
+    if found is not None and not _token_matches(form.get("csrf", ""), _csrf(found.secret)):
         raise web.HTTPForbidden(text="bad form token; reload the page")
+    session_id = request.cookies.get(COOKIE)
+    if found is not None and session_id == found.secret:
+        await dashboard.data.end_session(session_id)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE, path="/")
     raise response
@@ -255,16 +334,16 @@ def _render(
     context: Mapping[str, Any],
     *,
     status: int = 200,
-    caller: models.Caller | None = None,
-    token: str | None = None,
+    auth: Auth | None = None,
 ) -> web.Response:
     dashboard = request.app[DASHBOARD_KEY]
     partial = bool(request.query.get("partial"))
     template = dashboard.env.get_template(name)
+    caller = auth.caller if auth else None
     values = {
         "user": caller.user_id if caller else None,
         "system": bool(caller and caller.is_system),
-        "csrf": _csrf(token) if token else "",
+        "csrf": _csrf(auth.secret) if auth else "",
         "path": request.path,
         "partial": partial,
         "now": dashboard.clock.now(),
@@ -393,8 +472,9 @@ def _like_escape(text: str) -> str:
 
 
 @_login_required
-async def _tasks(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
+async def _tasks(request: web.Request, auth: Auth) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
+    caller = auth.caller
     try:
         page_number = min(max(1, int(request.query.get("page", "1"))), MAX_PAGE)
     except ValueError:
@@ -426,7 +506,7 @@ async def _tasks(request: web.Request, caller: models.Caller, token: str) -> web
         else:
             context["page"] = page
             context["links"] = _page_links(request, page)
-    return _render(request, "tasks.html", context, status=status, caller=caller, token=token)
+    return _render(request, "tasks.html", context, status=status, auth=auth)
 
 
 def _page_links(request: web.Request, page: Mapping[str, Any]) -> dict[str, str | None]:
@@ -444,14 +524,20 @@ def _page_links(request: web.Request, page: Mapping[str, Any]) -> dict[str, str 
 
 
 @_login_required
-async def _task(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
-    return await _task_page(request, caller, token)
+async def _task(request: web.Request, auth: Auth) -> web.StreamResponse:
+    return await _task_page(request, auth, request.match_info["id"])
+
+
+@_login_required
+async def _task_by_query(request: web.Request, auth: Auth) -> web.StreamResponse:
+    """``/task?id=``: the page of a task whose id cannot be a path segment (``.``, ``..``)."""
+    return await _task_page(request, auth, request.query.get("id", ""))
 
 
 async def _task_page(
     request: web.Request,
-    caller: models.Caller,
-    token: str,
+    auth: Auth,
+    task_id: str,
     *,
     notice: str | None = None,
     error: str | None = None,
@@ -459,21 +545,23 @@ async def _task_page(
     message: str = "",
 ) -> web.Response:
     dashboard = request.app[DASHBOARD_KEY]
-    task_id = request.match_info["id"]
-    missing = _render(
-        request, "missing.html", {"task_id": task_id}, status=404, caller=caller, token=token
-    )
-    if "\x00" in task_id:
+    caller = auth.caller
+    missing = _render(request, "missing.html", {"task_id": task_id}, status=404, auth=auth)
+    if not task_id or "\x00" in task_id:
         return missing
     try:
-        # May the caller see it? Only then read its events: those since it was created, so
-        # the events of an earlier task deleted under the same id never show.
-        seen = await dashboard.tasks.get(task_id, ["created"], caller=caller)
-        timeline = await dashboard.data.timeline(task_id, since=seen["created"])
-        # Read again after the events: each event is written with its transition, so the task
-        # is at least as new as its timeline (never a failure listed on a running task).
-        task = await dashboard.tasks.get(task_id, caller=caller)
-    except (errors.TaskNotFound, errors.ValidationError):
+        # May the caller see it? Asked through a listing of chosen columns, which reads none of
+        # the task's JSON: this answers even for a task whose content cannot be decoded.
+        found = await dashboard.tasks.list(
+            conditions={"id": task_id},
+            columns=["id", "created"],
+            limit=1,
+            count=False,
+            caller=caller,
+        )
+    except errors.ValidationError:
+        return missing
+    if not found["data"]:
         return missing
     done = request.query.get("done")
     if notice is None and done in ("reset", "cancel", "message"):
@@ -482,6 +570,57 @@ async def _task_page(
             "cancel": "Task cancelled.",
             "message": "Message delivered.",
         }[done]
+    shown = {"notice": notice, "error": error, "message": message}
+    try:
+        context = await _task_context(dashboard, task_id, found["data"][0]["created"], caller)
+        if context is None:
+            return missing
+        page = {**context, **shown}
+        if message:  # a refused message stays in its form, to be fixed and sent again
+            page["can_message"] = True
+        return _render(request, "task.html", page, status=status, auth=auth)
+    except errors.TaskNotFound:
+        return missing
+    except Exception as exc:  # noqa: BLE001 - a task's content must never make its page fail
+        # Whatever the content did (nested past a recursion limit, undecodable, a value no
+        # filter expected), the page still answers: with the JSON as stored in the database.
+        logger.warning(
+            "Task page shown as stored JSON",
+            extra={"event": "dashboard_task_raw", "task_id": task_id, "error": type(exc).__name__},
+        )
+    raw = await dashboard.data.raw_task(task_id, SHOWN_JSON)
+    if raw is None:
+        return missing
+    context = {
+        "task": raw,
+        "canonical": task_url(raw["id"]),
+        **_actions(raw["status"], raw.get("user_id"), caller, waits_for_message=False),
+        **shown,
+    }
+    return _render(request, "task_raw.html", context, status=status, auth=auth)
+
+
+def _actions(
+    status: str, owner: str | None, caller: models.Caller, *, waits_for_message: bool
+) -> dict[str, bool]:
+    """The actions offered for a task in ``status``: what the page shows is what it offers."""
+    return {
+        "can_modify": caller.modifies_all or (owner is not None and owner == caller.user_id),
+        "can_reset": status != "EXECUTED",
+        "can_cancel": status not in ("FINISHED", "FAILED"),
+        "can_message": waits_for_message,
+    }
+
+
+async def _task_context(
+    dashboard: Dashboard, task_id: str, created: Any, caller: models.Caller
+) -> dict[str, Any] | None:
+    # Events since the task was created, so the events of an earlier task deleted under the
+    # same id never show.
+    timeline = await dashboard.data.timeline(task_id, since=created)
+    # Read after the events: each event is written with its transition, so the task is at
+    # least as new as its timeline (never a failure listed on a running task).
+    task = await dashboard.tasks.get(task_id, caller=caller)
     tree = await _tree(dashboard, task, caller)
     stages = _stages(task, dashboard.clock.now())
     status_now = task["status"]
@@ -490,23 +629,16 @@ async def _task_page(
         and task["stage"] < len(stages)
         and stages[task["stage"]]["kind"] == "message"
     )
-    context = {
+    return {
         "task": task,
         "stages": stages,
-        "can_modify": caller.modifies_all or task.get("user_id") == caller.user_id,
-        "can_reset": status_now != "EXECUTED",
-        "can_cancel": status_now not in ("FINISHED", "FAILED"),
-        "can_message": waits_for_message or bool(message),
-        "canonical": "/tasks/" + urllib.parse.quote(task["id"], safe=""),
+        **_actions(status_now, task.get("user_id"), caller, waits_for_message=waits_for_message),
+        "canonical": task_url(task["id"]),
         "timeline": timeline,
         "timeline_cut": len(timeline) >= TIMELINE_LIMIT,
         "tree": tree,
         "tree_ids": [node["task"]["id"] for node in tree],
-        "notice": notice,
-        "error": error,
-        "message": message,
     }
-    return _render(request, "task.html", context, status=status, caller=caller, token=token)
 
 
 def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
@@ -514,7 +646,9 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
 
     Evaluated here and now, as the executor would from the same results: ``executor`` data is
     not known here (a template that needs it says so), and ``now``/``uuid4`` helpers give
-    today's values, not the ones the stage got.
+    today's values, not the ones the stage got. Each stage's condition and templates are
+    evaluated at most once per view. Whatever the evaluation raises is shown on the stage,
+    never a failed page.
     """
     results = task.get("result")
     done = results if isinstance(results, list) else []
@@ -530,7 +664,10 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
     else:
         reached = current  # QUEUED, IDLE, SUSPENDED: the current stage has not started (again)
     stages = []
-    for index, command in enumerate(task.get("commands") or []):
+    commands = task.get("commands")
+    for index, command in enumerate(commands if isinstance(commands, list) else []):
+        if not isinstance(command, Mapping):
+            command = {"kind": "unknown", "value": command}
         kind = command.get("kind") or "call"
         item: dict[str, Any] = {
             "index": index,
@@ -541,24 +678,36 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
             "result": done[index] if index < len(done) else None,
             "evaluated": None,
             "evaluation_error": None,
+            "condition_error": None,
             "skipped": False,
         }
         # Only results of earlier stages are visible to a stage, as in the executor.
         visible = {k: v for k, v in data.items() if not k.isdigit() or int(k) < index}
         condition = command.get("condition")
         if condition is not None and index < len(done) and done[index] is None:
-            with contextlib.suppress(errors.ValidationError):
+            try:
                 item["skipped"] = not conditions.evaluate(condition, visible, now=now)
+            except Exception as exc:  # noqa: BLE001 - shown on the stage, never a failed page
+                item["condition_error"] = _failure(exc)
         if kind == "call" and index < reached and not item["skipped"]:
             try:
                 item["evaluated"] = {
                     "method": templates.render(command.get("method"), visible, now=now),
                     "params": templates.render(command.get("params"), visible, now=now),
                 }
-            except errors.ValidationError as exc:
-                item["evaluation_error"] = exc.message
+            except Exception as exc:  # noqa: BLE001 - shown on the stage, never a failed page
+                item["evaluation_error"] = _failure(exc)
         stages.append(item)
     return stages
+
+
+def _failure(exc: Exception) -> str:
+    """What to say about a stage that cannot be evaluated here."""
+    if isinstance(exc, errors.KaijuTasksError):
+        return exc.message
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to evaluate here"
+    return f"evaluation failed ({type(exc).__name__})"
 
 
 async def _tree(
@@ -596,15 +745,23 @@ async def _tree(
 
 
 @_login_required
-async def _action(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
+async def _action(request: web.Request, auth: Auth) -> web.StreamResponse:
+    """Reset, cancel or message the task named by the form's ``id`` field.
+
+    The id travels in the body, never in the path, so no character of it can make the browser
+    post to another task's address.
+    """
     dashboard = request.app[DASHBOARD_KEY]
-    task_id = request.match_info["id"]
+    caller = auth.caller
     action = request.match_info["action"]
     form = await request.post()
-    if not _token_matches(form.get("csrf", ""), _csrf(token)):
+    if not _token_matches(form.get("csrf", ""), _csrf(auth.secret)):
         raise web.HTTPForbidden(text="bad form token; reload the page")
     if not _same_origin(request):
         raise web.HTTPForbidden(text="cross-site form")
+    task_id = form.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        raise web.HTTPBadRequest(text="the form names no task; reload the page")
     text = str(form.get("data", ""))
     try:
         if action == "reset":
@@ -624,15 +781,32 @@ async def _action(request: web.Request, caller: models.Caller, token: str) -> we
             errors.TaskNotFound: 404,
         }.get(type(exc), 409)
         return await _task_page(
-            request, caller, token, error=exc.message, status=code, message=text
+            request, auth, task_id, error=exc.message, status=code, message=text
         )
-    quoted = urllib.parse.quote(task_id, safe="")
-    raise web.HTTPSeeOther(f"/tasks/{quoted}?done={action}")
+    except Exception as exc:  # noqa: BLE001 - a task's content must never make a page fail
+        # The statement may have applied: what failed is reading the task back (content no
+        # decoder accepts, such as JSON written to the database by hand). Say so, and show it.
+        logger.warning(
+            "Dashboard action could not read the task back",
+            extra={
+                "event": "dashboard_action_unreadable",
+                "task_id": task_id,
+                "action": action,
+                "error": type(exc).__name__,
+            },
+        )
+        why = (
+            f"The {action} may or may not have been applied: this task's stored content"
+            f" cannot be read back ({type(exc).__name__}). The page shows the task as it is now."
+        )
+        return await _task_page(request, auth, task_id, error=why, status=422, message=text)
+    raise web.HTTPSeeOther(task_url(task_id, done=action))
 
 
 @_login_required
-async def _overview(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
+async def _overview(request: web.Request, auth: Auth) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
+    caller = auth.caller
     now = dashboard.clock.now()
     context: dict[str, Any] = {"allowed": caller.views_all}
     if caller.views_all:
@@ -649,7 +823,7 @@ async def _overview(request: web.Request, caller: models.Caller, token: str) -> 
                 if w["stopped_at"] is None
             ),
         )
-    return _render(request, "overview.html", context, caller=caller, token=token)
+    return _render(request, "overview.html", context, auth=auth)
 
 
 def _chart(series: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -688,8 +862,9 @@ def _nice(value: int) -> int:
 
 
 @_login_required
-async def _workers(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
+async def _workers(request: web.Request, auth: Auth) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD_KEY]
+    caller = auth.caller
     now = dashboard.clock.now()
     context: dict[str, Any] = {"allowed": caller.views_all, "workers": []}
     if caller.views_all:  # hosts, pids and what runs where are cluster-wide figures
@@ -699,25 +874,25 @@ async def _workers(request: web.Request, caller: models.Caller, token: str) -> w
                 worker["stopped_at"] is None and now - worker["heartbeat_at"] < ALIVE_WITHIN
             )
         context["workers"] = workers
-    return _render(request, "workers.html", context, caller=caller, token=token)
+    return _render(request, "workers.html", context, auth=auth)
 
 
 # -- live updates -------------------------------------------------------------------------------
 
 
 @_login_required
-async def _stream(request: web.Request, caller: models.Caller, token: str) -> web.StreamResponse:
+async def _stream(request: web.Request, auth: Auth) -> web.StreamResponse:
     """Server-sent events: one ``message`` per lifecycle event, for pages to refresh."""
     dashboard = request.app[DASHBOARD_KEY]
     hub = dashboard.data.hub
     if hub is None:
         raise web.HTTPNotFound(text="live updates are off")
-    holder = hashlib.sha256(token.encode()).hexdigest()
+    holder = auth.holder
     if dashboard.streams[holder] >= MAX_STREAMS:
         raise web.HTTPTooManyRequests(text=f"at most {MAX_STREAMS} live pages per token")
     dashboard.streams[holder] += 1
     try:
-        return await _follow(request, dashboard, hub, caller)
+        return await _follow(request, dashboard, hub, auth.caller)
     finally:
         dashboard.streams[holder] -= 1
         if dashboard.streams[holder] <= 0:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
@@ -67,6 +68,24 @@ class Site:
         created = await self.tokens.create(user, permissions or [], f"{user} in a test")
         token: str = created["token"]
         return token
+
+    async def session(self, token: str) -> str:
+        """Log in with ``token`` through the login form; return the session id of the cookie."""
+        async with aiohttp.ClientSession() as client:
+            async with client.post(
+                f"{self.url}/login", data={"token": token}, allow_redirects=False
+            ) as response:
+                assert response.status == 303, await response.text()
+                session_id: str = response.cookies[dashboard.views.COOKIE].value
+        return session_id
+
+    async def log_in(self, context: BrowserContext, token: str) -> str:
+        """Give a browser context a session of ``token`` (as a login would); return its id."""
+        session_id = await self.session(token)
+        await context.add_cookies(
+            [{"name": dashboard.views.COOKIE, "value": session_id, "url": self.url}]
+        )
+        return session_id
 
 
 def shop_methods(runtime_ref: dict[str, TaskRuntime]) -> methods.Methods:
@@ -142,11 +161,9 @@ async def site(dsn: str) -> AsyncIterator[Site]:
 
 @pytest.fixture
 async def context(browser: Browser, site: Site) -> AsyncIterator[BrowserContext]:
-    """A browser context logged in as the system user (the session cookie set directly)."""
+    """A browser context logged in as the system user (a session started over HTTP)."""
     created = await browser.new_context(viewport={"width": 1280, "height": 900})
-    await created.add_cookies(
-        [{"name": dashboard.views.COOKIE, "value": site.system_token, "url": site.url}]
-    )
+    await site.log_in(created, site.system_token)
     yield created
     await created.close()
 

@@ -61,8 +61,23 @@ async def tokens(store: postgres.PostgresEngineStore) -> dict[str, str]:
     }
 
 
-def _cookie(token: str) -> dict[str, str]:
-    return {"Cookie": f"{COOKIE}={token}"}
+@pytest.fixture
+async def sessions(client: Client, tokens: dict[str, str]) -> dict[str, str]:
+    """A dashboard session id per user, each from a real login."""
+    return {name: await _session(client, token) for name, token in tokens.items()}
+
+
+async def _session(client: Client, token: str) -> str:
+    """Log in with an API token through the form; return the session id its cookie holds."""
+    response = await client.post("/login", data={"token": token}, allow_redirects=False)
+    assert response.status == 303
+    session_id: str = response.cookies[COOKIE].value
+    client.session.cookie_jar.clear()  # each request names its session in its own header
+    return session_id
+
+
+def _cookie(session_id: str) -> dict[str, str]:
+    return {"Cookie": f"{COOKIE}={session_id}"}
 
 
 async def _create(
@@ -84,20 +99,26 @@ async def test_pages_need_a_login(client: Client) -> None:
         assert response.headers["Location"].startswith("/login?next=")
     assert (await client.get("/tasks?partial=1", allow_redirects=False)).status == 401
     assert (await client.get("/stream", allow_redirects=False)).status == 401
-    response = await client.post("/tasks/x/reset", data={"csrf": "x"}, allow_redirects=False)
+    response = await client.post(
+        "/actions/reset", data={"csrf": "x", "id": "x"}, allow_redirects=False
+    )
     assert response.status == 303  # to the login page; nothing was done
 
 
-async def test_login_sets_a_strict_http_only_cookie(client: Client, tokens: dict[str, str]) -> None:
+async def test_login_sets_a_strict_http_only_session_cookie(
+    client: Client, tokens: dict[str, str]
+) -> None:
     response = await client.post(
         "/login", data={"token": tokens["alice"], "next": "/tasks"}, allow_redirects=False
     )
     assert response.status == 303
     assert response.headers["Location"] == "/tasks"
     cookie = response.headers["Set-Cookie"]
-    assert f"{COOKIE}={tokens['alice']}" in cookie
+    assert tokens["alice"] not in cookie  # the cookie holds a session id, never the token
+    assert len(response.cookies[COOKIE].value) >= 43  # 32 random bytes
     assert "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
+    assert "Secure" not in cookie  # plain http here; see tests/security for https
 
     bad = await client.post("/login", data={"token": "kt_nope"}, allow_redirects=False)
     assert bad.status == 401
@@ -136,52 +157,60 @@ async def test_a_bearer_header_works_like_the_cookie(
 
 
 async def test_each_user_sees_only_their_own_tasks(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     alice = await _create(store, _task(description="alice's"), Caller.user("alice"))
     bob = await _create(store, _task(description="bob's"), Caller.user("bob"))
-    page = await (await client.get("/tasks", headers=_cookie(tokens["alice"]))).text()
+    page = await (await client.get("/tasks", headers=_cookie(sessions["alice"]))).text()
     assert alice["id"] in page
     assert bob["id"] not in page
-    other = await client.get(f"/tasks/{bob['id']}", headers=_cookie(tokens["alice"]))
+    other = await client.get(f"/tasks/{bob['id']}", headers=_cookie(sessions["alice"]))
     assert other.status == 404
     assert bob["id"] in await other.text()  # names what was asked for, shows nothing of it
     assert "bob's" not in await other.text()
     # Acting on someone else's task is refused and changes nothing.
-    csrf = _csrf(tokens["alice"])
+    csrf = _csrf(sessions["alice"])
     refused = await client.post(
-        f"/tasks/{bob['id']}/cancel", data={"csrf": csrf}, headers=_cookie(tokens["alice"])
+        "/actions/cancel", data={"csrf": csrf, "id": bob["id"]}, headers=_cookie(sessions["alice"])
     )
     assert refused.status == 404
     assert (await TaskService(store).get(bob["id"], ["status"]))["status"] == "QUEUED"
     # Cluster-wide figures are for callers who may view others.
-    overview = await (await client.get("/", headers=_cookie(tokens["alice"]))).text()
+    overview = await (await client.get("/", headers=_cookie(sessions["alice"]))).text()
     assert "view_others" in overview
     assert "throughput-chart" not in overview
-    system = await (await client.get("/", headers=_cookie(tokens["system"]))).text()
+    system = await (await client.get("/", headers=_cookie(sessions["system"]))).text()
     assert "throughput-chart" in system
 
 
 async def test_actions_need_the_form_token(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     task = await _create(store, _task())
-    url = f"/tasks/{task['id']}/cancel"
-    for form in ({}, {"csrf": ""}, {"csrf": _csrf(tokens["bob"])}):
-        response = await client.post(url, data=form, headers=_cookie(tokens["system"]))
+    url = "/actions/cancel"
+    for form in ({}, {"csrf": ""}, {"csrf": _csrf(sessions["bob"])}, {"csrf": tokens["system"]}):
+        response = await client.post(
+            url, data={**form, "id": task["id"]}, headers=_cookie(sessions["system"])
+        )
         assert response.status == 403
     cross = await client.post(
         url,
-        data={"csrf": _csrf(tokens["system"])},
-        headers={**_cookie(tokens["system"]), "Origin": "https://evil.example"},
+        data={"csrf": _csrf(sessions["system"]), "id": task["id"]},
+        headers={**_cookie(sessions["system"]), "Origin": "https://evil.example"},
     )
     assert cross.status == 403
     assert (await TaskService(store).get(task["id"], ["status"]))["status"] == "QUEUED"
 
     done = await client.post(
         url,
-        data={"csrf": _csrf(tokens["system"])},
-        headers=_cookie(tokens["system"]),
+        data={"csrf": _csrf(sessions["system"]), "id": task["id"]},
+        headers=_cookie(sessions["system"]),
         allow_redirects=False,
     )
     assert done.status == 303
@@ -190,7 +219,10 @@ async def test_actions_need_the_form_token(
 
 
 async def test_user_data_is_escaped(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     evil = "<script>alert(1)</script>"
     task = await _create(
@@ -203,17 +235,19 @@ async def test_user_data_is_escaped(
         ),
     )
     for path in (f"/tasks/{task['id']}", "/tasks", f"/tasks?q={evil}", "/"):
-        body = await (await client.get(path, headers=_cookie(tokens["system"]))).text()
+        body = await (await client.get(path, headers=_cookie(sessions["system"]))).text()
         assert "<script>alert" not in body, path
         assert "<b>shop</b>" not in body, path
     body = await (
-        await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+        await client.get(f"/tasks/{task['id']}", headers=_cookie(sessions["system"]))
     ).text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
 
 
-async def test_pages_carry_security_headers(client: Client, tokens: dict[str, str]) -> None:
-    response = await client.get("/tasks", headers=_cookie(tokens["system"]))
+async def test_pages_carry_security_headers(
+    client: Client, sessions: dict[str, str], tokens: dict[str, str]
+) -> None:
+    response = await client.get("/tasks", headers=_cookie(sessions["system"]))
     policy = response.headers["Content-Security-Policy"]
     assert "default-src 'self'" in policy
     assert "frame-ancestors 'none'" in policy
@@ -224,24 +258,29 @@ async def test_pages_carry_security_headers(client: Client, tokens: dict[str, st
     assert "text/css" in css.headers["Content-Type"]
 
 
-async def test_bad_filters_are_explained(client: Client, tokens: dict[str, str]) -> None:
+async def test_bad_filters_are_explained(
+    client: Client, sessions: dict[str, str], tokens: dict[str, str]
+) -> None:
     for query, text in (
         ("since=yesterday", "not a date and time"),
         ("status=BOGUS", "unknown status"),
     ):
-        response = await client.get(f"/tasks?{query}", headers=_cookie(tokens["system"]))
+        response = await client.get(f"/tasks?{query}", headers=_cookie(sessions["system"]))
         assert response.status == 400
         assert text in await response.text()
-    response = await client.get("/tasks?page=abc", headers=_cookie(tokens["system"]))
+    response = await client.get("/tasks?page=abc", headers=_cookie(sessions["system"]))
     assert response.status == 200  # a nonsense page number shows the first page
 
 
 async def test_text_filter_treats_wildcards_literally(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     hit = await _create(store, _task(description="100% done"))
     miss = await _create(store, _task(description="1000 done"))
-    body = await (await client.get("/tasks?q=100%25", headers=_cookie(tokens["system"]))).text()
+    body = await (await client.get("/tasks?q=100%25", headers=_cookie(sessions["system"]))).text()
     assert hit["id"] in body
     assert miss["id"] not in body
 
@@ -256,10 +295,13 @@ async def _sse_events(response: Any, count: int) -> list[dict[str, Any]]:
 
 
 async def test_stream_sends_changes_live(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
-    system = await client.get("/stream", headers=_cookie(tokens["system"]))
-    alice = await client.get("/stream", headers=_cookie(tokens["alice"]))
+    system = await client.get("/stream", headers=_cookie(sessions["system"]))
+    alice = await client.get("/stream", headers=_cookie(sessions["alice"]))
     assert system.headers["Content-Type"] == "text/event-stream"
     assert (await system.content.readline()).startswith(b"retry:")
     hub = client.app[dashboard.views.DASHBOARD_KEY].data.hub
@@ -286,7 +328,8 @@ async def test_stream_ends_when_the_token_is_revoked(
     monkeypatch.setattr(dashboard.views, "KEEPALIVE", 0.5)
     service = TokenService(store)
     created = await service.create("carol", ["system"])
-    stream = await client.get("/stream", headers=_cookie(created["token"]))
+    session = await _session(client, created["token"])
+    stream = await client.get("/stream", headers=_cookie(session))
     assert (await stream.content.readline()).startswith(b"retry:")
     await service.revoke(created["id"])
     rest = await asyncio.wait_for(stream.content.read(), 10)  # the server ends the stream
@@ -297,15 +340,17 @@ async def test_stream_ends_when_the_server_stops(
     app: web.Application, aiohttp_client: Any, tokens: dict[str, str]
 ) -> None:
     client: Client = await aiohttp_client(app)
-    stream = await client.get("/stream", headers=_cookie(tokens["system"]))
+    stream = await client.get("/stream", headers=_cookie(await _session(client, tokens["system"])))
     assert (await stream.content.readline()).startswith(b"retry:")
     started = asyncio.get_running_loop().time()
     await client.close()
     assert asyncio.get_running_loop().time() - started < 5
 
 
-async def test_partial_returns_only_the_live_part(client: Client, tokens: dict[str, str]) -> None:
-    body = await (await client.get("/tasks?partial=1", headers=_cookie(tokens["system"]))).text()
+async def test_partial_returns_only_the_live_part(
+    client: Client, sessions: dict[str, str], tokens: dict[str, str]
+) -> None:
+    body = await (await client.get("/tasks?partial=1", headers=_cookie(sessions["system"]))).text()
     assert "<html" not in body
     assert 'data-testid="tasks"' in body
 
@@ -362,10 +407,13 @@ def test_chart_scale_is_a_round_number() -> None:
 
 
 async def test_huge_results_are_cut_on_the_page(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     task = await _create(store, _task(kws={"blob": "x" * 300_000}))
-    response = await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+    response = await client.get(f"/tasks/{task['id']}", headers=_cookie(sessions["system"]))
     body = await response.text()
     assert response.status == 200
     assert "characters in all; tasks.get has the rest" in body
@@ -373,7 +421,10 @@ async def test_huge_results_are_cut_on_the_page(
 
 
 async def test_timeline_shows_the_newest_events(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     task = await _create(store, _task())
     async with store.pool.acquire() as connection:
@@ -382,7 +433,7 @@ async def test_timeline_shows_the_newest_events(
             [(task["id"], {"n": n}) for n in range(600)],
         )
     body = await (
-        await client.get(f"/tasks/{task['id']}", headers=_cookie(tokens["system"]))
+        await client.get(f"/tasks/{task['id']}", headers=_cookie(sessions["system"]))
     ).text()
     assert "The newest 500 events" in body
 
@@ -407,15 +458,17 @@ async def test_a_login_form_posted_from_another_site_is_refused(
     assert "Set-Cookie" not in response.headers
 
 
-async def test_logout_needs_the_form_token(client: Client, tokens: dict[str, str]) -> None:
+async def test_logout_needs_the_form_token(
+    client: Client, sessions: dict[str, str], tokens: dict[str, str]
+) -> None:
     refused = await client.post(
-        "/logout", data={"csrf": "x"}, headers=_cookie(tokens["alice"]), allow_redirects=False
+        "/logout", data={"csrf": "x"}, headers=_cookie(sessions["alice"]), allow_redirects=False
     )
     assert refused.status == 403
     done = await client.post(
         "/logout",
-        data={"csrf": _csrf(tokens["alice"])},
-        headers=_cookie(tokens["alice"]),
+        data={"csrf": _csrf(sessions["alice"])},
+        headers=_cookie(sessions["alice"]),
         allow_redirects=False,
     )
     assert done.status == 303
@@ -423,15 +476,18 @@ async def test_logout_needs_the_form_token(client: Client, tokens: dict[str, str
 
 
 async def test_workers_need_view_others(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     await store.register_executor(
         "exec-1", apps=["shop"], host="db-host-7", pid=42, concurrency=3, now=FrozenClock().now()
     )
-    mine = await (await client.get("/workers", headers=_cookie(tokens["alice"]))).text()
+    mine = await (await client.get("/workers", headers=_cookie(sessions["alice"]))).text()
     assert "view_others" in mine
     assert "db-host-7" not in mine
-    theirs = await (await client.get("/workers", headers=_cookie(tokens["system"]))).text()
+    theirs = await (await client.get("/workers", headers=_cookie(sessions["system"]))).text()
     assert "db-host-7" in theirs
 
 
@@ -439,41 +495,54 @@ async def test_viewing_others_is_not_modifying_them(
     client: Client, store: postgres.PostgresEngineStore
 ) -> None:
     token = (await TokenService(store).create("viewer", ["view_others"]))["token"]
+    session = await _session(client, token)
     task = await _create(store, _task(), Caller.user("bob"))
-    page = await (await client.get(f"/tasks/{task['id']}", headers=_cookie(token))).text()
+    page = await (await client.get(f"/tasks/{task['id']}", headers=_cookie(session))).text()
     assert task["id"] in page
     assert "Cancel</button>" not in page  # no buttons for what the caller may not do
     refused = await client.post(
-        f"/tasks/{task['id']}/cancel", data={"csrf": _csrf(token)}, headers=_cookie(token)
+        "/actions/cancel",
+        data={"csrf": _csrf(session), "id": task["id"]},
+        headers=_cookie(session),
     )
     assert refused.status == 403  # may see it, may not change it
     assert (await TaskService(store).get(task["id"], ["status"]))["status"] == "QUEUED"
 
 
 async def test_odd_input_is_a_clear_error_not_a_crash(
-    client: Client, tokens: dict[str, str]
+    client: Client, sessions: dict[str, str], tokens: dict[str, str]
 ) -> None:
-    headers = _cookie(tokens["system"])
+    headers = _cookie(sessions["system"])
     for query in ("q=%00", "app=a%00b", "page=999999999999999999999"):
         response = await client.get(f"/tasks?{query}", headers=headers)
         assert response.status in (200, 400), query
     assert (await client.get("/tasks?q=%00", headers=headers)).status == 400
     assert (await client.get("/tasks/a%00b", headers=headers)).status == 404
     odd = await client.post(
-        "/tasks/x/cancel", data={"csrf": "\u00e9\u00e9"}, headers=headers, allow_redirects=False
+        "/actions/cancel",
+        data={"csrf": "\u00e9\u00e9", "id": "x"},
+        headers=headers,
+        allow_redirects=False,
     )
     assert odd.status == 403
+    nameless = await client.post(
+        "/actions/cancel", data={"csrf": _csrf(sessions["system"])}, headers=headers
+    )
+    assert nameless.status == 400
 
 
 async def test_the_to_filter_takes_in_the_whole_second(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     clock = FrozenClock()
     moment = datetime(2026, 5, 1, 10, 0, 0, 400_000, tzinfo=UTC)
     clock.set(moment)
     task = await TaskService(store, clock).create(_task())
     assert isinstance(task, dict)
-    headers = _cookie(tokens["system"])
+    headers = _cookie(sessions["system"])
     inside = await (await client.get("/tasks?until=2026-05-01T10:00:00", headers=headers)).text()
     assert task["id"] in inside
     before = await (await client.get("/tasks?until=2026-05-01T09:59:59", headers=headers)).text()
@@ -483,7 +552,10 @@ async def test_the_to_filter_takes_in_the_whole_second(
 
 
 async def test_deep_trees_and_skipped_stages_render(
-    client: Client, tokens: dict[str, str], store: postgres.PostgresEngineStore
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    store: postgres.PostgresEngineStore,
 ) -> None:
     root = await _create(store, _task())
     parent = root["id"]
@@ -518,26 +590,29 @@ async def test_deep_trees_and_skipped_stages_render(
                 },
             ],
         )
-    response = await client.get("/tasks/deep-399", headers=_cookie(tokens["system"]))
+    response = await client.get("/tasks/deep-399", headers=_cookie(sessions["system"]))
     assert response.status == 200
     assert (await response.text()).count('data-depth="') == 401
     page = await (
-        await client.get(f"/tasks/{root['id']}", headers=_cookie(tokens["system"]))
+        await client.get(f"/tasks/{root['id']}", headers=_cookie(sessions["system"]))
     ).text()
     assert "skipped: the condition was false" in page
 
 
 async def test_live_streams_per_token_are_capped(
-    client: Client, tokens: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    client: Client,
+    sessions: dict[str, str],
+    tokens: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(dashboard.views, "MAX_STREAMS", 2)
-    headers = _cookie(tokens["alice"])
+    headers = _cookie(sessions["alice"])
     first = await client.get("/stream", headers=headers)
     second = await client.get("/stream", headers=headers)
     assert (first.status, second.status) == (200, 200)
     refused = await client.get("/stream", headers=headers)
     assert refused.status == 429
-    other = await client.get("/stream", headers=_cookie(tokens["bob"]))
+    other = await client.get("/stream", headers=_cookie(sessions["bob"]))
     assert other.status == 200  # the cap is per token
     first.close()
     deadline = asyncio.get_running_loop().time() + 10

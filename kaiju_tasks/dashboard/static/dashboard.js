@@ -17,9 +17,11 @@
   if (!live || !status || scope === "none" || !window.EventSource) { return; }
 
   // A page answered to a form post lives at the post's URL: show (and refresh) the task's own.
+  // The canonical address is /tasks/<id, every reserved character encoded> or /task?id=<id>;
+  // the page's own address may add "?done=...".
   var marker = live.querySelector("[data-canonical]");
   var path = window.location.pathname + window.location.search;
-  if (marker && window.location.pathname !== marker.getAttribute("data-canonical")) {
+  if (marker && path.indexOf(marker.getAttribute("data-canonical")) !== 0) {
     path = marker.getAttribute("data-canonical");
     window.history.replaceState(null, "", path);
   }
@@ -45,14 +47,33 @@
     return open;
   }
 
+  function typed() {
+    // What the user has typed into fields of the live part (the message form): kept across swaps.
+    var values = {};
+    live.querySelectorAll("textarea[id], input[id]").forEach(function (field) {
+      if (field.value !== field.defaultValue) { values[field.id] = field.value; }
+    });
+    return values;
+  }
+
   function swap(html) {
     var open = openDetails();
+    var values = typed();
     var focused = document.activeElement;
-    var focusHref = focused && live.contains(focused) ? focused.getAttribute("href") : null;
+    var inLive = focused && live.contains(focused);
+    var focusHref = inLive ? focused.getAttribute("href") : null;
+    var focusId = inLive ? focused.id : "";
     live.innerHTML = html;
     var details = live.querySelectorAll("details");
     open.forEach(function (i) { if (details[i]) { details[i].open = true; } });
-    if (focusHref) {
+    Object.keys(values).forEach(function (id) {
+      var field = document.getElementById(id);
+      if (field && live.contains(field)) { field.value = values[id]; }
+    });
+    if (focusId) {
+      var same = document.getElementById(focusId);
+      if (same && live.contains(same)) { same.focus(); }
+    } else if (focusHref) {
       var again = live.querySelector('a[href="' + focusHref.replace(/"/g, '\\"') + '"]');
       if (again) { again.focus(); }
     }
