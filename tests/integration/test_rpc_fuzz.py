@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -88,3 +89,218 @@ async def test_any_body_gets_a_json_rpc_answer_and_never_a_5xx(client, body):
 async def test_server_is_healthy_after_the_fuzzing(client):
     response = await client.get("/health")
     assert response.status == 200
+
+
+# -- hostile payload families ------------------------------------------------------------------
+# Each family builds raw bodies a token holder could send. Whatever arrives: no 5xx, no -32603,
+# no traceback in a reply or in the log, and /health keeps answering while the fuzz runs.
+
+HEALTH_BOUND = 0.5  # seconds; see test docstring
+
+
+def _call(method: str, params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+
+
+def _create(**task: Any) -> dict[str, Any]:
+    return _call("tasks.create", {"data": {"commands": [{"method": "x"}], **task}})
+
+
+regex_patterns = st.sampled_from(
+    ["(a+)+$", "(a|aa)+$", "(.*a){20}", "^(\\w+\\s?)*$", "[", "(?P<x>a)(?P=x)", "a{1000000}"]
+)
+regex_bodies = st.builds(
+    lambda op, pattern, where: (
+        _call("tasks.list", {"conditions": {"description": {op: pattern}}})
+        if where == "list"
+        else _create(
+            kws={"s": "a" * 26 + "!"},
+            commands=[{"method": "x", "condition": {"kws.s": {op: pattern}}}],
+        )
+    ),
+    st.sampled_from(["match", "like"]),
+    regex_patterns | st.text(max_size=40),
+    st.sampled_from(["list", "create"]),
+)
+growing_templates = st.builds(
+    lambda n, op: _create(
+        kws={"s": "x" * 1000},
+        commands=[{"method": "x", "params": {"t": "[!e:" + op.join(["kws.s"] * n) + "]"}}],
+    ),
+    st.integers(1, 2000),
+    st.sampled_from(["+", "*"]),
+) | st.builds(
+    lambda n: _create(
+        commands=[{"method": "x", "params": {"t": "[!e:" + "*".join(["2"] * n) + "]"}}]
+    ),
+    st.integers(500, 3000),
+)
+
+
+def _nested(depth: int, kind: str) -> str:
+    """A JSON value nested ``depth`` deep, as text (too deep for json.dumps to build)."""
+    return (
+        "[" * depth + "1" + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
+    )
+
+
+def _nots(depth: int) -> str:
+    return '{"not":' * depth + '{"status": "QUEUED"}' + "}" * depth
+
+
+def _deep(depth: int, kind: str, where: str) -> str:
+    head = '{"jsonrpc": "2.0", "id": 1, "method": '
+    if kind == "not":
+        return head + '"tasks.list", "params": {"conditions": ' + _nots(depth) + "}}"
+    if where == "kws":
+        return (
+            head + '"tasks.create", "params": {"data": {"commands": [{"method": "x"}], '
+            '"kws": {"v": ' + _nested(depth, kind) + "}}}}"
+        )
+    return (
+        head
+        + '"tasks.list", "params": {"conditions": {"kws.v": {"eq": '
+        + _nested(depth, kind)
+        + "}}}}"
+    )
+
+
+deep_bodies = st.builds(
+    _deep,
+    st.sampled_from([100, 250, 600, 990, 10_000]),
+    st.sampled_from(["list", "object", "not"]),
+    st.sampled_from(["kws", "list"]),
+)
+huge_lists = st.builds(
+    lambda n, split: _call(
+        "tasks.list",
+        {"conditions": [{"priority": list(range(n // split))} for _ in range(split)]},
+    ),
+    st.sampled_from([20_000, 33_000, 40_000]),
+    st.sampled_from([1, 2, 4]),
+)
+odd_text = st.sampled_from(
+    ["\\ud800", "\\udfff", "\\u0000", "\\u202e", "\\ud83d\\ude00", "\\u200f\\u05d0", "\\ufeff"]
+)
+odd_unicode = st.builds(
+    lambda text, where: (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": {"conditions": {"'
+        + text
+        + '": {}}}}'
+        if where == "key"
+        else '{"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": '
+        '{"commands": [{"method": "x' + text + '"}], "kws": {"' + text + '": "' + text + '"}}}}'
+    ),
+    odd_text,
+    st.sampled_from(["key", "value"]),
+)
+hostile = (
+    regex_bodies.map(json.dumps)
+    | growing_templates.map(json.dumps)
+    | deep_bodies
+    | huge_lists.map(json.dumps)
+    | odd_unicode
+)
+
+
+async def _check(client: Any, body: str, caplog: Any) -> None:
+    response = await client.post(
+        "/public/rpc",
+        data=body.encode("utf-8", "surrogatepass"),
+        headers={"Authorization": f"Bearer {client.token}"},
+    )
+    text = await response.text()
+    assert response.status < 500, (response.status, text[:300])
+    assert "Traceback" not in text
+    if response.status == 200:
+        reply = json.loads(text)
+        for item in reply if isinstance(reply, list) else [reply]:
+            assert item.get("error", {}).get("code") != -32603, (body[:300], item)
+    assert "Traceback" not in caplog.text, body[:300]
+
+
+@pytest.fixture
+async def big_client(aiohttp_client, store, clock):
+    async def health():
+        return {"database": True}
+
+    api = rpc_server.Api(
+        tasks=TaskService(store, clock),
+        notifications=NotificationService(store),
+        tokens=TokenService(store, clock),
+        methods=Methods(),
+        health=health,
+        max_body=8 * 1024 * 1024,  # let the huge payloads reach the methods
+    )
+    token = (await api.tokens.create("fuzz", ["view_others"]))["token"]
+    client = await aiohttp_client(rpc_server.create_app(api))
+    client.token = token
+    return client
+
+
+async def _fuzz_with_health(client: Any, caplog: Any, family: Any, examples: int) -> float:
+    """Run ``family`` while a parallel task times /health; return the slowest /health answer."""
+    import asyncio
+
+    slowest = 0.0
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        nonlocal slowest
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            started = loop.time()
+            response = await client.get("/health")
+            assert response.status == 200
+            slowest = max(slowest, loop.time() - started)
+            await asyncio.sleep(0.01)
+
+    probing = asyncio.create_task(probe())
+    bodies = [family.example() for _ in range(examples)]
+    try:
+        for body in bodies:
+            await _check(client, body, caplog)
+            await asyncio.sleep(0)
+    finally:
+        done.set()
+        await probing
+    return slowest
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(odd_unicode, id="odd-unicode"),
+        pytest.param(deep_bodies, id="deep-nesting"),
+    ],
+)
+async def test_hostile_families_handled_by_the_server(big_client, caplog, family):
+    """Families the server itself answers cleanly.
+
+    /health is timed in a parallel task; the bound is HEALTH_BOUND (0.5 s), looser than the
+    100 ms aimed at, so that a loaded 2-core machine running the suite in parallel does not fail.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hypothesis: .example() outside @given
+        slowest = await _fuzz_with_health(big_client, caplog, family, 40)
+    assert slowest < HEALTH_BOUND
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        pytest.param(regex_bodies.map(json.dumps), id="regexes"),
+        pytest.param(growing_templates.map(json.dumps), id="growing-templates"),
+        pytest.param(huge_lists.map(json.dumps), id="huge-lists"),
+    ],
+)
+async def test_hostile_families_bounded_by_the_services(big_client, caplog, family):
+    """Families whose bounds live in templates, conditions and the list filter (limits.py)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slowest = await _fuzz_with_health(big_client, caplog, family, 30)
+    assert slowest < HEALTH_BOUND
