@@ -2,8 +2,15 @@
 
 ``TaskContextFilter`` copies the running stage's ``task_id``, ``job_id``, ``stage`` and
 ``executor_id`` (see :mod:`kaiju_tasks.context`) onto each record, unless the record already
-has them; ``JsonFormatter`` writes one JSON object per line. ``configure`` installs both; an
-application that configures logging itself adds the filter to its handlers.
+has them; ``JsonFormatter`` writes one JSON object per line, ``TextFormatter`` one line of text.
+``configure`` installs the filter and a formatter; an application that configures logging itself
+adds the filter to its handlers.
+
+Secrets, last line of defence: code that writes a URL or DSN into a message redacts it first
+(:mod:`kaiju_tasks.redact`); both formatters also pass every line they write through
+:func:`kaiju_tasks.redact.text` (message, extras and traceback alike), and ``RedactFilter`` does
+the same to the records of any other handler. Only a text holding ``://``, ``password`` or
+``passfile`` is rewritten, so a line without any costs two substring searches.
 """
 
 from __future__ import annotations
@@ -14,10 +21,32 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from kaiju_tasks import context
+from kaiju_tasks import context, redact
 
 CONTEXT_KEYS = ("task_id", "job_id", "stage", "executor_id")
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_TRACEBACKS = logging.Formatter()
+
+
+def _suspect(text: str) -> bool:
+    """Whether ``text`` may hold a secret redact.text hides: a URL or a DSN setting."""
+    if "://" in text:
+        return True
+    lowered = text.lower()
+    return "password" in lowered or "passfile" in lowered
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with every string in it (keys aside) passed through redact.text."""
+    if isinstance(value, str):
+        return redact.text(value) if _suspect(value) else value
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _redacted(str(value))
 
 
 class TaskContextFilter(logging.Filter):
@@ -32,8 +61,38 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
+class RedactFilter(logging.Filter):
+    """Hides URL and DSN secrets in each record, for handlers other than :func:`configure`'s.
+
+    The message (its arguments merged in), every string extra, the traceback and the stack are
+    passed through :func:`kaiju_tasks.redact.text` when they hold ``://``, ``password`` or
+    ``passfile``. Never drops a record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place."""
+        message = record.getMessage()
+        if _suspect(message):
+            record.msg, record.args = redact.text(message), None
+        fields = record.__dict__
+        for key in fields.keys() - _STANDARD:
+            value = fields[key]
+            if isinstance(value, str) and _suspect(value):
+                fields[key] = redact.text(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text and _suspect(record.exc_text):
+            record.exc_text = redact.text(record.exc_text)
+        if record.stack_info and _suspect(record.stack_info):
+            record.stack_info = redact.text(record.stack_info)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message and every extra field."""
+    """One JSON object per record: time, level, logger, message and every extra field.
+
+    A line that may hold a secret is written again with every string value redacted.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as a JSON line."""
@@ -46,13 +105,21 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 body[key] = value
-        if record.exc_info:
-            body["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(body, default=str)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            body["exc_info"] = record.exc_text
+        if record.stack_info:
+            body["stack_info"] = record.stack_info
+        line = json.dumps(body, default=str)
+        return json.dumps(_redacted(body)) if _suspect(line) else line
 
 
 class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...`` with the task ids when present."""
+    """``time level logger: message key=value ...`` with the task ids when present.
+
+    A line that may hold a secret is passed through :func:`kaiju_tasks.redact.text`.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Render ``record`` as one line of text."""
@@ -62,7 +129,9 @@ class TextFormatter(logging.Formatter):
             for key, value in vars(record).items()
             if key not in _STANDARD and not key.startswith("_") and value is not None
         ]
-        return f"{line} {' '.join(extras)}" if extras else line
+        if extras:
+            line = f"{line} {' '.join(extras)}"
+        return redact.text(line) if _suspect(line) else line
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
