@@ -346,7 +346,7 @@ def _apply(op: str, actual: Any, operand: Any, run: _Run, field: str) -> bool:
     return _like(expected).search(actual) is not None
 
 
-_MATCH_COST: Final = 4  # a character matched costs as much as this many copied or compared
+_MATCH_COST: Final = 25  # a character matched costs as much as this many copied or compared
 
 
 def _contains(container: Any, item: Any, budget: templates.Budget) -> bool:

@@ -39,8 +39,8 @@ class Limits:
     """Deepest nesting of template groups, calls and expression parentheses (levels)."""
     eval_steps: int = 250_000
     """Most work one rendering of a stage's templates, or one evaluation of a condition, may do
-    (steps: a step is about one node evaluated, one value visited, or 64 characters copied,
-    compared or matched)."""
+    (steps: a step is about one node evaluated, one value visited, 1,024 characters copied or
+    compared, or 40 characters matched by a pattern)."""
     value_depth: int = 200
     """Deepest nesting of JSON values (params, kws, a stage result) (levels)."""
     condition_depth: int = 32
@@ -57,7 +57,7 @@ class Limits:
     """Largest total of a task's stage results (bytes of JSON)."""
     reply_bytes: int = 16 * MIB
     """Largest JSON-RPC reply of the HTTP API (bytes), all the replies of a batch together."""
-    template_cache_bytes: int = 4 * MIB
+    template_cache_bytes: int = 256 * KIB
     """Memory for parsed templates kept between uses (bytes of template text)."""
 
     def __post_init__(self) -> None:

@@ -17,7 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import _gc, context, cron, errors, models
+import orjson
+
+from kaiju_tasks import _gc, context, cron, errors, limits, models
 from kaiju_tasks import clock as clock_
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
@@ -411,9 +413,7 @@ class TaskService:
         if not fields:
             raise errors.ValidationError("no fields to change", field="data")
         for name in fields & models.SYSTEM_ONLY_FIELDS:
-            if name == "user_id" and update.user_id == caller.user_id is not None:
-                continue
-            if not caller.is_system:
+            if name != "user_id" and not caller.is_system:
                 raise errors.ValidationError(
                     "only a system caller may set it", field=f"data.{name}"
                 )
@@ -421,6 +421,13 @@ class TaskService:
         current = await self._visible(task_id, access)
         if not access.modifies(current):
             raise errors.NotAuthorized(f"not allowed to change task {task_id!r}")
+        if "user_id" in fields and not caller.is_system and update.user_id != current["user_id"]:
+            # The owner is set on create; only a system caller may hand a task to another user
+            # (modify_others lets a user change another's task, never take it over).
+            raise errors.ValidationError(
+                "the owner of a task is set on create; only a system caller may change it",
+                field="data.user_id",
+            )
         dumped = update.model_dump(mode="json", include=fields)
         changes: dict[str, Any] = {}
         for name in fields:
@@ -540,14 +547,40 @@ class TaskService:
         """
         task_id = _id(id)
         access = _Access(caller)
+        bounds = limits.active()
+        try:
+            size = len(orjson.dumps(data)) + 1
+        except TypeError as exc:
+            raise errors.ValidationError(f"not JSON: {exc}", field="data") from None
+        if size > bounds.stage_result_bytes:
+            raise errors.ValidationError(
+                f"the message is {size:,} bytes of JSON, more than stage_result_bytes"
+                f" ({limits.describe(bounds.stage_result_bytes)})",
+                field="data",
+            )
         row = await self.store.write_message(
             task_id,
             data,
             now=self.clock.now(),
             modify_all=access.modify_all,
             user_id=access.user_id,
+            results_left=bounds.task_result_bytes - size,
         )
         if row is None:
+            current = await self._visible(task_id, access)
+            commands, stage = current["commands"], current["stage"]
+            waits_for_message = (
+                current["status"] == models.TaskStatus.WAITING
+                and stage < len(commands)
+                and commands[stage].get("kind") == "message"
+            )
+            if waits_for_message and access.modifies(current):
+                # Waiting for a message, the caller's to answer: only the size can refuse it.
+                raise errors.ValidationError(
+                    "the task's results with this message would take more than"
+                    f" task_result_bytes ({limits.describe(bounds.task_result_bytes)})",
+                    field="data",
+                )
             raise await self._explain(
                 task_id, access, "task {id!r} is not waiting for a message (status {status})"
             )

@@ -97,7 +97,7 @@ MAX_VALUE_DEPTH: Final = limits.DEFAULT.value_depth
 """Deepest nesting of dicts and lists that ``validate`` and ``render`` walk (levels, by default;
 ``[limits] value_depth``)."""
 
-_CHARS_PER_STEP: Final = 64  # copying or comparing this many characters costs one step
+_CHARS_PER_STEP: Final = 1024  # copying or comparing this many characters costs one step
 
 _MAX_INT_BITS: Final = 1024  # an !e result beyond this is refused: it would not be useful JSON
 _MAX_NUMBER_CHARS: Final = 400  # longer numeric literals are refused before int()/float()
@@ -261,10 +261,10 @@ def json_size(value: Any, bound: int, budget: Budget | None = None) -> int:
 class Budget:
     """The work one rendering or one condition evaluation may do, in steps.
 
-    A step is about one node evaluated, one value visited or ``64`` characters copied, compared
-    or matched; the allowance is ``[limits] eval_steps``. Past it, the rendering fails with an
-    ``errors.ValidationError`` naming the limit: whatever a task holds, its templates and
-    conditions cost a bounded time.
+    A step is about one node evaluated, one value visited, 1,024 characters copied or compared,
+    or 40 characters matched by a pattern; the allowance is ``[limits] eval_steps``. Past it,
+    the rendering fails with an ``errors.ValidationError`` naming the limit: whatever a task
+    holds, its templates and conditions cost a bounded time.
     """
 
     __slots__ = ("left", "limit")
@@ -658,7 +658,7 @@ class _ParseCache:
 
     def put(self, template: str, node: Node) -> None:
         bound = limits.active().template_cache_bytes
-        if len(template) > bound // 16 or template in self._nodes:
+        if len(template) > bound // 64 or template in self._nodes:
             return
         self._nodes[template] = node
         self.size += len(template)

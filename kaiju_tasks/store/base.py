@@ -119,9 +119,19 @@ class TaskStore(Protocol):
         ...
 
     async def write_message(
-        self, task_id: str, data: Any, *, now: datetime, modify_all: bool, user_id: str | None
+        self,
+        task_id: str,
+        data: Any,
+        *,
+        now: datetime,
+        modify_all: bool,
+        user_id: str | None,
+        results_left: int,
     ) -> Row | None:
-        """Deliver a message to a task waiting on a Message stage."""
+        """Deliver a message to a task waiting on a Message stage.
+
+        Only if the task's stored results take at most ``results_left`` bytes of JSON.
+        """
         ...
 
     async def cancel_task(

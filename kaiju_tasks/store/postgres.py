@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import _gc, errors
+from kaiju_tasks import _gc, errors, limits
 from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -374,10 +374,23 @@ class PostgresTaskStore(base.TaskStore):
         return await self._fetchrow("reset_task", task_id, modify_all, user_id, job_id, now)
 
     async def write_message(
-        self, task_id: str, data: Any, *, now: datetime, modify_all: bool, user_id: str | None
+        self,
+        task_id: str,
+        data: Any,
+        *,
+        now: datetime,
+        modify_all: bool,
+        user_id: str | None,
+        results_left: int,
     ) -> Row | None:
-        """Deliver a message to a task waiting on a Message stage; None if it is not waiting."""
-        return await self._fetchrow("write_message", task_id, modify_all, user_id, data, now)
+        """Deliver a message to a task waiting on a Message stage.
+
+        None if it is not waiting, or its stored results take more than ``results_left`` bytes
+        of JSON.
+        """
+        return await self._fetchrow(
+            "write_message", task_id, modify_all, user_id, data, now, results_left
+        )
 
     async def cancel_task(
         self,
@@ -521,17 +534,26 @@ class PostgresTaskStore(base.TaskStore):
             )
         columns = tables.compile_columns(table, query.columns)
         order = tables.compile_sort(table, query.sort)
-        page_sql, page_params = tables.to_sql(
-            tables.select_page(
-                table,
-                where=where,
-                columns=columns,
-                order=order,
-                offset=query.offset,
-                limit=query.limit,
-            )
+        page = tables.select_page(
+            table, where=where, columns=columns, order=order, offset=query.offset, limit=query.limit
         )
-        async with self._connection() as connection:
+        page_sql, page_params = tables.to_sql(page)
+        size_query = tables.page_size(page, columns)
+        async with (
+            self._connection() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            if size_query is not None:
+                # One snapshot for the size and the rows: the page read is the page measured.
+                size_sql, size_params = tables.to_sql(size_query)
+                size = int(await connection.fetchval(size_sql, *size_params))
+                bound = limits.active().reply_bytes
+                if size > bound:
+                    raise errors.ValidationError(
+                        f"the page would be {size:,} bytes of JSON, more than reply_bytes"
+                        f" ({limits.describe(bound)}): ask for fewer columns or a smaller limit",
+                        field="limit",
+                    )
             records = await connection.fetch(page_sql, *page_params)
             count: int | None = None
             if query.count:

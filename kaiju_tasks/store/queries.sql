@@ -74,7 +74,8 @@ SELECT done.* FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: write_message
 -- Deliver a message to a task waiting on a Message stage: it becomes that stage's result and
--- the task is queued at the next stage.
+-- the task is queued at the next stage. $6: the most bytes of JSON the stored results may take
+-- before the message is added.
 WITH done AS (
 UPDATE tasks
 SET result = result || jsonb_build_array($4::jsonb), stage = stage + 1,
@@ -83,6 +84,8 @@ SET result = result || jsonb_build_array($4::jsonb), stage = stage + 1,
     wait_deadline = NULL, status_change = $5::timestamptz
 WHERE id = $1 AND ($2::boolean OR user_id = $3) AND status = 'WAITING'
   AND commands -> stage ->> 'kind' = 'message'
+  -- the results with the message stay within [limits] task_result_bytes ($6 bytes of it left)
+  AND octet_length(result::text) <= $6::bigint
 RETURNING *),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, created, data)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, limits
 
 metadata = sa.MetaData()
 
@@ -197,6 +197,40 @@ def compile_conditions(table: sa.Table, conditions: Any, field: str = "condition
     """
     if conditions is None:
         return None
+    check_bounds(conditions, field)
+    return _compile(table, conditions, field)
+
+
+def check_bounds(conditions: Any, field: str = "conditions") -> None:
+    """Refuse a filter too deep or too large, naming the field, before any of it is compiled.
+
+    The bounds are ``[limits] condition_depth`` and ``condition_values``. Values are counted
+    over the whole filter (every list item, operand and object key), so a filter stays far
+    below PostgreSQL's 32,767 parameters of one statement.
+    """
+    bounds = limits.active()
+    stack: list[tuple[Any, str, int]] = [(conditions, field, 0)]
+    count = 0
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > bounds.condition_depth:
+            raise errors.ValidationError(
+                f"nested deeper than condition_depth ({bounds.condition_depth} levels)",
+                field=where,
+            )
+        count += 1
+        if count > bounds.condition_values:
+            raise errors.ValidationError(
+                f"more than condition_values ({bounds.condition_values:,}) values in the filter",
+                field=field,
+            )
+        if isinstance(value, Mapping):
+            stack.extend((item, f"{where}.{key}", depth + 1) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((item, f"{where}.{i}", depth + 1) for i, item in enumerate(value))
+
+
+def _compile(table: sa.Table, conditions: Any, field: str) -> Any:
     if isinstance(conditions, Mapping):
         if not conditions:
             return None
@@ -213,7 +247,7 @@ def compile_conditions(table: sa.Table, conditions: Any, field: str = "condition
         for i, item in enumerate(conditions):
             if not isinstance(item, Mapping):
                 raise errors.ValidationError("an OR list holds objects", field=f"{field}.{i}")
-            clause = compile_conditions(table, item, f"{field}.{i}")
+            clause = _compile(table, item, f"{field}.{i}")
             parts.append(sa.true() if clause is None else clause)
         return sa.or_(*parts)
     raise errors.ValidationError("conditions are an object or a list of objects", field=field)
@@ -317,6 +351,30 @@ def select_page(
     """Build one page of a listing; the primary key breaks ties so pages are stable."""
     statement = sa.select(*columns).where(*where).order_by(*order, table.c.id).offset(offset)
     return statement.limit(limit)
+
+
+def page_size(page: sa.Select[Any], columns: Sequence[sa.Column[Any]]) -> sa.Select[Any] | None:
+    """The bytes of JSON the wide ``columns`` of a page add up to, or None when it has none.
+
+    A wide column is JSON or free text: the ones a stage, a message or a caller can fill with up
+    to megabytes. The sum is computed by the server, so a page too large to return is found
+    without reading it.
+    """
+    wide = [c for c in columns if _is_json(c) or c.name in _FREE_TEXT]
+    if not wide:
+        return None
+    size = sa.func.coalesce(
+        sum(
+            (sa.func.coalesce(sa.func.octet_length(sa.cast(c, sa.Text)), 0) for c in wide),
+            sa.literal(0),
+        ),
+        0,
+    )
+    rows = page.with_only_columns(size.label("size")).subquery()
+    return sa.select(sa.func.coalesce(sa.func.sum(rows.c.size), 0))
+
+
+_FREE_TEXT = frozenset({"description"})
 
 
 def count_rows(table: sa.Table, where: Sequence[Any]) -> sa.Select[Any]:

@@ -1,0 +1,14 @@
+"""Stage methods the hostile-input tests load with ``--methods``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kaiju_tasks.methods import Methods
+
+methods = Methods()
+
+
+@methods.register("sec.echo")
+async def echo(text: Any = None) -> Any:
+    return text
