@@ -71,12 +71,14 @@ class Site:
 
     async def session(self, token: str) -> str:
         """Log in with ``token`` through the login form; return the session id of the cookie."""
-        async with aiohttp.ClientSession() as client:
-            async with client.post(
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
                 f"{self.url}/login", data={"token": token}, allow_redirects=False
-            ) as response:
-                assert response.status == 303, await response.text()
-                session_id: str = response.cookies[dashboard.views.COOKIE].value
+            ) as response,
+        ):
+            assert response.status == 303, await response.text()
+            session_id: str = response.cookies[dashboard.views.COOKIE].value
         return session_id
 
     async def log_in(self, context: BrowserContext, token: str) -> str:

@@ -344,7 +344,88 @@ async def test_send_a_message_to_a_waiting_task(page: Page, site: Site) -> None:
     results = page.get_by_test_id("result")
     await expect(results.nth(1)).to_contain_text('"count": 2')
     await expect(results.nth(0)).to_contain_text("B-9")
+    # The buttons are those of the status shown: a finished task offers Reset, not Cancel.
+    await expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Send message")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Reset")).to_be_visible()
     await screenshot(page, "dashboard-task-message")
+
+
+async def test_actions_follow_the_status_shown_live(page: Page, site: Site) -> None:
+    task = await _create(
+        site,
+        Task(
+            app=APP,
+            commands=[
+                Message(max_timeout=600),
+                TaskCommand(method="shop.delete", params={"ids": "[0.ids]"}),
+            ],
+        ),
+    )
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
+    await page.goto(f"{site.url}/tasks/{task['id']}")
+    await _no_reload_marker(page)
+    await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+    await expect(page.get_by_role("button", name="Reset")).to_be_visible()
+
+    # What the user is typing survives a live refresh of the part that holds the form.
+    await page.get_by_label("Message (JSON)").fill('{"ids": ["half-typed"')
+    refreshed = page.evaluate(
+        "new Promise(done => document.addEventListener('kaiju:refreshed', () => done(true),"
+        " {once: true}))"
+    )
+    await _create(site, Task(app=APP, commands=[TaskCommand(method="shop.list")]))
+    assert await refreshed
+    await expect(page.get_by_label("Message (JSON)")).to_have_value('{"ids": ["half-typed"')
+
+    # Someone else answers it: the page shows FINISHED and, with it, FINISHED's actions.
+    await site.runtime.tasks.write_message(task["id"], {"ids": ["C-1"]})
+    await expect(page.get_by_test_id("status")).to_have_text("FINISHED", timeout=TIMEOUT)
+    await expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Send message")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Reset")).to_be_visible()
+    await _assert_not_reloaded(page)
+
+    # The button shown works: Reset runs the task again from its first stage.
+    page.once("dialog", lambda dialog: _answer(dialog, [], accept=True))
+    await page.get_by_role("button", name="Reset").click()
+    await expect(page.get_by_role("status").filter(has_text="Task reset")).to_be_visible()
+    await eventually(lambda: _in(site, task["id"], ("WAITING",)))
+    await expect(page.get_by_role("button", name="Send message")).to_be_visible(timeout=TIMEOUT)
+    await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+
+
+async def test_login_page_hint_and_favicon_leave_no_error_in_the_console(
+    browser: Browser, site: Site
+) -> None:
+    context = await browser.new_context()
+    page = await context.new_page()
+    failed: list[str] = []
+    console: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    try:
+        await page.goto(f"{site.url}/login")
+        await expect(page.locator("code")).to_have_text("kaiju-tasks token create --user USER")
+        icon = await page.evaluate(
+            "fetch(document.querySelector('link[rel=icon]').href).then(r => r.status)"
+        )
+        assert icon == 200
+        await page.fill("#token", site.system_token)
+        await page.click("button[type=submit]")
+        task = await _create(site, _pipeline())
+        for path in ("/", "/tasks", f"/tasks/{task['id']}", "/workers"):
+            await page.goto(site.url + path)
+            await expect(page.get_by_role("heading", level=1)).to_be_visible()
+        # Where a browser looks on its own, unasked, the icon is too.
+        fallback = await page.goto(site.url + "/favicon.ico")
+        assert fallback is not None
+        assert fallback.status == 200
+        assert fallback.headers["content-type"] == "image/svg+xml"
+        assert failed == []
+        assert console == []
+    finally:
+        await context.close()
 
 
 async def test_workers_page_online_then_offline(page: Page, site: Site) -> None:

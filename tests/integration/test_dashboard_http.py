@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from markupsafe import escape
 
-from kaiju_tasks import Caller, Task, TaskCommand, dashboard, methods
+from kaiju_tasks import Caller, Task, TaskCommand, cli, dashboard, methods
 from kaiju_tasks.dashboard.views import COOKIE, _csrf, _nice
 from kaiju_tasks.rpc import server as rpc_server
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
@@ -635,3 +636,25 @@ async def test_overview_cache_keeps_only_fresh_entries(
         await data.throughput(clock.now() + timedelta(minutes=minute))
         await asyncio.sleep(0.06)
     assert len(data._cache) == 1
+
+
+async def test_the_login_hint_names_a_command_that_parses(client: Client) -> None:
+    body = await (await client.get("/login")).text()
+    hint = re.search(r"<code>kaiju-tasks (token create[^<]*)</code>", body)
+    assert hint is not None
+    assert hint.group(1) == "token create --user USER"
+    parsed = cli._parser().parse_args(hint.group(1).replace("USER", "alice").split())
+    assert parsed.user == "alice"
+
+
+async def test_the_favicon_is_served_where_pages_link_it_and_where_browsers_look(
+    client: Client,
+) -> None:
+    body = await (await client.get("/login")).text()
+    link = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', body)
+    assert link is not None
+    for path in (link.group(1), "/favicon.ico"):
+        response = await client.get(path)
+        assert response.status == 200, path
+        assert response.headers["Content-Type"] == "image/svg+xml", path
+        assert (await response.text()).startswith("<svg"), path
