@@ -1,15 +1,45 @@
-"""Outbound JSON-RPC calls made by the executor (one aiohttp.ClientSession per executor)."""
+"""Outbound JSON-RPC calls made by the executor (one aiohttp.ClientSession per executor).
+
+A reply is read at most :func:`reply_bound` bytes: the ``stage_result_bytes`` limit plus
+:data:`ENVELOPE_BYTES` for the JSON-RPC envelope. A ``Content-Length`` over the bound is refused
+before the body is read; a body without one is read in chunks and abandoned as soon as it passes
+the bound. Either way the stage fails, not to be retried, with an error naming the limit.
+
+Every message that names the app's URL shows it through :func:`kaiju_tasks.redact.url` (no
+password, no query value), and any exception text embedded in a message goes through
+:func:`kaiju_tasks.redact.text`: an aiohttp exception may quote the URL it was given.
+"""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
+import orjson
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, limits, redact
 from kaiju_tasks.rpc import protocol
+
+ENVELOPE_BYTES: Final = 64 * limits.KIB
+"""Room for the JSON-RPC envelope of a reply (``jsonrpc``, ``id``, an error's message and data)
+on top of the ``stage_result_bytes`` limit."""
+CHUNK_BYTES: Final = 64 * limits.KIB
+"""Largest piece of a reply body read at a time."""
+
+
+def reply_bound() -> int:
+    """The most bytes of a reply body read: ``stage_result_bytes`` plus the envelope."""
+    return limits.active().stage_result_bytes + ENVELOPE_BYTES
+
+
+def encode(body: Any) -> bytes:
+    """``body`` as compact JSON (orjson; the standard library for what orjson refuses)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # an integer beyond 64 bits, or nesting deeper than orjson's limit
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 class Client:
@@ -25,10 +55,7 @@ class Client:
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=100),
-                json_serialize=lambda v: json.dumps(v, separators=(",", ":")),
-            )
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
             self._own = True
         return self._session
 
@@ -49,7 +76,15 @@ class Client:
         deadline: datetime | None,
         seconds_left: float | None,
     ) -> Any:
-        """POST one request and return its result; raise RemoteCallError or TransportError."""
+        """POST one request and return its result.
+
+        Raises:
+            errors.RemoteCallError: the app answered a JSON-RPC error.
+            errors.StageRejected: the app rejected the task.
+            errors.TransportError: the app cannot be reached or did not answer JSON-RPC.
+            errors.StageError: the reply is larger than the ``stage_result_bytes`` limit allows
+                (not retryable).
+        """
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -60,22 +95,28 @@ class Client:
         if seconds_left is not None:
             headers[protocol.TIMEOUT_HEADER] = f"{max(seconds_left, 0.0):.3f}"
         session = await self._get_session()
-        body = protocol.request(method, params, request_id)
+        body = encode(protocol.request(method, params, request_id))
+        shown = redact.url(url)
         try:
-            async with session.post(url, json=body, headers=headers) as response:
-                text = await response.text()
+            async with session.post(url, data=body, headers=headers) as response:
                 status = response.status
-        except aiohttp.ClientError as exc:
-            raise errors.TransportError(f"cannot reach {url}: {exc}") from exc
-        try:
-            reply = json.loads(text)
-        except ValueError:
+                raw = await _read(response, shown)
+        except (aiohttp.ClientError, ValueError) as exc:
+            # ValueError: what aiohttp raises for a request it cannot make (e.g. an
+            # Authorization header beside credentials in the URL). No chained cause: its text
+            # and traceback may quote the URL.
             raise errors.TransportError(
-                f"{url} answered HTTP {status} with a body that is not JSON"
+                f"cannot reach {shown}: {type(exc).__name__}: {redact.text(str(exc))}"
+            ) from None
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise errors.TransportError(
+                f"{shown} answered HTTP {status} with a body that is not JSON"
             ) from None
         if not isinstance(reply, dict):
             raise errors.TransportError(
-                f"{url} answered with a JSON-RPC reply that is not an object"
+                f"{shown} answered with a JSON-RPC reply that is not an object"
             )
         if "error" in reply and reply["error"] is not None:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
@@ -96,5 +137,27 @@ class Client:
                 retryable=not final,
             )
         if "result" not in reply:
-            raise errors.TransportError(f"{url} answered HTTP {status} without a JSON-RPC result")
+            raise errors.TransportError(f"{shown} answered HTTP {status} without a JSON-RPC result")
         return reply["result"]
+
+
+async def _read(response: aiohttp.ClientResponse, shown: str) -> bytes:
+    """The body of ``response``, read no further than :func:`reply_bound` bytes."""
+    bound = reply_bound()
+    if response.content_length is not None and response.content_length > bound:
+        raise _too_large(shown)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        size += len(chunk)
+        if size > bound:
+            raise _too_large(shown)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(shown: str) -> errors.StageError:
+    limit = limits.describe(limits.active().stage_result_bytes)
+    return errors.StageError(
+        f"{shown} sent a reply larger than stage_result_bytes ({limit}) allows", retryable=False
+    )
