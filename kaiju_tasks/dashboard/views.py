@@ -573,8 +573,6 @@ async def _task_page(
     shown = {"notice": notice, "error": error, "message": message}
     try:
         context = await _task_context(dashboard, task_id, found["data"][0]["created"], caller)
-        if context is None:
-            return missing
         page = {**context, **shown}
         if message:  # a refused message stays in its form, to be fixed and sent again
             page["can_message"] = True
@@ -614,7 +612,7 @@ def _actions(
 
 async def _task_context(
     dashboard: Dashboard, task_id: str, created: Any, caller: models.Caller
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     # Events since the task was created, so the events of an earlier task deleted under the
     # same id never show.
     timeline = await dashboard.data.timeline(task_id, since=created)

@@ -43,6 +43,8 @@ HOSTILE_IDS = [
     "%FF",
     "a b+c&d=e;f",
     "ü/é\\",
+    "[!e:1+1]",
+    "`%`",
 ]
 IDLE_APP = "nobody-serves-this"  # no executor takes these tasks: they stay as created
 
