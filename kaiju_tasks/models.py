@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import pydantic
 from pydantic import (
@@ -253,17 +253,42 @@ class Message(_Command):
     )
 
 
+LEGACY_METHODS: Final = {"_TIMER_": "timer", "_MESSAGE_": "message"}
+"""How the original kaiju-tasks wrote Timer and Message stages: ``{"method": "_TIMER_",
+"params": {"timer": n}}`` and ``{"method": "_MESSAGE_"}``; accepted as those stages."""
+
+
 def _command_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        kind = value.get("kind", "call")
+        kind = value.get("kind")
+        if kind is None:
+            legacy = LEGACY_METHODS.get(value.get("method"))  # type: ignore[arg-type]
+            return "call" if legacy is None else f"legacy_{legacy}"
         return kind if isinstance(kind, str) else None
     return getattr(value, "kind", None)
+
+
+def _from_legacy(value: Any) -> Any:
+    """Rewrite an original-format Timer or Message stage into this format's fields."""
+    if not isinstance(value, dict):
+        return value
+    rest = {k: v for k, v in value.items() if k not in ("method", "params")}
+    params = value.get("params")
+    if value.get("method") == "_TIMER_":
+        if not isinstance(params, dict) or "timer" not in params:
+            raise ValueError("a _TIMER_ stage needs params {'timer': seconds}")
+        return {"kind": "timer", "seconds": params["timer"], **rest}
+    if params not in (None, {}, []):
+        raise ValueError("a _MESSAGE_ stage takes no params")
+    return {"kind": "message", **rest}
 
 
 Command = Annotated[
     Annotated[TaskCommand, Tag("call")]
     | Annotated[Timer, Tag("timer")]
-    | Annotated[Message, Tag("message")],
+    | Annotated[Message, Tag("message")]
+    | Annotated[Timer, BeforeValidator(_from_legacy), Tag("legacy_timer")]
+    | Annotated[Message, BeforeValidator(_from_legacy), Tag("legacy_message")],
     Discriminator(
         _command_kind,
         custom_error_type="invalid_command",
@@ -415,6 +440,33 @@ def _check_consistency(
         )
     if task_id is not None and next_task == task_id:
         raise ValueError("next_task: a task cannot chain to itself")
+    for index, command in enumerate(commands):
+        if command.kind == "call":
+            _check_stage_references(index, command)
+
+
+def _check_stage_references(index: int, command: TaskCommand) -> None:
+    """Refuse a template that reads the result of its own stage or of a later one."""
+    for field, value in (("method", command.method), ("params", command.params)):
+        if value is None or (type(value) is str and value[:1] != "[") or not _may_hold(value):
+            continue  # no template here: skip the walk (most commands of a bulk create)
+        for stage, template in templates.stage_references(value):
+            if stage >= index:
+                raise ValueError(
+                    f"commands.{index}.{field}: template {templates.shown(template)} reads the"
+                    f" result of stage {stage}, which has not run when stage {index} starts"
+                )
+
+
+def _may_hold(value: JSONValue) -> bool:
+    """Whether ``value`` may hold a template (a string starting with '[' somewhere in it)."""
+    if type(value) is str:
+        return value[:1] == "["
+    if type(value) is dict:
+        return any(_may_hold(v) for v in value.values())
+    if type(value) is list:
+        return any(_may_hold(v) for v in value)
+    return False
 
 
 def check_merged(current: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
@@ -449,7 +501,7 @@ class NotificationUpdate(BaseModel):
 
 # -- errors -----------------------------------------------------------------------------------
 
-_TAGS = frozenset({"call", "timer", "message"})
+_TAGS = frozenset({"call", "timer", "message", "legacy_timer", "legacy_message"})
 
 
 def _field_path(loc: tuple[int | str, ...], prefix: str) -> str:
@@ -480,7 +532,7 @@ def validation_error(exc: pydantic.ValidationError, prefix: str = "") -> errors.
         message = message.removeprefix("Value error, ")
         # Cross-field checks name their field first: "next_task: ...".
         head, sep, rest = message.partition(": ")
-        if sep and head.isidentifier() and not err["loc"]:
+        if sep and not err["loc"] and _names_a_field(head):
             field = f"{prefix}.{head}" if prefix else head
             message = rest
         elif sep and head.isidentifier() and head in _MODEL_FIELDS:
@@ -491,6 +543,12 @@ def validation_error(exc: pydantic.ValidationError, prefix: str = "") -> errors.
 
 
 _MODEL_FIELDS = frozenset(Task.model_fields)
+
+
+def _names_a_field(head: str) -> bool:
+    """Whether a cross-field message starts with a field path (``commands.2.params: ...``)."""
+    first, *rest = head.split(".")
+    return first.isidentifier() and all(part.isidentifier() or part.isdigit() for part in rest)
 
 
 def parse_task(data: Task | Mapping[str, Any], prefix: str = "") -> Task:

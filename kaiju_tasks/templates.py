@@ -68,7 +68,7 @@ import math
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -222,6 +222,42 @@ def render(
         if size > limits.active().rendered_bytes:
             raise errors.ValidationError(_too_large("rendered", size), field=field)
     return result
+
+
+def stage_references(value: Any) -> Iterator[tuple[int, str]]:
+    """Yield ``(stage, template)`` for every stage result a template in ``value`` must read.
+
+    Only lookups that fail without the result count: a path with a default (``[3.x:0]``), the
+    first argument of ``default()`` and paths built from nested templates are skipped. ``value``
+    is a JSON value whose templates are valid (see :func:`validate`).
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if is_template(item):
+                for stage in _strict_stages(parse(item)):
+                    yield stage, item
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def _strict_stages(root: Node) -> Iterator[int]:
+    stack: list[Node | _PathSpec] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _Lookup) and node.default is None and node.path.parts is not None:
+            head = node.path.parts[0]
+            if head.isdigit() and len(head) < 6:
+                yield int(head)
+        if isinstance(node, _Call) and node.function.lenient_first and node.args:
+            stack.extend(node.args[1:])
+            if not isinstance(node.args[0], _Lookup):
+                stack.append(node.args[0])
+            continue
+        stack.extend(_children(node))
 
 
 def json_size(value: Any, bound: int, budget: Budget | None = None) -> int:
