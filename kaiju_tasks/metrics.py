@@ -3,15 +3,26 @@
 Gauges are read from PostgreSQL at each scrape (tasks by status and app, the age of the oldest
 QUEUED task by app, live executors, events written); the stage duration histogram by method is
 fed by an EventReceiver from the events executors write, counted since this process started.
+
+Label sets are bounded, so that no number of distinct apps or methods can grow a scrape:
+
+- ``app``: the :data:`MAX_APPS` apps with the most tasks keep their own label; the others are
+  added up under :data:`OTHER` (their counts summed, their queue lag the oldest of theirs);
+- ``method``: the first :data:`MAX_METHODS` methods seen since start keep their own label; later
+  ones are observed under :data:`OTHER`. A method is the one *as written* in the task (a
+  template's source, never what it rendered to), so no user data reaches a label;
+- a label value is at most :data:`LABEL_CHARS` characters: a longer one is cut and ends with
+  ``…`` and a short digest of the whole, so two long names stay two labels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,6 +37,41 @@ ALIVE_WITHIN = timedelta(seconds=60)
 STAGE_EVENTS = frozenset(
     {"task-stage-succeeded", "task-succeeded", "task-failed", "task-retried", "task-rejected"}
 )
+MAX_APPS: Final = 100
+"""Most ``app`` label values of the by-app gauges, besides :data:`OTHER`."""
+MAX_METHODS: Final = 100
+"""Most ``method`` label values of the stage duration histogram, besides :data:`OTHER`."""
+OTHER: Final = "other"
+"""The label value that stands for every app or method past the bound (an app really named
+``other`` is counted there too)."""
+LABEL_CHARS: Final = 128
+"""Longest label value (characters); a longer one is cut (see the module docstring)."""
+SKIPPED: Final = "(skipped)"
+"""The method label of a stage skipped by its condition (no method was called)."""
+
+
+def label(value: str) -> str:
+    """``value`` as a label value: at most :data:`LABEL_CHARS` characters."""
+    if len(value) <= LABEL_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode(errors="surrogatepass"), digest_size=4).hexdigest()
+    return f"{value[: LABEL_CHARS - len(digest) - 2]}…#{digest}"
+
+
+def top_apps(rows: Iterable[dict[str, Any]], limit: int = MAX_APPS) -> dict[str, str]:
+    """App name -> its ``app`` label, from rows of ``{"app", "count"}``.
+
+    The ``limit`` apps with the most tasks keep their name (ties go to the name first in order);
+    the rest, and an app named :data:`OTHER`, map to :data:`OTHER`.
+    """
+    totals: dict[str, int] = {}
+    for row in rows:
+        totals[row["app"]] = totals.get(row["app"], 0) + int(row["count"])
+    ranked = sorted(
+        (app for app in totals if label(app) != OTHER), key=lambda app: (-totals[app], app)
+    )
+    kept = {app: label(app) for app in ranked[:limit]}
+    return {app: kept.get(app, OTHER) for app in totals}
 
 
 class _Snapshot(Collector):
@@ -33,17 +79,27 @@ class _Snapshot(Collector):
         self.data: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Any]:
+        rows = self.data.get("tasks", [])
+        labels = top_apps(rows)
+        counts: dict[tuple[str, str], int] = {}
+        for item in rows:
+            key = (labels[item["app"]], item["status"])
+            counts[key] = counts.get(key, 0) + int(item["count"])
         tasks = GaugeMetricFamily(
             "kaiju_tasks_tasks", "Tasks by app and status", labels=["app", "status"]
         )
-        for item in self.data.get("tasks", []):
-            tasks.add_metric([item["app"], item["status"]], item["count"])
+        for (app, status), count in counts.items():
+            tasks.add_metric([app, status], count)
         yield tasks
+        lags: dict[str, float] = {}
+        for item in self.data.get("lag", []):
+            app = labels.get(item["app"], OTHER)
+            lags[app] = max(lags.get(app, 0.0), float(item["lag"]), 0.0)
         lag = GaugeMetricFamily(
             "kaiju_tasks_queue_lag_seconds", "Age of the oldest QUEUED task by app", labels=["app"]
         )
-        for item in self.data.get("lag", []):
-            lag.add_metric([item["app"]], max(item["lag"], 0.0))
+        for app, seconds in lags.items():
+            lag.add_metric([app], seconds)
         yield lag
         yield GaugeMetricFamily(
             "kaiju_tasks_executors_alive",
@@ -76,6 +132,8 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600),
         )
+        self._methods: set[str] = set()
+        """The method labels given so far (at most :data:`MAX_METHODS`)."""
         self._receiver = monitor.EventReceiver(dsn, {"*": self.event})
         self._task: asyncio.Task[int] | None = None
 
@@ -83,8 +141,19 @@ class Metrics:
         """Count one lifecycle event (stage durations)."""
         data = event.get("data") or {}
         if event["type"] in STAGE_EVENTS and data.get("duration_s") is not None:
-            method = data.get("method") or "(skipped)"
-            self.stage_duration.labels(method).observe(float(data["duration_s"]))
+            method = data.get("method")
+            self.stage_duration.labels(self._method_label(method)).observe(
+                float(data["duration_s"])
+            )
+
+    def _method_label(self, method: Any) -> str:
+        value = label(method) if isinstance(method, str) and method else SKIPPED
+        if value == OTHER or value in self._methods:
+            return value
+        if len(self._methods) >= MAX_METHODS:
+            return OTHER
+        self._methods.add(value)
+        return value
 
     async def start(self) -> None:
         """Follow events from now on."""
