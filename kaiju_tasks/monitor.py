@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import notifications
+from kaiju_tasks import notifications, redact
 from kaiju_tasks.store import postgres
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class EventReceiver:
                 except Exception as exc:  # noqa: BLE001 - a lost connection: retry, catch up
                     logger.warning(
                         "Reading events failed",
-                        extra={"event": "receiver_read_failed", "error": str(exc)},
+                        extra={"event": "receiver_read_failed", "error": redact.text(str(exc))},
                     )
                     events = []
                 for event in events:
