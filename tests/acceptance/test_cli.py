@@ -124,7 +124,8 @@ def test_plain_token_create_prints_only_the_token(dsn):
     assert len(created.stdout.strip().splitlines()) == 1
 
 
-def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
+def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn, tmp_path):
+    release = tmp_path / "release"
     run = Running(
         "--dsn", dsn, "run", "--port", "0", "--methods", "tests.acceptance.methods_for_cli:methods"
     )
@@ -141,7 +142,7 @@ def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
                 "params": {
                     "data": {
                         "id": "slow",
-                        "commands": [{"method": "cli.slow", "params": {"seconds": 1}}],
+                        "commands": [{"method": "cli.hold", "params": {"path": str(release)}}],
                     }
                 },
             },
@@ -150,8 +151,8 @@ def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
         assert created["result"]["status"] == "QUEUED"
         dashboard = run.wait_for("dashboard on ").split()[0]
         page = _get(dashboard + "tasks/slow", token)
-        assert "cli.slow" in page  # the dashboard is served next to the API
-        deadline = time.monotonic() + 10
+        assert "cli.hold" in page  # the dashboard is served next to the API
+        deadline = time.monotonic() + 60
         while (
             post(
                 url,
@@ -167,7 +168,11 @@ def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
         ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert run.interrupt() == 0  # the running stage finishes within the grace period
+        # The stage is running (it holds until released): SIGINT, then let it end within the
+        # grace period.
+        run.process.send_signal(signal.SIGINT)
+        release.touch()
+        assert run.process.wait(30) == 0
     finally:
         run.close()
     got = cli("--dsn", dsn, "token", "create", "--user", "x", "--system")
@@ -185,7 +190,7 @@ def test_run_serves_requests_and_stops_on_sigint_without_losing_a_task(dsn):
 
     row = asyncio.run(status())
     assert row["status"] == "FINISHED"
-    assert json.loads(row["result"]) == ["slept"]
+    assert json.loads(row["result"]) == ["released"]
 
 
 def test_run_on_the_embedded_database_with_the_demo():
@@ -309,7 +314,8 @@ def test_events_limit_counts_only_the_printed_lines(dsn):
     assert shown.stdout.strip().endswith("ID=b1, STAGE=1/1)")
 
 
-def test_top_shows_executors_and_running_tasks(dsn):
+def test_top_shows_executors_and_running_tasks(dsn, tmp_path):
+    release = tmp_path / "release"
     executor = Running(
         "--dsn",
         dsn,
@@ -324,10 +330,15 @@ def test_top_shows_executors_and_running_tasks(dsn):
     try:
         executor.wait_for("kaiju-tasks executor running")
         body = json.dumps(
-            {"id": "slow-top", "commands": [{"method": "cli.slow", "params": {"seconds": 5}}]}
+            {
+                "id": "slow-top",
+                "commands": [{"method": "cli.hold", "params": {"path": str(release)}}],
+            }
         )
         assert cli("--dsn", dsn, "task", "create", body).returncode == 0
-        deadline = time.monotonic() + 10
+        # The stage runs until the test releases it: top sees it running however slow the
+        # machine is.
+        deadline = time.monotonic() + 60
         while True:
             got = cli("--dsn", dsn, "task", "get", "slow-top", "--columns", "status", "--json")
             if json.loads(got.stdout)["status"] == "EXECUTED":
@@ -342,6 +353,7 @@ def test_top_shows_executors_and_running_tasks(dsn):
         assert "1/1" in shown.stdout
         assert "online" in shown.stdout
     finally:
+        release.touch()
         executor.interrupt()
         executor.close()
 
