@@ -95,7 +95,7 @@ def test_many_references_to_one_large_value_count_toward_the_rendered_size():
     data = {"kws": {"s": "a" * 10_000}}
     params = {f"p{i}": "[kws.s]" for i in range(120)}
     assert "rendered_bytes" in refused(templates.render, params, data).message
-    assert len(templates.render({"p": "[kws.s]"}, data)["p"]) == 10_000  # type: ignore[index]
+    assert templates.render({"p": "[kws.s]"}, data) == {"p": "a" * 10_000}
 
 
 def test_rendering_stops_after_eval_steps_of_work():
@@ -150,7 +150,7 @@ def test_a_regex_too_large_once_compiled_is_refused():
 
 
 def test_conditions_nested_deeper_than_condition_depth_are_refused():
-    spec: dict = {}
+    spec: dict[str, object] = {}
     for _ in range(40):
         spec = {"not": spec}
     error = refused(conditions.Condition, spec)
@@ -161,11 +161,11 @@ def test_conditions_nested_deeper_than_condition_depth_are_refused():
 
 
 def test_a_list_filter_nested_600_times_is_refused_naming_the_field():
-    value: dict = {"eq": "QUEUED"}
+    value: dict[str, object] = {"eq": "QUEUED"}
     for _ in range(600):
         value = {"not": value}
     error = refused(tables.compile_conditions, tables.tasks, {"status": value})
-    assert error.field.startswith("conditions.status.not.not")
+    assert str(error.field).startswith("conditions.status.not.not")
     assert "condition_depth (32 levels)" in error.message
 
 
