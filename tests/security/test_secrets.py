@@ -185,12 +185,13 @@ def _ini(tmp: Path, app_urls: dict[str, str], dsn: str | None = None) -> Path:
     return ini
 
 
-@pytest.fixture
+@pytest.fixture(params=["text", "json"])
 async def running(
-    tmp_path: Path, dsn: str, app_urls: dict[str, str]
+    request: pytest.FixtureRequest, tmp_path: Path, dsn: str, app_urls: dict[str, str]
 ) -> AsyncIterator[tuple[Cli, str, str]]:
     ini = _ini(tmp_path, app_urls, _secret_dsn(dsn))
-    run = Cli(tmp_path, "--config-path", str(ini), "--log-level", "DEBUG", "run", "--port", "0")
+    options = ["--log-level", "DEBUG", "--log-format", request.param]
+    run = Cli(tmp_path, "--config-path", str(ini), *options, "run", "--port", "0")
     try:
         url = await run.line("kaiju-tasks API on ")
         token = await run.line("system token: ")
@@ -249,6 +250,8 @@ async def test_run_shows_no_url_or_dsn_secret_in_errors_logs_health_or_metrics(
     assert "svc:***@" in log  # the failures were logged, with the URL redacted
     _assert_no_secret(log, "the log of kaiju-tasks run")
     _assert_no_secret(run.out.read_text(), "the output of kaiju-tasks run")
+    if log.startswith("{"):  # the json format: masking kept every line a JSON object
+        assert all(json.loads(line) for line in log.splitlines())
 
 
 # -- configuration and a database that cannot be reached -------------------------------------------
@@ -289,6 +292,21 @@ def test_a_database_that_refuses_the_login_is_reported_without_its_password(serv
     assert failed.returncode != 0
     assert "cannot connect to the database" in failed.stderr, failed.stderr
     _assert_no_secret(failed.stdout + failed.stderr, "kaiju-tasks task list")
+
+
+@pytest.mark.xfail(
+    reason="the store lets the driver's DSN parse error through as a traceback quoting part "
+    "of the password (store/migrate.py check_current, store/postgres.py create_pool)",
+    strict=True,
+)
+@pytest.mark.parametrize("password", [f"pa?{PASSWORD}", f"{PASSWORD}/x", f"{PASSWORD}#x"])
+def test_a_dsn_that_cannot_be_parsed_is_reported_without_its_password(closed_port, password):
+    """A password written without percent-encoding its '?', '/' or '#'."""
+    dsn = f"postgresql://postgres:{password}@127.0.0.1:{closed_port}/x"
+    failed = cli("--dsn", dsn, "task", "list")
+    assert failed.returncode != 0
+    _assert_no_secret(failed.stdout + failed.stderr, "kaiju-tasks task list")
+    assert "Traceback" not in failed.stderr
 
 
 # -- a remote stage's reply is read no further than the limit --------------------------------------
