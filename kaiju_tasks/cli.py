@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import config, errors, limits, logs, methods, models
+from kaiju_tasks import config, errors, limits, logs, methods, models, redact
 from kaiju_tasks.clock import SystemClock
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _config(settings, sources, args)
     except errors.KaijuTasksError as exc:
-        print(f"kaiju-tasks: {exc}", file=sys.stderr)
+        print(f"kaiju-tasks: {redact.text(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `kaiju-tasks task list | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -33,6 +33,7 @@ from kaiju_tasks import (
     limits,
     models,
     notifications,
+    redact,
     templates,
 )
 from kaiju_tasks import clock as clock_
@@ -382,7 +383,7 @@ class Executor:
             )
             # Fail it rather than leave it EXECUTED: a hand-back would run it again, forever.
             failure = errors.StageError(
-                f"internal error: {type(exc).__name__}: {exc}", retryable=False
+                f"internal error: {type(exc).__name__}: {redact.text(str(exc))}", retryable=False
             )
             try:
                 await self._fail(row, row.get("_stage", stage), failure)
@@ -519,7 +520,7 @@ class Executor:
                 },
             )
             raise errors.RemoteCallError(
-                f"{type(exc).__name__}: {exc}", code=protocol.INTERNAL_ERROR
+                f"{type(exc).__name__}: {redact.text(str(exc))}", code=protocol.INTERNAL_ERROR
             ) from exc
 
     # -- transitions --------------------------------------------------------------------------

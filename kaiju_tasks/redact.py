@@ -75,3 +75,20 @@ def text(value: str) -> str:
 def _masked_whole(value: str) -> str:
     scheme, sep, _ = value.partition("://")
     return f"{scheme}://{MASK}" if sep else MASK
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Say why connecting to the database failed, with no part of its DSN's secrets.
+
+    A DSN the driver cannot parse is described by the kind of error only: the driver quotes the
+    piece it could not read, which may be part of the password.
+    """
+    from_server = type(exc).__module__.startswith("asyncpg.exceptions") and not isinstance(
+        exc, ValueError | TypeError
+    )
+    if isinstance(exc, OSError) or from_server:
+        return f"cannot connect to the database: {text(str(exc))}"
+    return (
+        f"cannot connect to the database: its DSN cannot be parsed ({type(exc).__name__}); "
+        "percent-encode special characters of the password (/ ? # @ :)"
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, redact
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ async def check_current(dsn: str) -> None:
     """Raise MigrationError, saying what to run, unless every shipped migration is applied."""
     try:
         connection = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise errors.MigrationError(f"cannot connect to the database: {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TypeError) as exc:
+        raise errors.MigrationError(redact.connect_failure(exc)) from None
     try:
         done = set(await applied(connection))
     finally:
@@ -88,8 +88,8 @@ async def migrate(dsn_or_connection: str | asyncpg.Connection) -> list[int]:
         return await _migrate(dsn_or_connection)
     try:
         connection = await asyncpg.connect(dsn_or_connection)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise errors.MigrationError(f"cannot connect to the database: {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TypeError) as exc:
+        raise errors.MigrationError(redact.connect_failure(exc)) from None
     try:
         return await _migrate(connection)
     finally:

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import _gc, errors, limits
+from kaiju_tasks import _gc, errors, limits, redact
 from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -86,8 +86,8 @@ async def create_pool(
             reset=_keep_session,
             server_settings={"application_name": application_name},
         )
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise errors.StoreError(f"cannot connect to the database: {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TypeError) as exc:
+        raise errors.StoreError(redact.connect_failure(exc)) from None
     assert pool is not None
     return pool
 

@@ -294,11 +294,6 @@ def test_a_database_that_refuses_the_login_is_reported_without_its_password(serv
     _assert_no_secret(failed.stdout + failed.stderr, "kaiju-tasks task list")
 
 
-@pytest.mark.xfail(
-    reason="the store lets the driver's DSN parse error through as a traceback quoting part "
-    "of the password (store/migrate.py check_current, store/postgres.py create_pool)",
-    strict=True,
-)
 @pytest.mark.parametrize("password", [f"pa?{PASSWORD}", f"{PASSWORD}/x", f"{PASSWORD}#x"])
 def test_a_dsn_that_cannot_be_parsed_is_reported_without_its_password(closed_port, password):
     """A password written without percent-encoding its '?', '/' or '#'."""
