@@ -18,7 +18,9 @@ import asyncpg
 import pytest
 
 from kaiju_tasks import testing
-from kaiju_tasks.service import NotificationService, TaskService
+from kaiju_tasks.methods import Methods
+from kaiju_tasks.rpc import server as rpc_server
+from kaiju_tasks.service import NotificationService, TaskService, TokenService
 from kaiju_tasks.store import migrate, postgres
 
 TEMPLATE = "kaiju_tasks_test_template"
@@ -135,5 +137,29 @@ def notifications(store: postgres.PostgresTaskStore) -> NotificationService:
 def make_task(store: postgres.PostgresTaskStore, clock: testing.FrozenClock):
     async def make(**overrides):
         return await testing.make_task(store, clock.now(), **overrides)
+
+    return make
+
+
+@pytest.fixture
+def make_api(store: postgres.PostgresTaskStore, clock: testing.FrozenClock):
+    """Build the HTTP API (``rpc.server.Api``) over this test's database.
+
+    ``methods`` defaults to an empty registry; every other option of ``Api`` passes through.
+    ``/health`` always reports a database that answers.
+    """
+
+    def make(*, methods: Methods | None = None, **options) -> rpc_server.Api:
+        async def health() -> dict[str, bool]:
+            return {"database": True}
+
+        return rpc_server.Api(
+            tasks=TaskService(store, clock),
+            notifications=NotificationService(store),
+            tokens=TokenService(store, clock),
+            methods=methods if methods is not None else Methods(),
+            health=health,
+            **options,
+        )
 
     return make

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 json_values = st.recursive(
     st.none()
@@ -42,23 +41,14 @@ bodies = (
 
 
 @pytest.fixture
-async def client(aiohttp_client, store, clock):
+async def client(aiohttp_client, make_api):
     methods = Methods()
 
     @methods.register("app.echo")
     def echo(*args, **kwargs):
         return [args, kwargs]
 
-    async def health():
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=methods,
-        health=health,
-    )
+    api = make_api(methods=methods)
     token = (await api.tokens.create("root", ["system"]))["token"]
     client = await aiohttp_client(rpc_server.create_app(api))
     client.token = token
@@ -220,16 +210,8 @@ async def _check(client: Any, body: str, caplog: Any) -> None:
 
 
 @pytest.fixture
-async def big_client(aiohttp_client, store, clock):
-    async def health():
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=Methods(),
-        health=health,
+async def big_client(aiohttp_client, make_api):
+    api = make_api(
         max_body=8 * 1024 * 1024,  # let the huge payloads reach the methods
     )
     token = (await api.tokens.create("fuzz", ["view_others"]))["token"]

@@ -9,9 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kaiju_tasks import cli, config
-from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 FAILURES = 5
 LIST = {"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": {"columns": ["id"]}}
@@ -23,16 +21,8 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
-async def api(store: Any, clock: Any, registry: CollectorRegistry) -> rpc_server.Api:
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    return rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=Methods(),
-        health=health,
+async def api(make_api: Any, registry: CollectorRegistry) -> rpc_server.Api:
+    return make_api(
         auth_failures=FAILURES,
         auth_window=3600.0,  # no try is earned back during a test
         trusted_proxies=config.networks("127.0.0.1"),
@@ -82,18 +72,8 @@ async def test_an_address_over_its_failures_gets_429_with_retry_after(client, ap
     assert (await client.get("/health")).status == 200  # health is never limited
 
 
-async def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(
-    aiohttp_client, store, clock
-):
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=Methods(),
-        health=health,
+async def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(aiohttp_client, make_api):
+    api = make_api(
         auth_failures=FAILURES,
         auth_window=3600.0,
     )  # no trusted proxies: the peer (127.0.0.1) is the client whatever the header says

@@ -10,11 +10,10 @@ import pytest
 
 from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 
 @pytest.fixture
-async def rpc(aiohttp_client: Any, store: Any, clock: Any) -> Any:
+async def rpc(aiohttp_client: Any, make_api: Any) -> Any:
     methods = Methods()
 
     @methods.register("logs.value_error", public=True)
@@ -31,16 +30,7 @@ async def rpc(aiohttp_client: Any, store: Any, clock: Any) -> Any:
     def deep_recursion(n: int) -> int:
         return deep_recursion(n + 1)
 
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=methods,
-        health=health,
-    )
+    api = make_api(methods=methods)
     client = await aiohttp_client(rpc_server.create_app(api))
     token = (await api.tokens.create("alice"))["token"]
 

@@ -14,7 +14,6 @@ from kaiju_tasks import errors, testing
 from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
 from kaiju_tasks.runtime import TaskRuntime
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 
 @pytest.fixture
@@ -40,17 +39,8 @@ def registry() -> Methods:
 
 
 @pytest.fixture
-async def rpc(aiohttp_client: Any, store: Any, clock: Any, registry: Methods) -> Any:
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=registry,
-        health=health,
-    )
+async def rpc(aiohttp_client: Any, make_api: Any, registry: Methods) -> Any:
+    api = make_api(methods=registry)
     client = await aiohttp_client(rpc_server.create_app(api))
     tokens = {
         "reader": (await api.tokens.create("reader"))["token"],

@@ -15,9 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -25,16 +23,8 @@ BOUND = 30.0  # seconds a test waits for the server to act: far above the timeou
 
 
 @pytest.fixture
-async def served(store: Any, clock: Any) -> AsyncIterator[tuple[str, int]]:
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=Methods(),
-        health=health,
+async def served(make_api: Any) -> AsyncIterator[tuple[str, int]]:
+    api = make_api(
         header_timeout=HEADER_TIMEOUT,
         body_timeout=BODY_TIMEOUT,
     )

@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 
 from kaiju_tasks import limits
-from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 REPLY_BYTES = 50_000
 KWS_CHARS = 20_000  # one tasks.get of the task: a little over 20 KB
@@ -29,17 +27,8 @@ def small_replies() -> Iterator[None]:
 
 
 @pytest.fixture
-async def rpc(aiohttp_client: Any, store: Any, clock: Any, small_replies: None) -> Any:
-    async def health() -> dict[str, Any]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=Methods(),
-        health=health,
-    )
+async def rpc(aiohttp_client: Any, make_api: Any, small_replies: None) -> Any:
+    api = make_api()
     client = await aiohttp_client(rpc_server.create_app(api))
     token = (await api.tokens.create("root", ["system"]))["token"]
     await api.tasks.create(
