@@ -18,9 +18,9 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -31,6 +31,7 @@ from kaiju_tasks import (
     cron,
     errors,
     limits,
+    logs,
     models,
     notifications,
     redact,
@@ -44,10 +45,14 @@ from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_CONCURRENCY = 10
 DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
+RETRY_MAX_DELAY = 2.0
+"""Longest wait, in seconds, between two tries of a write or heartbeat the database failed."""
 
 
 class _Revoked(Exception):
@@ -126,9 +131,14 @@ class Executor:
         self._claim_lock = asyncio.Lock()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
+        self._unstarted: list[str] = []  # claim ids claimed while stopping, to hand back
+        # The loss of the database is logged once, then reminded, then its return.
+        self._outage = logs.Outage(logger, f"executor {self.id}")
         self._listener = (
             notifications.Listener(
-                dsn, {notifications.QUEUED: self._on_queued, notifications.CANCEL: self._on_cancel}
+                dsn,
+                {notifications.QUEUED: self._on_queued, notifications.CANCEL: self._on_cancel},
+                name=f"executor {self.id}",
             )
             if dsn
             else None
@@ -181,9 +191,16 @@ class Executor:
             return
         self._stopping = True
         self._wake.set()
+        # The claim loop ends by itself once the claim in flight returns (its tasks are handed
+        # back, see tick): a claim cancelled midway may still commit, leaving tasks EXECUTED by
+        # an executor that is gone. Only a claim that hangs past the grace period is cancelled.
+        claim_loops, other_loops = self._loops[:1], self._loops[1:]
+        for loop in other_loops:
+            loop.cancel()
+        if claim_loops:
+            await asyncio.wait(claim_loops, timeout=self.shutdown_grace.total_seconds())
         for loop in self._loops:
             loop.cancel()
-        for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         running = list(self._running.values())
@@ -195,17 +212,37 @@ class Executor:
             self._running[task_id].cancel()
         if left:
             await asyncio.wait([self._running[t] for t in left])
-            # Also wakes the manager: re-queued at once, not at its next tick.
-            handed = await self.store.suspend_executor_tasks(self.id, claims, now=self.clock.now())
-            logger.info(
-                "Tasks handed back",
-                extra={"event": "tasks_handed_back", "executor_id": self.id, "count": len(handed)},
+        try:
+            # Every run has ended: whatever the database still says this executor holds is
+            # handed back too (a claim whose reply was lost, one cancelled at the deadline).
+            claims += self._unstarted + await self.store.orphans(self.id, [])
+            if claims:
+                # Also wakes the manager: re-queued at once, not at its next tick.
+                handed = await self.store.suspend_executor_tasks(
+                    self.id, sorted(set(claims)), now=self.clock.now()
+                )
+                logger.info(
+                    "Tasks handed back",
+                    extra={
+                        "event": "tasks_handed_back",
+                        "executor_id": self.id,
+                        "count": len(handed),
+                    },
+                )
+            await self.store.executor_stopped(self.id, now=self.clock.now())
+        except errors.StoreError as exc:
+            logger.warning(
+                "Executor stopped without the database: the manager rescues its tasks once it"
+                " sees it silent",
+                extra={"event": "executor_stop_failed", "executor_id": self.id, "error": str(exc)},
             )
         if self._listener is not None:
             await self._listener.stop()
-        await self.store.executor_stopped(self.id, now=self.clock.now())
         await self.client.close()
         logger.info("Executor offline", extra={"event": "executor_offline", "executor_id": self.id})
+
+    def _stop_asked(self) -> bool:
+        return self._stopping
 
     @property
     def active(self) -> int:
@@ -238,6 +275,9 @@ class Executor:
             self._wake.clear()
             try:
                 claimed = await self.tick()
+            except errors.StoreError as exc:
+                self._outage.failed(exc)
+                claimed = 0
             except Exception:
                 logger.exception(
                     "Claim failed", extra={"event": "claim_failed", "executor_id": self.id}
@@ -250,8 +290,10 @@ class Executor:
                     await self._wake.wait()
 
     async def _heartbeat_loop(self) -> None:
+        interval = self.heartbeat_interval.total_seconds()
+        delay = interval
         while True:
-            await asyncio.sleep(self.heartbeat_interval.total_seconds())
+            await asyncio.sleep(delay)
             try:
                 alive = await self.store.heartbeat(
                     self.id, active=self.active, now=self.clock.now()
@@ -259,10 +301,19 @@ class Executor:
                 if not alive:  # our row was pruned (a long outage): come back online
                     await self._register()
                 await self._check_running()
+            except errors.StoreError as exc:
+                self._outage.failed(exc)
+                # Tried again soon: once the database is back, the manager must hear from us
+                # (and we must learn which runs are no longer ours) well before stale_after.
+                delay = min(interval, 0.25 if delay >= interval else delay * 2, RETRY_MAX_DELAY)
+                continue
             except Exception:
                 logger.exception(
                     "Heartbeat failed", extra={"event": "heartbeat_failed", "executor_id": self.id}
                 )
+            else:
+                self._outage.ok()
+            delay = interval
 
     async def _hand_back(self, claim_id: str) -> None:
         delay = 0.1
@@ -297,12 +348,17 @@ class Executor:
             await self.store.suspend_executor_tasks(self.id, orphans, now=self.clock.now())
         if not self._running:
             return
-        # Only the tasks asked about: those claimed while the query ran are not in its answer.
-        asked = list(self._running)
-        rows = await self.store.task_status(asked)
-        for task_id in asked:
+        # Only the runs asked about: those claimed while the query ran are not in its answer.
+        asked = {t: self._claims.get(t) for t in self._running}
+        rows = await self.store.task_status(list(asked))
+        for task_id, claim_id in asked.items():
             row = rows.get(task_id)
-            if row is None or row["status"] != "EXECUTED" or row["executor_id"] != self.id:
+            if (
+                row is None
+                or row["status"] != "EXECUTED"
+                or row["executor_id"] != self.id
+                or row["claim_id"] != claim_id  # rescued, then claimed again: a newer run
+            ) and self._claims.get(task_id) == claim_id:
                 self._revoke(task_id)
 
     async def tick(self) -> int:
@@ -312,6 +368,10 @@ class Executor:
             return 0
         async with self._claim_lock:
             rows = await self.store.claim(self.apps, self.id, limit=free, now=self.clock.now())
+            self._outage.ok()
+            if self._stop_asked():  # stop() began during the claim: these go back, unstarted
+                self._unstarted += [row["claim_id"] for row in rows]
+                return 0
             for row in rows:
                 self._start(row)
         return len(rows)
@@ -453,7 +513,7 @@ class Executor:
                 "claim_id": row["claim_id"],
                 **_measured(meter),
             }
-            if not await self._record.submit(item):
+            if not await self._write(functools.partial(self._record.submit, item)):
                 raise _Revoked
             stage += 1
 
@@ -548,7 +608,7 @@ class Executor:
             "claim_id": row["claim_id"],
             **(timing or {}),
         }
-        if not await self._finish_batch.submit(item):
+        if not await self._write(functools.partial(self._finish_batch.submit, item)):
             raise _Revoked
         logger.info(
             "Task finished",
@@ -562,7 +622,7 @@ class Executor:
             "wait_deadline": until.isoformat(),
             "claim_id": row["claim_id"],
         }
-        if not await self._wait_batch.submit(item):
+        if not await self._write(functools.partial(self._wait_batch.submit, item)):
             raise _Revoked
 
     async def _fail(
@@ -584,17 +644,14 @@ class Executor:
                 "stage": stage,
                 "reason": "rejected",
             }
-            applied = await self.store.requeue_rejected(
-                self.id,
-                [
-                    {
-                        "id": row["id"],
-                        "stage": stage,
-                        "error": reject_error,
-                        "claim_id": row["claim_id"],
-                    }
-                ],
-                now=self.clock.now(),
+            rejected_item = {
+                "id": row["id"],
+                "stage": stage,
+                "error": reject_error,
+                "claim_id": row["claim_id"],
+            }
+            applied = await self._write(
+                lambda: self.store.requeue_rejected(self.id, [rejected_item], now=self.clock.now())
             )
             if row["id"] not in applied:
                 raise _Revoked
@@ -615,22 +672,25 @@ class Executor:
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
         error = _storable(error)
-        applied = await self._fail_batch.submit(
-            {
-                "id": row["id"],
-                "status": "EXECUTED",
-                "executor_id": self.id,
-                "stage": stage,
-                "error": error,
-                "exit_code": 130 if timeout else 1,
-                "retryable": exc.retryable,
-                "next_run": self._next_run(row),
-                "rejected": rejected,
-                "claim_id": row["claim_id"],
-                **(timing or {}),
-            }
+        failed = await self._write(
+            functools.partial(
+                self._fail_batch.submit,
+                {
+                    "id": row["id"],
+                    "status": "EXECUTED",
+                    "executor_id": self.id,
+                    "stage": stage,
+                    "error": error,
+                    "exit_code": 130 if timeout else 1,
+                    "retryable": exc.retryable,
+                    "next_run": self._next_run(row),
+                    "rejected": rejected,
+                    "claim_id": row["claim_id"],
+                    **(timing or {}),
+                },
+            )
         )
-        if applied is None:
+        if failed is None:
             raise _Revoked
         logger.info(
             "Stage failed",
@@ -639,10 +699,32 @@ class Executor:
                 "task_id": row["id"],
                 "job_id": row["job_id"],
                 "stage": stage,
-                "status": applied["status"],
+                "status": failed["status"],
                 "error": exc.message,
             },
         )
+
+    async def _write(self, submit: Callable[[], Awaitable[T]]) -> T:
+        """Commit a run's write, trying again while the database is out of reach.
+
+        The write is guarded by the run's claim id, so trying it again is safe: once the
+        database is back it applies if the run is still this executor's. A retry that does not
+        apply after a failure of unknown outcome means the earlier try committed or the run was
+        taken: either way the caller lets the task go (a stage whose record committed is left
+        to the orphan sweep, which hands the task back at its next stage). Nothing is logged
+        per write: the executor's outage line says the database is gone.
+        """
+        delay = 0.1
+        while True:
+            try:
+                result = await submit()
+            except errors.StoreError as exc:
+                self._outage.failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            self._outage.ok()
+            return result
 
     # -- batched writes (group commit across this executor's tasks) ---------------------------
 

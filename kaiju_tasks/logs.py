@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -148,3 +150,97 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+OUTAGE_FIRST_REMINDER = 10.0
+"""Seconds from the loss of the database to the first reminder that it is still gone."""
+OUTAGE_MAX_REMINDER = 300.0
+"""Longest interval between two reminders; each interval doubles until it reaches this."""
+
+
+class Outage:
+    """Says once that a component lost the database, reminds, then says when it is back.
+
+    Every call of ``failed`` during one outage but the first is silent, except a one-line
+    reminder (no traceback) after 10 s, 20 s more, 40 s more... up to every 5 minutes; the
+    first ``ok`` after it writes ``<component>: database back after N s``. Components call
+    ``failed`` where they used to log each failed database call, and ``ok`` after a call that
+    worked: a call costs a comparison when nothing is wrong.
+
+    Args:
+        logger: where the lines go.
+        component: who speaks (``executor <id>``, ``manager``, ``listener``...).
+        first_reminder: seconds to the first reminder.
+        max_reminder: longest interval between reminders.
+        monotonic: the time source (seconds; ``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        component: str,
+        *,
+        first_reminder: float = OUTAGE_FIRST_REMINDER,
+        max_reminder: float = OUTAGE_MAX_REMINDER,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.component = component
+        self.first_reminder = first_reminder
+        self.max_reminder = max_reminder
+        self._monotonic = monotonic
+        self.since: float | None = None
+        """When the current outage began (``monotonic`` seconds), or None when there is none."""
+        self._next = 0.0
+        self._interval = first_reminder
+        self._failures = 0
+
+    @property
+    def lost(self) -> bool:
+        """Whether the database is out of reach as far as this component knows."""
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        """Record a failed database call (logged only as described above)."""
+        now = self._monotonic()
+        self._failures += 1
+        if self.since is None:
+            self.since = now
+            self._interval = self.first_reminder
+            self._next = now + self._interval
+            self.logger.warning(
+                "%s: database unreachable: %s",
+                self.component,
+                _one_line(exc),
+                extra={"event": "database_lost", "component": self.component},
+            )
+            return
+        if now >= self._next:
+            self.logger.warning(
+                "%s: database still unreachable after %.0f s (%d failed calls)",
+                self.component,
+                now - self.since,
+                self._failures,
+                extra={"event": "database_still_lost", "component": self.component},
+            )
+            self._interval = min(self._interval * 2, self.max_reminder)
+            self._next = now + self._interval
+
+    def ok(self) -> None:
+        """Record a database call that worked; ends the outage if there was one."""
+        if self.since is None:
+            return
+        gone = self._monotonic() - self.since
+        self.since = None
+        self._failures = 0
+        self.logger.warning(
+            "%s: database back after %.1f s",
+            self.component,
+            gone,
+            extra={"event": "database_back", "component": self.component, "seconds": gone},
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

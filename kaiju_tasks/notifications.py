@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import asyncpg
 
+from kaiju_tasks import logs
+
 logger = logging.getLogger(__name__)
 
 QUEUED = "kaiju_tasks_queued"
@@ -33,8 +35,17 @@ class Listener:
     If the connection drops, it reconnects in the background; meanwhile loops keep polling.
     """
 
-    def __init__(self, dsn: str, handlers: dict[str, Handler], *, retry_interval: float = 1.0):
+    def __init__(
+        self,
+        dsn: str,
+        handlers: dict[str, Handler],
+        *,
+        retry_interval: float = 1.0,
+        name: str = "listener",
+    ):
         self.dsn = dsn
+        # One line when the connection is lost, reminders at growing intervals, one when back.
+        self._outage = logs.Outage(logger, f"{name} listener")
         self.handlers = handlers
         self.retry_interval = retry_interval
         self._connection: asyncpg.Connection | None = None
@@ -79,15 +90,15 @@ class Listener:
                 for channel in self.handlers:
                     await connection.add_listener(channel, self._dispatch)
                 self.connected.set()
+                self._outage.ok()
                 # Something may have happened while we were not listening.
                 for handler in self.handlers.values():
                     handler("")
                 await lost.wait()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                logger.warning(
-                    "Listener connection failed",
-                    extra={"event": "listen_failed", "error": str(exc)},
-                )
+                self._outage.failed(exc)
+            else:
+                self._outage.failed(ConnectionError("the connection was closed"))
             self.connected.clear()
             if self._connection is not None:
                 with contextlib.suppress(Exception):

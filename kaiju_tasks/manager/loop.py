@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import notifications
+from kaiju_tasks import errors, logs, notifications
 from kaiju_tasks.manager import steps
 from kaiju_tasks.store import base
 
@@ -70,11 +70,18 @@ class Manager:
         self.scheduler = scheduler
         self.gc = gc
         self.is_leader = False
+        self.observed_since: datetime | None = None
+        """When this leader's unbroken view of the database began: the leadership taken, or
+        the first tick that worked after one the database failed. Rescues count an executor's
+        silence from no earlier than this (see ``steps.rescue_stale``)."""
         self._last_gc: datetime | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._outage = logs.Outage(logger, "manager")
         self._listener = (
-            notifications.Listener(dsn, {notifications.MANAGER: self._poke}) if dsn else None
+            notifications.Listener(dsn, {notifications.MANAGER: self._poke}, name="manager")
+            if dsn
+            else None
         )
 
     def _poke(self, _payload: str) -> None:
@@ -85,7 +92,12 @@ class Manager:
         done: dict[str, int] = {}
         if self.scheduler:
             for name, duty in SCHEDULER_DUTIES:
-                done[name] = await duty(self.store, now, self.settings)
+                if duty is steps.rescue_stale:
+                    done[name] = await steps.rescue_stale(
+                        self.store, now, self.settings, observed_since=self.observed_since
+                    )
+                else:
+                    done[name] = await duty(self.store, now, self.settings)
         if self.gc and (self._last_gc is None or now - self._last_gc >= self.gc_interval):
             done["collect_garbage"] = await steps.collect_garbage(self.store, now, self.settings)
             self._last_gc = now
@@ -132,11 +144,18 @@ class Manager:
         while True:
             try:
                 leading = self.leadership is None or await self.leadership.hold()
+            except errors.StoreError as exc:
+                self._outage.failed(exc)
+                leading = False
             except Exception:
                 logger.exception("Leadership check failed", extra={"event": "leader_error"})
                 leading = False
+            else:
+                if not leading:
+                    self._outage.ok()  # a standby that reached the database
             if leading != self.is_leader:
                 self.is_leader = leading
+                self.observed_since = None  # a new view of the database starts
                 logger.info(
                     "Manager leadership changed",
                     extra={"event": "leader_elected" if leading else "leader_standby"},
@@ -145,10 +164,19 @@ class Manager:
                 await asyncio.sleep(self.standby_interval.total_seconds())
                 continue
             self._wake.clear()  # before the tick: a poke during it is kept
+            now = self.clock.now()
+            if self.observed_since is None:
+                self.observed_since = now
             try:
-                await self.tick(self.clock.now())
+                await self.tick(now)
+            except errors.StoreError as exc:
+                # The database was out of reach: what executors did meanwhile was not seen.
+                self.observed_since = None
+                self._outage.failed(exc)
             except Exception:
                 logger.exception("Manager tick failed", extra={"event": "manager_tick_failed"})
+            else:
+                self._outage.ok()
             with contextlib.suppress(TimeoutError):  # asyncio.timeout never loses a cancel
                 async with asyncio.timeout(self.interval.total_seconds()):
                     await self._wake.wait()

@@ -94,11 +94,33 @@ def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-async def rescue_stale(store: base.EngineStore, now: datetime, settings: Settings) -> int:
-    """Suspend the tasks of executors that stopped heartbeating or went offline."""
-    return await store.suspend_stale(
-        now=now, silent_since=now - settings.stale_after, limit=settings.batch
-    )
+async def rescue_stale(
+    store: base.EngineStore,
+    now: datetime,
+    settings: Settings,
+    *,
+    observed_since: datetime | None = None,
+) -> int:
+    """Suspend the tasks of executors that stopped heartbeating or went offline.
+
+    An executor is lost only after ``stale_after`` of silence the manager itself watched with
+    the database reachable: silence is counted from the later of its last heartbeat and
+    ``observed_since`` (when this manager last took the leadership or got the database back).
+    Until the manager has watched that long, only executors that went offline (or whose row is
+    gone) are rescued: after an outage every heartbeat looks old, and the executors that
+    outlived it need a heartbeat interval to show they are alive.
+
+    Args:
+        store: the engine store.
+        now: the current time.
+        settings: the duties' tunables (``stale_after``, ``batch``).
+        observed_since: when the manager's current, unbroken view of the database began
+            (None: always watched, as in tests that call ``tick`` directly).
+    """
+    silent_since: datetime | None = now - settings.stale_after
+    if observed_since is not None and silent_since is not None and observed_since > silent_since:
+        silent_since = None  # not watched long enough: no executor is silent for stale_after
+    return await store.suspend_stale(now=now, silent_since=silent_since, limit=settings.batch)
 
 
 async def requeue_suspended(store: base.EngineStore, now: datetime, settings: Settings) -> int:

@@ -285,7 +285,9 @@ class EngineStore(TaskStore, Protocol):
         """Return tasks past a deadline."""
         ...
 
-    async def suspend_stale(self, *, now: datetime, silent_since: datetime, limit: int) -> int:
+    async def suspend_stale(
+        self, *, now: datetime, silent_since: datetime | None, limit: int
+    ) -> int:
         """Suspend tasks of silent or offline executors."""
         ...
 

@@ -122,6 +122,49 @@ def _translate() -> Any:
         raise errors.StoreError(f"database error: {exc}") from exc
 
 
+_LOST = (
+    OSError,  # refused, reset, timed out
+    asyncpg.PostgresConnectionError,  # 08xxx: the connection does not exist or failed
+    asyncpg.exceptions.AdminShutdownError,  # 57P01: pg_terminate_backend, a fast shutdown
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: the server is starting or stopping
+    asyncpg.InterfaceError,  # the connection was closed in the middle of an operation
+    asyncpg.InternalClientError,
+)
+"""Errors after which the connection (and likely its pool mates) is gone."""
+
+SAFE_QUERIES = frozenset(
+    {
+        "get_task",
+        "task_owners",
+        "task_json",
+        "get_notification",
+        "find_token",
+        "list_tokens",
+        "top",
+        "metrics",
+        "events_after",
+        "event_cursor",
+        "latest_event_cursor",
+        "task_status",
+        "orphans",
+        "overdue",
+        "health",
+        "heartbeat",  # sets the same heartbeat_at again; an extra heartbeat event is harmless
+    }
+)
+"""Queries tried once more on a fresh connection when the connection is lost under them: they
+read, or write what writing twice leaves the same. Other writes are not, since whether they
+committed is unknown; their callers decide."""
+
+
+def connection_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or the driver error behind a StoreError) means a lost connection."""
+    if isinstance(exc, errors.StoreError):
+        exc = exc.__cause__
+    return isinstance(exc, _LOST)
+
+
 def _detail(exc: asyncpg.PostgresError) -> str | None:
     detail = getattr(exc, "detail", None)
     return str(detail) if detail else None
@@ -233,13 +276,36 @@ class PostgresTaskStore(base.TaskStore):
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        with _translate():
-            async with self.pool.acquire() as connection:
-                yield connection
+        try:
+            with _translate():
+                async with self.pool.acquire() as connection:
+                    yield connection
+        except errors.StoreError as exc:
+            if connection_lost(exc):
+                # A connection the server dropped is closed by the pool at release; the others
+                # likely went with it (a restart, a failover): each is replaced at its next use
+                # rather than failing its next caller.
+                await self.pool.expire_connections()
+            raise
+
+    async def _safe(self, query: str, method: str, *args: Any) -> Any:
+        """Run ``connection.<method>(query, *args)``.
+
+        A safe query is tried twice if the connection is lost under it (see
+        :data:`SAFE_QUERIES`).
+        """
+        tries = 2 if query in SAFE_QUERIES else 1
+        for attempt in range(tries):
+            try:
+                async with self._connection() as connection:
+                    return await getattr(connection, method)(QUERIES[query], *args)
+            except errors.StoreError as exc:
+                if attempt + 1 == tries or not connection_lost(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _fetchrow(self, query: str, *args: Any) -> Row | None:
-        async with self._connection() as connection:
-            return _row(await connection.fetchrow(QUERIES[query], *args))
+        return _row(await self._safe(query, "fetchrow", *args))
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -322,8 +388,7 @@ class PostgresTaskStore(base.TaskStore):
 
     async def task_owners(self, ids: Sequence[str]) -> dict[str, str | None]:
         """Return ``{id: user_id}`` for those of ``ids`` that exist."""
-        async with self._connection() as connection:
-            records = await connection.fetch(QUERIES["task_owners"], list(ids))
+        records = await self._safe("task_owners", "fetch", list(ids))
         return {r["id"]: r["user_id"] for r in records}
 
     async def list_tasks(self, query: base.ListQuery) -> base.Page:
@@ -474,8 +539,7 @@ class PostgresTaskStore(base.TaskStore):
 
     async def list_tokens(self) -> list[Row]:
         """Return every token without its hash."""
-        async with self._connection() as connection:
-            return [dict(r) for r in await connection.fetch(QUERIES["list_tokens"])]
+        return [dict(r) for r in await self._safe("list_tokens", "fetch")]
 
     async def revoke_token(self, token_id: int, *, now: datetime) -> Row | None:
         """Revoke an active token."""
@@ -507,8 +571,7 @@ class PostgresTaskStore(base.TaskStore):
         followed afterwards (following needs the default, which waits for open transactions).
         """
         xid, event_id = cursor if cursor is not None else (None, None)
-        async with self._connection() as connection:
-            rows = await connection.fetch(QUERIES["events_after"], xid, event_id, limit, snapshot)
+        rows = await self._safe("events_after", "fetch", xid, event_id, limit, snapshot)
         return [dict(r) for r in rows]
 
     async def event_cursor(self, event_id: int | None) -> tuple[str, int] | None:
@@ -574,12 +637,10 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
     """The transitions the manager and executors make, each one guarded statement."""
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._connection() as connection:
-            return list(await connection.fetch(QUERIES[query], *args))
+        return list(await self._safe(query, "fetch", *args))
 
     async def _fetchval(self, query: str, *args: Any) -> Any:
-        async with self._connection() as connection:
-            return await connection.fetchval(QUERIES[query], *args)
+        return await self._safe(query, "fetchval", *args)
 
     # -- executors ----------------------------------------------------------------------------
 
@@ -685,7 +746,9 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         """Return tasks past their run deadline or Message wait deadline."""
         return [dict(r) for r in await self._fetch("overdue", now, limit)]
 
-    async def suspend_stale(self, *, now: datetime, silent_since: datetime, limit: int) -> int:
+    async def suspend_stale(
+        self, *, now: datetime, silent_since: datetime | None, limit: int
+    ) -> int:
         """Suspend tasks of executors silent since ``silent_since`` or offline."""
         return int(await self._fetchval("suspend_stale", now, silent_since, limit))
 

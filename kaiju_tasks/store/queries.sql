@@ -393,8 +393,8 @@ SELECT id, claim_id FROM tasks
 WHERE status = 'EXECUTED' AND executor_id = $1 AND NOT (claim_id = ANY($2::text[]));
 
 -- name: task_status
--- The status, stage and executor of the given tasks (to notice cancellations).
-SELECT id, status, stage, executor_id FROM tasks WHERE id = ANY($1::text[]);
+-- The status, stage, executor and claim of the given tasks (to notice cancellations and rescues).
+SELECT id, status, stage, executor_id, claim_id FROM tasks WHERE id = ANY($1::text[]);
 
 -- ==== engine: manager duties ===================================================================
 
@@ -478,9 +478,12 @@ WHERE (status IN ('QUEUED', 'EXECUTED', 'WAITING', 'SUSPENDED') AND exec_deadlin
 LIMIT $2;
 
 -- name: suspend_stale
--- Suspend the tasks of executors that stopped heartbeating or went offline.
+-- Suspend the tasks of executors that stopped heartbeating (before $2; NULL: none counts as
+-- silent, only offline or forgotten executors are lost) or went offline.
 -- The lost executors are found first: a join re-checked after locking could pair a task
--- just claimed by a live executor with the old executor's row.
+-- just claimed by a live executor with the old executor's row. The runs taken are told to stop
+-- ("task_id claim_id" on kaiju_tasks_cancel): an executor that is in fact alive abandons their
+-- calls at once instead of at its next heartbeat.
 WITH lost AS MATERIALIZED (
     SELECT DISTINCT t.executor_id AS id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
     WHERE t.status = 'EXECUTED'
@@ -493,13 +496,16 @@ stale AS (
 done AS (
     UPDATE tasks t SET status = 'SUSPENDED', status_change = $1
     FROM stale WHERE t.id = stale.id
-    RETURNING t.id, t.job_id, t.stage, t.executor_id),
+    RETURNING t.id, t.job_id, t.stage, t.executor_id, t.claim_id),
 ev AS (
     INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
     SELECT 'task-suspended', id, job_id, 'SUSPENDED', stage, executor_id, $1,
            '{"reason": "executor lost"}'::jsonb
-    FROM done)
-SELECT count(*) FROM done;
+    FROM done),
+stop AS (
+    SELECT pg_notify('kaiju_tasks_cancel', id || ' ' || claim_id) FROM done
+    WHERE claim_id IS NOT NULL)
+SELECT count(*) FROM done, (SELECT count(*) FROM stop) s;
 
 -- name: requeue_suspended
 -- Queue SUSPENDED tasks again at the stage they were on (results and job_id kept).

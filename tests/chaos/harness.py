@@ -1,0 +1,123 @@
+"""Load and bookkeeping shared by the fault tests: a JSON-RPC target that counts its calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from kaiju_tasks import Task, TaskCommand
+from kaiju_tasks.store import migrate
+
+APP = "chaos"
+
+
+class CountingTarget:
+    """A JSON-RPC app on loopback; counts the calls of each request id and when they ended."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.url = ""
+        self.calls: Counter[str] = Counter()
+        self.done_at: list[float] = []  # monotonic times of answered calls
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.calls[body["id"]] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.done_at.append(time.monotonic())
+        params = body.get("params") or {}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": params})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/rpc", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/rpc"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def twice(self) -> dict[str, int]:
+        """Request ids called more than once."""
+        return {rid: n for rid, n in self.calls.items() if n > 1}
+
+
+@contextlib.asynccontextmanager
+async def counting_target(delay: float = 0.0) -> AsyncIterator[CountingTarget]:
+    """A started :class:`CountingTarget`."""
+    target = CountingTarget(delay)
+    await target.start()
+    try:
+        yield target
+    finally:
+        await target.close()
+
+
+def three_stage_task(n: int) -> Task:
+    """A task of three remote stages, each reading the previous one's result."""
+    return Task(
+        app=APP,
+        commands=[
+            TaskCommand(method="chaos.a", params={"n": n}),
+            TaskCommand(method="chaos.b", params={"n": "[0.n]"}),
+            TaskCommand(method="chaos.c", params={"n": "[1.n]"}),
+        ],
+    )
+
+
+async def migrated_database(server_dsn: str, name: str = "kaiju") -> str:
+    """Create database ``name`` on the server of ``server_dsn``, migrate it, return its DSN."""
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    dsn = server_dsn.rsplit("/", 1)[0] + f"/{name}"
+    await migrate.migrate(dsn)
+    return dsn
+
+
+async def counts(dsn: str) -> dict[str, int]:
+    """Tasks by status, read on a connection of its own (None while the server is down)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+    finally:
+        await connection.close()
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def all_finished(dsn: str, total: int) -> bool:
+    """Whether ``total`` tasks exist and all are FINISHED (False while unreachable)."""
+    try:
+        by_status = await counts(dsn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    return by_status.get("FINISHED", 0) == total and sum(by_status.values()) == total
+
+
+def stage_calls(target: CountingTarget, task_ids: list[str]) -> dict[str, int]:
+    """Calls per task id (each task makes three when every stage ran once)."""
+    per_task: Counter[str] = Counter()
+    for rid, n in target.calls.items():
+        per_task[rid.rsplit(":", 3)[0]] += n
+    return {t: per_task[t] for t in task_ids}
+
+
+def result_of(row: Any) -> Any:
+    """The last stage's result of a finished three-stage task."""
+    return row["result"][-1]
