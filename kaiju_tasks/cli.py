@@ -9,9 +9,10 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(
                 settings,
                 "kaiju-tasks-executor",
-                lambda dsn, store: _executor(settings, args, dsn, store),
+                lambda dsn, store: _executor(settings, args, dsn, store, sources),
             )
         if args.command == "manager":
             return _serve(
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token(settings, args)
         if args.command == "run":
-            return _run(settings, args)
+            return _run(settings, args, sources)
         if args.command in ("task", "notifications"):
             return _task(settings, args)
         if args.command == "top":
@@ -296,19 +297,27 @@ def _pick(given: Any, configured: Any) -> Any:
 
 
 def _executor(
-    settings: config.Settings, args: argparse.Namespace, dsn: str, store: Any
+    settings: config.Settings,
+    args: argparse.Namespace,
+    dsn: str,
+    store: Any,
+    sources: Mapping[str, str],
 ) -> Executor:
-    apps, urls = _apps(settings, args.app)
+    apps, urls = _apps(settings, args.app, sources)
     return _build_executor(settings, store, dsn, apps, _load_methods(args.methods), urls, args)
 
 
-def _apps(settings: config.Settings, specs: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+def _apps(
+    settings: config.Settings, specs: Sequence[str], sources: Mapping[str, str]
+) -> tuple[list[str], dict[str, str]]:
     """App names to serve and their URLs.
 
-    ``--app NAME[=URL]`` options, else ``[executor] apps``; URLs from ``[apps]``, overridden
-    by the options.
+    ``--app NAME[=URL]`` options, else ``[executor] apps`` when it is set; else ``default`` and
+    every app ``[apps]`` gives a URL. URLs from ``[apps]``, overridden by the options.
     """
     configured = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
+    if "executor.apps" not in sources:  # not set: the apps with a URL are served too
+        configured += [name for name in settings.apps if name not in configured]
     apps: list[str] = []
     urls = dict(settings.apps)
     for spec in specs or configured:
@@ -417,8 +426,6 @@ class _HttpServer:
     async def __aenter__(self) -> _HttpServer:
         from aiohttp import web
 
-        if self.metrics is not None:
-            await self.metrics.start()
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
@@ -428,6 +435,8 @@ class _HttpServer:
             raise errors.ConfigError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
+        if self.metrics is not None:
+            await self.metrics.start()
         host, port = self._runner.addresses[0][:2]  # the real port when 0 was asked for
         self.url = f"http://{host}:{port}/public/rpc"
         print(f"kaiju-tasks API on {self.url}", flush=True)
@@ -440,9 +449,14 @@ class _HttpServer:
             await self.metrics.stop()
 
 
+HEALTH_UNSERVED = 20
+"""Most apps ``/health`` lists under ``unserved_apps``."""
+
+
 def _api(
     store: Any, registry: methods.Methods, settings: config.Settings, metrics: Any = None
 ) -> Any:
+    from kaiju_tasks import monitor
     from kaiju_tasks.rpc import server as rpc_server
 
     async def health() -> dict[str, Any]:
@@ -451,6 +465,12 @@ def _api(
 
         result: dict[str, Any] = await store.health(alive_since=now - ALIVE_WITHIN)
         result["status"] = "ok" if result["leader"] else "degraded"
+        result["unserved_apps"] = [
+            {"app": u["app"], "queued": u["queued"], "waiting_s": round(u["waiting_s"], 1)}
+            for u in await monitor.unserved_apps(
+                store.pool, now=now, alive_since=now - ALIVE_WITHIN, limit=HEALTH_UNSERVED
+            )
+        ]
         return result
 
     server = settings.server
@@ -551,9 +571,88 @@ def _token(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 RUN_TOKEN_NAME = "kaiju-tasks run"
+RUN_TOKEN_DIR = "run-tokens"
+"""Directory, under the per-user state directory, where ``run`` keeps its system tokens."""
 
 
-def _run(settings: config.Settings, args: argparse.Namespace) -> int:
+def run_token_path(dsn: str, state_dir: Path | None = None) -> Path:
+    """The file where ``kaiju-tasks run`` keeps its system token for the database ``dsn``.
+
+    One file per database (named by a digest of the DSN without its password), in
+    ``$XDG_STATE_HOME/kaiju-tasks/run-tokens`` (``~/.local/state/kaiju-tasks/run-tokens``).
+
+    Args:
+        dsn: the database ``run`` uses (the embedded server's DSN names its data directory).
+        state_dir: the per-user state directory (default: platformdirs' ``user_state_path``).
+    """
+    import hashlib
+    from urllib.parse import urlsplit, urlunsplit
+
+    import platformdirs
+
+    key = dsn
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(dsn)
+        if parts.password is not None:  # a changed password is still the same database
+            userinfo, _, host = parts.netloc.rpartition("@")
+            key = urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{host}"))
+    digest = hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()[:16]
+    base = state_dir or platformdirs.user_state_path("kaiju-tasks")
+    return base / RUN_TOKEN_DIR / f"{digest}.token"
+
+
+def _read_private(path: Path) -> str | None:
+    """The text of ``path`` if it exists, is ours and only we may read it; else None."""
+    try:
+        st = path.stat()
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            logger.warning(
+                "Saved run token ignored: others may read its file",
+                extra={"event": "run_token_ignored", "path": str(path)},
+            )
+            return None
+        return path.read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (mode 0600, its directory 0700), replacing it atomically."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+
+
+async def run_token(tokens: TokenService, dsn: str) -> tuple[str, Path, bool]:
+    """The system token ``run`` prints: the saved one while it works, else a new one.
+
+    The saved token is used again if the database still knows it, unrevoked, as a system
+    token; otherwise a new system token (user ``admin``, named ``kaiju-tasks run``) is created
+    and saved in :func:`run_token_path`. No token is ever revoked here.
+
+    Returns:
+        The token, the file it is kept in, and whether it was reused.
+    """
+    path = run_token_path(dsn)
+    saved = _read_private(path)
+    if saved is not None:
+        try:
+            if (await tokens.authenticate(saved)).is_system:
+                return saved, path, True
+        except errors.NotAuthorized:
+            pass  # revoked or from another database: make a new one
+    created = await tokens.create("admin", ["system"], RUN_TOKEN_NAME)
+    _write_private(path, created["token"])
+    return created["token"], path, False
+
+
+def _run(settings: config.Settings, args: argparse.Namespace, sources: Mapping[str, str]) -> int:
     """Everything in one process, until Ctrl-C."""
 
     async def serve(dsn: str) -> None:
@@ -561,7 +660,7 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
 
         await migrate.migrate(dsn)
         registry = _load_methods(args.methods)
-        apps, urls = _apps(settings, args.app)
+        apps, urls = _apps(settings, args.app, sources)
         if args.demo:
             demo.register(registry)
             for name in registry:
@@ -570,11 +669,6 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
             if demo.APP not in apps:
                 apps.append(demo.APP)
         async with engine_store(settings, dsn, "kaiju-tasks-run") as store:
-            tokens = TokenService(store)
-            for old in await tokens.list():  # one live token per `run`, not one per start
-                if old["name"] == RUN_TOKEN_NAME and old["revoked_at"] is None:
-                    await tokens.revoke(old["id"])
-            token = await tokens.create("admin", ["system"], RUN_TOKEN_NAME)
             from kaiju_tasks.metrics import Metrics
 
             metrics = Metrics(store, dsn)
@@ -591,21 +685,26 @@ def _run(settings: config.Settings, args: argparse.Namespace) -> int:
                 args.port if args.port is not None else settings.server.port,
                 metrics,
             )
-            async with manager, executor, http:
-                print(f"system token: {token['token']}", flush=True)
-                if args.demo:
-                    task = await demo.submit(TaskService(store))
-                    print(
-                        f"demo task {task['id']} submitted; follow it with:\n"
-                        f"  curl -s {http.url} -H 'Authorization: Bearer {token['token']}' "
-                        f'-d \'{{"jsonrpc": "2.0", "id": 1, "method": "tasks.get", '
-                        f'"params": {{"id": "{task["id"]}", "columns": '
-                        f'["status", "stage", "result"]}}}}\'',
-                        flush=True,
-                    )
-                print("kaiju-tasks running; Ctrl-C stops", flush=True)
-                await stop.wait()
-                print("stopping", flush=True)
+            # The port first: a start that cannot listen (another `run` has it) leaves tokens,
+            # executors and tasks as they were.
+            async with http:
+                token, token_file, _ = await run_token(TokenService(store), dsn)
+                async with manager, executor:
+                    print(f"system token: {token}", flush=True)
+                    print(f"system token file: {token_file} (the next start reuses it)", flush=True)
+                    if args.demo:
+                        task = await demo.submit(TaskService(store))
+                        print(
+                            f"demo task {task['id']} submitted; follow it with:\n"
+                            f"  curl -s {http.url} -H 'Authorization: Bearer {token}' "
+                            f'-d \'{{"jsonrpc": "2.0", "id": 1, "method": "tasks.get", '
+                            f'"params": {{"id": "{task["id"]}", "columns": '
+                            f'["status", "stage", "result"]}}}}\'',
+                            flush=True,
+                        )
+                    print("kaiju-tasks running; Ctrl-C stops", flush=True)
+                    await stop.wait()
+                    print("stopping", flush=True)
 
     with database(settings) as dsn:
         asyncio.run(serve(dsn))
@@ -637,7 +736,9 @@ def _task(settings: config.Settings, args: argparse.Namespace) -> int:
                 )
             command = args.task_command
             if command == "create":
-                return await tasks.create(_json_arg(args.data, "data"))
+                created = await tasks.create(_json_arg(args.data, "data"))
+                await _warn_unserved(store, created)
+                return created
             if command == "get":
                 columns = args.columns.split(",") if args.columns else None
                 return await tasks.get(args.id, columns)
@@ -678,6 +779,27 @@ def _task(settings: config.Settings, args: argparse.Namespace) -> int:
             shown = value if isinstance(value, str) or value is None else json.dumps(value)
             print(f"{key:<{width}}  {shown}")
     return 0
+
+
+async def _warn_unserved(store: Any, created: Any) -> None:
+    """Warn on stderr about each created task's app that no live executor serves."""
+    from kaiju_tasks import monitor
+    from kaiju_tasks.metrics import ALIVE_WITHIN
+
+    rows = created if isinstance(created, list) else [created]
+    apps = sorted({r["app_name"] for r in rows if isinstance(r, dict) and r.get("app_name")})
+    if not apps:
+        return
+    now = SystemClock().now()
+    served = await monitor.served_apps(store.pool, alive_since=now - ALIVE_WITHIN)
+    for app in apps:
+        if app not in served:
+            print(
+                f"kaiju-tasks: warning: no live executor serves app {app!r}: its tasks stay "
+                "queued until one does, and fail when their deadline passes; start one with "
+                f"`kaiju-tasks executor --app {shlex.quote(app)}`",
+                file=sys.stderr,
+            )
 
 
 def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -754,13 +876,19 @@ def _events(settings: config.Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+TOP_UNSERVED = 10
+"""Most apps ``top`` names in its warning about apps no live executor serves."""
+
+
 def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     """Render a ``top`` snapshot as rich tables."""
     from datetime import datetime
 
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
+    from kaiju_tasks import monitor
     from kaiju_tasks.metrics import ALIVE_WITHIN
 
     def ago(value: str | None) -> str:
@@ -802,7 +930,18 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
         counts.add_column(column)
     for c in snapshot["counts"]:
         counts.add_row(c["app_name"], c["status"], str(c["n"]))
-    return Group(workers, tasks, counts)
+    queued = {c["app_name"]: c["n"] for c in snapshot["counts"] if c["status"] == "QUEUED"}
+    lost = monitor.unserved(queued, snapshot["workers"], alive_since=now - ALIVE_WITHIN)
+    if not lost:
+        return Group(workers, tasks, counts)
+    named = ", ".join(f"{app} ({queued[app]} queued)" for app in lost[:TOP_UNSERVED])
+    more = f" and {len(lost) - TOP_UNSERVED} more" if len(lost) > TOP_UNSERVED else ""
+    warning = Text(
+        f"no live executor serves {'app' if len(lost) == 1 else 'apps'} {named}{more}: "
+        "their tasks wait, then fail at their deadline",
+        style="bold yellow",
+    )
+    return Group(warning, workers, tasks, counts)
 
 
 def _top(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Prometheus metrics (``GET /metrics``), from the database and the live event stream.
 
 Gauges are read from PostgreSQL at each scrape (tasks by status and app, the age of the oldest
-QUEUED task by app, live executors, events written); the stage duration histogram by method is
+QUEUED task by app, QUEUED tasks of apps no live executor serves, live executors, events
+written); the stage duration histogram by method is
 fed by an EventReceiver from the events executors write, counted since this process started.
 
 Label sets are bounded, so that no number of distinct apps or methods can grow a scrape:
@@ -101,6 +102,18 @@ class _Snapshot(Collector):
         for app, seconds in lags.items():
             lag.add_metric([app], seconds)
         yield lag
+        unserved: dict[str, int] = {}
+        for item in self.data.get("unserved", []):
+            app = labels.get(item["app"], OTHER)
+            unserved[app] = unserved.get(app, 0) + int(item["queued"])
+        gauge = GaugeMetricFamily(
+            "kaiju_tasks_unserved_tasks",
+            "QUEUED tasks of apps that no live executor serves (they wait, then time out)",
+            labels=["app"],
+        )
+        for app, count in unserved.items():
+            gauge.add_metric([app], count)
+        yield gauge
         yield GaugeMetricFamily(
             "kaiju_tasks_executors_alive",
             "Executors heard from lately",
@@ -170,9 +183,13 @@ class Metrics:
         """The Prometheus text exposition of every metric."""
         now = self.clock.now()
         row = await self.store.metrics(now=now, alive_since=now - ALIVE_WITHIN)
+        unserved = await monitor.unserved_apps(
+            self.store.pool, now=now, alive_since=now - ALIVE_WITHIN, limit=None
+        )
         self._snapshot.data = {
             "tasks": _json(row["tasks"]),
             "lag": _json(row["lag"]),
+            "unserved": unserved,
             "executors": row["executors"],
             "events": row["events"],
         }

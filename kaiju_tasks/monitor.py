@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -276,6 +276,82 @@ class State:
                     return count
         finally:
             await pool.close()
+
+
+# -- apps nobody serves ------------------------------------------------------------------------
+
+UNSERVED_LIMIT = 100
+"""Most apps :func:`unserved_apps` returns (the longest waiting first)."""
+
+# Apps with QUEUED tasks that no live executor serves (executors.apps lists the apps each one
+# claims): $1 = now, $2 = heard-since for a live executor, $3 = most apps. One pass over the
+# queue's partial index, then a lookup in the few live executors.
+_UNSERVED_APPS = """
+WITH served AS (
+    SELECT DISTINCT unnest(apps) AS app FROM executors
+    WHERE stopped_at IS NULL AND heartbeat_at > $2),
+queued AS (
+    SELECT app_name, count(*) AS queued, min(queued_at) AS oldest
+    FROM tasks WHERE status = 'QUEUED' GROUP BY 1)
+SELECT q.app_name AS app, q.queued,
+       greatest(extract(epoch FROM $1::timestamptz - q.oldest)::float8, 0) AS waiting_s
+FROM queued q
+WHERE NOT EXISTS (SELECT 1 FROM served s WHERE s.app = q.app_name)
+ORDER BY q.oldest, q.app_name
+LIMIT $3
+"""
+
+_SERVED_APPS = """
+SELECT DISTINCT unnest(apps) AS app FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $1
+"""
+
+
+def alive(worker: Mapping[str, Any], *, alive_since: datetime) -> bool:
+    """Whether an executor row (``stopped_at``, ``heartbeat_at``) counts as live."""
+    heartbeat = worker.get("heartbeat_at")
+    if isinstance(heartbeat, str):
+        heartbeat = datetime.fromisoformat(heartbeat)
+    return worker.get("stopped_at") is None and heartbeat is not None and heartbeat > alive_since
+
+
+def unserved(
+    queued: Mapping[str, int], workers: Iterable[Mapping[str, Any]], *, alive_since: datetime
+) -> list[str]:
+    """Apps with queued tasks (``app -> count``) that no live executor among ``workers`` serves.
+
+    The pure form of :func:`unserved_apps`, for views that read the queue and the executors
+    already (``kaiju-tasks top``, the dashboard's overview). Sorted by name.
+    """
+    served = {
+        app for w in workers if alive(w, alive_since=alive_since) for app in w.get("apps") or ()
+    }
+    return sorted(app for app, count in queued.items() if count and app not in served)
+
+
+async def unserved_apps(
+    pool: Any, *, now: datetime, alive_since: datetime, limit: int | None = UNSERVED_LIMIT
+) -> list[dict[str, Any]]:
+    """Apps whose tasks are QUEUED while no live executor serves them.
+
+    Such tasks wait until an executor for their app starts, and fail when their deadline
+    passes. Each item is ``{"app", "queued", "waiting_s"}`` (the oldest queued task's age),
+    the longest waiting first.
+
+    Args:
+        pool: an asyncpg pool on the database.
+        now: the time to measure waits from.
+        alive_since: an executor heard from after this (and not stopped) is live.
+        limit: most apps returned (None: all).
+    """
+    async with pool.acquire() as connection:
+        rows = await connection.fetch(_UNSERVED_APPS, now, alive_since, limit)
+    return [dict(r) for r in rows]
+
+
+async def served_apps(pool: Any, *, alive_since: datetime) -> set[str]:
+    """The apps live executors serve (heard from after ``alive_since`` and not stopped)."""
+    async with pool.acquire() as connection:
+        return {r["app"] for r in await connection.fetch(_SERVED_APPS, alive_since)}
 
 
 def format_event(event: Event, *, verbose: bool = False) -> str:

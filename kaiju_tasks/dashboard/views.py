@@ -42,7 +42,7 @@ import jinja2
 from aiohttp import web
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import conditions, errors, models, templates
+from kaiju_tasks import conditions, errors, models, monitor, templates
 from kaiju_tasks.dashboard.data import TIMELINE_LIMIT, DashboardData, EventHub
 from kaiju_tasks.rpc.server import bearer_token
 from kaiju_tasks.service import TaskService, TokenService
@@ -809,17 +809,19 @@ async def _overview(request: web.Request, auth: Auth) -> web.StreamResponse:
     context: dict[str, Any] = {"allowed": caller.views_all}
     if caller.views_all:
         series = await dashboard.data.throughput(now)
+        queues = await dashboard.data.queues(now)
+        workers = await dashboard.data.workers(now - ALIVE_WITHIN)
+        lost = monitor.unserved(
+            {q["app_name"]: q["queued"] for q in queues}, workers, alive_since=now - ALIVE_WITHIN
+        )
         context.update(
             series=series,
             chart=_chart(series),
-            queues=await dashboard.data.queues(now),
+            queues=queues,
+            unserved=[q for q in queues if q["app_name"] in lost],
             counts=await dashboard.data.status_counts(),
             statuses=STATUSES,
-            alive=sum(
-                1
-                for w in await dashboard.data.workers(now - ALIVE_WITHIN)
-                if w["stopped_at"] is None
-            ),
+            alive=sum(1 for w in workers if w["stopped_at"] is None),
         )
     return _render(request, "overview.html", context, auth=auth)
 

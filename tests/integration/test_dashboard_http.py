@@ -658,3 +658,28 @@ async def test_the_favicon_is_served_where_pages_link_it_and_where_browsers_look
         assert response.status == 200, path
         assert response.headers["Content-Type"] == "image/svg+xml", path
         assert (await response.text()).startswith("<svg"), path
+
+
+async def test_the_overview_names_apps_with_queued_tasks_and_no_live_executor(
+    client: Client, sessions: dict[str, str], store: postgres.PostgresEngineStore
+) -> None:
+    from kaiju_tasks.clock import SystemClock
+
+    await _create(store, Task(app="billing", commands=[TaskCommand(method="b")]))
+    await _create(store, _task())
+    now = SystemClock().now()
+    await store.register_executor("shop-ex", apps=["shop"], host="h", pid=1, concurrency=1, now=now)
+    page = await (await client.get("/", headers=_cookie(sessions["system"]))).text()
+    (box,) = re.findall(r'<section class="unserved".*?</section>', page, re.S)
+    assert "billing</a>: 1 queued" in box
+    assert "shop" not in box
+    # an executor for billing comes online: the warning goes
+    await store.register_executor(
+        "billing-ex", apps=["billing"], host="h", pid=2, concurrency=1, now=now
+    )
+    page = await (await client.get("/", headers=_cookie(sessions["system"]))).text()
+    assert 'data-testid="unserved"' not in page
+    # a stopped executor serves nothing
+    await store.executor_stopped("billing-ex", now=SystemClock().now())
+    page = await (await client.get("/", headers=_cookie(sessions["system"]))).text()
+    assert 'data-testid="unserved"' in page

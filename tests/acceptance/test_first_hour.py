@@ -1,0 +1,197 @@
+"""What a new user meets first, as subprocesses: ``run``'s token, unserved apps, quiet commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.acceptance.test_cli import Running, cli, post
+
+pytestmark = pytest.mark.timeout(180)
+
+LIST = {"jsonrpc": "2.0", "id": 1, "method": "tasks.list", "params": {"columns": ["id"]}}
+
+
+def _query(dsn, sql, *args):
+    async def run():
+        connection = await asyncpg.connect(dsn)
+        try:
+            return await connection.fetch(sql, *args)
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
+
+
+def _run_tokens(dsn):
+    rows = json.loads(cli("--dsn", dsn, "token", "list", "--json").stdout)
+    return [r for r in rows if r["name"] == "kaiju-tasks run"]
+
+
+def test_a_second_run_on_a_busy_port_changes_nothing(dsn, tmp_path):
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    first = Running("--dsn", dsn, "run", "--port", "0", env=state)
+    try:
+        url = first.wait_for("kaiju-tasks API on ")
+        token = first.wait_for("system token: ")
+        first.wait_for("kaiju-tasks running")
+        port = url.split("//")[1].split("/")[0].rsplit(":", 1)[1]
+        executors_before = _query(dsn, "SELECT id FROM executors")
+        second = cli("--dsn", dsn, "run", "--port", port, env=state)
+        assert second.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert "system token" not in second.stdout
+        assert "Traceback" not in second.stderr
+        # the running server still answers its printed token
+        assert "result" in post(url, LIST, token)
+        # no token revoked, none created; no executor of the failed start registered
+        assert [(t["revoked_at"], t["permissions"]) for t in _run_tokens(dsn)] == [
+            (None, ["system"])
+        ]
+        assert _query(dsn, "SELECT id FROM executors") == executors_before
+    finally:
+        first.interrupt()
+        first.close()
+
+
+def test_run_prints_the_same_token_after_a_restart_kept_in_a_private_file(dsn, tmp_path):
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    first = Running("--dsn", dsn, "run", "--port", "0", env=state)
+    try:
+        token = first.wait_for("system token: ")
+        kept = Path(first.wait_for("system token file: ").split(" (")[0])
+        first.wait_for("kaiju-tasks running")
+        assert first.interrupt() == 0
+    finally:
+        first.close()
+    assert kept.is_relative_to(tmp_path / "state" / "kaiju-tasks")
+    assert kept.read_text().strip() == token
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    again = Running("--dsn", dsn, "run", "--port", "0", env=state)
+    try:
+        url = again.wait_for("kaiju-tasks API on ")
+        assert again.wait_for("system token: ") == token
+        again.wait_for("kaiju-tasks running")
+        assert "result" in post(url, LIST, token)  # the saved token works on the new start
+        assert len(_run_tokens(dsn)) == 1
+    finally:
+        again.interrupt()
+        again.close()
+
+
+def test_run_makes_a_new_token_when_the_saved_one_was_revoked_or_is_readable_by_others(
+    dsn, tmp_path
+):
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    tokens = []
+    for step in range(3):
+        run = Running("--dsn", dsn, "run", "--port", "0", env=state)
+        try:
+            url = run.wait_for("kaiju-tasks API on ")
+            tokens.append(run.wait_for("system token: "))
+            kept = Path(run.wait_for("system token file: ").split(" (")[0])
+            run.wait_for("kaiju-tasks running")
+            assert "result" in post(url, LIST, tokens[-1])
+            assert run.interrupt() == 0
+        finally:
+            run.close()
+        if step == 0:
+            (revoked,) = _run_tokens(dsn)
+            assert cli("--dsn", dsn, "token", "revoke", str(revoked["id"])).returncode == 0
+        elif step == 1:
+            os.chmod(kept, 0o644)  # readable by others: no longer a secret
+    assert len(set(tokens)) == 3
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_text().strip() == tokens[-1]
+    by_age = sorted(_run_tokens(dsn), key=lambda t: t["id"])
+    assert [t["revoked_at"] is None for t in by_age] == [False, True, True]
+
+
+def test_task_create_warns_when_no_live_executor_serves_the_app(dsn):
+    body = json.dumps({"id": "b1", "app": "billing", "commands": [{"method": "x"}]})
+    created = cli("--dsn", dsn, "task", "create", body)
+    assert created.returncode == 0, created.stderr
+    assert "no live executor serves app 'billing'" in created.stderr
+    assert "kaiju-tasks executor --app billing" in created.stderr
+    shown = cli("--dsn", dsn, "top", "--once")
+    assert shown.returncode == 0, shown.stderr
+    assert "no live executor serves app billing (1 queued)" in shown.stdout
+    executor = Running("--dsn", dsn, "executor", "--app", "billing", "--id", "billing-ex")
+    try:
+        executor.wait_for("kaiju-tasks executor running")
+        body = json.dumps({"id": "b2", "app": "billing", "commands": [{"method": "x"}]})
+        again = cli("--dsn", dsn, "task", "create", body)
+        assert again.returncode == 0, again.stderr
+        assert "warning" not in again.stderr
+        top = cli("--dsn", dsn, "top", "--once")
+        assert "no live executor serves" not in top.stdout
+    finally:
+        executor.interrupt()
+        executor.close()
+
+
+def _executor_apps(dsn):
+    rows = _query(dsn, "SELECT apps FROM executors WHERE stopped_at IS NULL")
+    return [sorted(r["apps"]) for r in rows]
+
+
+def _get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_run_serves_the_apps_configured_with_a_url_unless_executor_apps_is_set(dsn, tmp_path):
+    # Nothing listens on port 9: the stage fails to connect, which shows the task was taken.
+    env = {
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "KAIJU_TASKS_APPS_ORDERS": "http://127.0.0.1:9/public/rpc",
+    }
+    run = Running("--dsn", dsn, "run", "--port", "0", env=env)
+    try:
+        url = run.wait_for("kaiju-tasks API on ")
+        token = run.wait_for("system token: ")
+        run.wait_for("kaiju-tasks running")
+        assert _executor_apps(dsn) == [["default", "orders"]]
+        create: dict[str, Any] = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tasks.create",
+            "params": {"data": {"id": "o1", "app": "orders", "commands": [{"method": "o.x"}]}},
+        }
+        assert post(url, create, token)["result"]["status"] == "QUEUED"
+        get = {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": "o1"}}
+        deadline = time.monotonic() + 60
+        while post(url, get, token)["result"]["status"] in ("QUEUED", "EXECUTED"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "127.0.0.1:9" in json.dumps(post(url, get, token)["result"]["error"])
+        assert run.interrupt() == 0
+    finally:
+        run.close()
+    env["KAIJU_TASKS_EXECUTOR_APPS"] = "default"  # given explicitly: exactly these
+    run = Running("--dsn", dsn, "run", "--port", "0", env=env)
+    try:
+        url = run.wait_for("kaiju-tasks API on ")
+        token = run.wait_for("system token: ")
+        run.wait_for("kaiju-tasks running")
+        assert _executor_apps(dsn) == [["default"]]
+        create["params"]["data"]["id"] = "o2"
+        assert post(url, create, token)["result"]["status"] == "QUEUED"
+        health = json.loads(_get(url.replace("/public/rpc", "/health")))
+        assert [u["app"] for u in health["unserved_apps"]] == ["orders"]
+        metrics = _get(url.replace("/public/rpc", "/metrics"))
+        assert 'kaiju_tasks_unserved_tasks{app="orders"} 1.0' in metrics
+        assert run.interrupt() == 0
+    finally:
+        run.close()

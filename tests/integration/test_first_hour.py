@@ -1,0 +1,70 @@
+"""Apps with queued tasks and no live executor, as /health, /metrics and monitor report them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from kaiju_tasks import Task, TaskCommand, config, methods, monitor
+from kaiju_tasks.cli import _api
+from kaiju_tasks.clock import SystemClock
+from kaiju_tasks.metrics import ALIVE_WITHIN, Metrics
+from kaiju_tasks.service import TaskService
+from kaiju_tasks.store import postgres
+
+
+async def _queue(store: postgres.PostgresEngineStore, app: str, count: int = 1) -> None:
+    for _ in range(count):
+        await TaskService(store).create(Task(app=app, commands=[TaskCommand(method="m")]))
+
+
+def test_unserved_is_what_no_live_executor_serves() -> None:
+    now = SystemClock().now()
+    since = now - ALIVE_WITHIN
+    workers: list[dict[str, Any]] = [
+        {"apps": ["a"], "heartbeat_at": now.isoformat(), "stopped_at": None},
+        {"apps": ["b"], "heartbeat_at": now, "stopped_at": now},  # stopped
+        {"apps": ["c"], "heartbeat_at": since - timedelta(seconds=1), "stopped_at": None},  # silent
+    ]
+    queued = {"a": 1, "b": 2, "c": 3, "d": 0}
+    assert monitor.unserved(queued, workers, alive_since=since) == ["b", "c"]
+
+
+async def test_unserved_apps_and_served_apps_read_the_executors_table(
+    store: postgres.PostgresEngineStore,
+) -> None:
+    await _queue(store, "billing", 2)
+    await _queue(store, "orders")
+    now = SystemClock().now()
+    since = now - ALIVE_WITHIN
+    assert [
+        (u["app"], u["queued"])
+        for u in await monitor.unserved_apps(store.pool, now=now, alive_since=since)
+    ] == [("billing", 2), ("orders", 1)]
+    await store.register_executor(
+        "ex", apps=["orders", "other"], host="h", pid=1, concurrency=1, now=now
+    )
+    unserved = await monitor.unserved_apps(store.pool, now=now, alive_since=since)
+    assert [u["app"] for u in unserved] == ["billing"]
+    assert unserved[0]["waiting_s"] >= 0
+    assert await monitor.served_apps(store.pool, alive_since=since) == {"orders", "other"}
+    await store.executor_stopped("ex", now=now)
+    assert await monitor.served_apps(store.pool, alive_since=since) == set()
+    assert len(await monitor.unserved_apps(store.pool, now=now, alive_since=since, limit=1)) == 1
+
+
+async def test_health_and_metrics_show_apps_nobody_serves(
+    store: postgres.PostgresEngineStore, dsn: str
+) -> None:
+    await _queue(store, "billing", 3)
+    await _queue(store, "orders")
+    await store.register_executor(
+        "ex", apps=["orders"], host="h", pid=1, concurrency=1, now=SystemClock().now()
+    )
+    api = _api(store, methods.Methods(), config.Settings())
+    health = await api.health()
+    assert [(u["app"], u["queued"]) for u in health["unserved_apps"]] == [("billing", 3)]
+    metrics = Metrics(store, dsn)
+    text = (await metrics.render()).decode()
+    assert 'kaiju_tasks_unserved_tasks{app="billing"} 3.0' in text
+    assert 'kaiju_tasks_unserved_tasks{app="orders"}' not in text
