@@ -68,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-path", type=Path, help="configuration file (highest file layer)")
     parser.add_argument("--dsn", help="PostgreSQL DSN (overrides [database] dsn)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    parser.add_argument(
+        "--log-level",
+        help="DEBUG, INFO, WARNING, ERROR, CRITICAL (default [logging] level; WARNING for "
+        "migrate, token, task, notifications, events, top and config)",
+    )
     parser.add_argument("--log-format", choices=["text", "json"], help="log record format")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="apply pending database migrations")
@@ -213,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_COMMANDS = frozenset({"migrate", "token", "task", "notifications", "events", "top", "config"})
+"""Short commands: they log at :data:`QUIET_LEVEL` unless ``--log-level`` is given."""
+QUIET_LEVEL = "WARNING"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -224,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "logging": {"level": args.log_level, "format": args.log_format},
             },
         )
-        logs.configure(settings.logging.level, settings.logging.format)
+        level = settings.logging.level
+        if args.log_level is None and args.command in QUIET_COMMANDS:
+            level = QUIET_LEVEL  # short commands speak only of trouble, as git and psql do
+        logs.configure(level, settings.logging.format)
         limits.configure(settings.limits)
         if args.command == "migrate":
             return _migrate(settings)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,37 @@ def test_run_serves_the_apps_configured_with_a_url_unless_executor_apps_is_set(d
         assert run.interrupt() == 0
     finally:
         run.close()
+
+
+@pytest.fixture
+def embedded_env():
+    """Settings that make the CLI start its own embedded server in a fresh directory."""
+    # Under /tmp, open to traverse: run as root, the server runs as another user.
+    data_dir = tempfile.mkdtemp(prefix="kaiju-tasks-quiet-", dir="/tmp")
+    os.chmod(data_dir, 0o755)
+    yield {"KAIJU_TASKS_DATABASE_DSN": "", "KAIJU_TASKS_EMBEDDED_DIR": str(Path(data_dir) / "pg")}
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_short_commands_are_quiet_unless_asked(embedded_env, empty_dsn):
+    env = embedded_env
+    migrated = cli("migrate", env=env, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stderr == ""
+    body = json.dumps({"id": "q1", "commands": [{"method": "x"}]})
+    for args in (("task", "list"), ("token", "list"), ("notifications", "list"), ("config",)):
+        quiet = cli(*args, env=env, timeout=120)
+        assert quiet.returncode == 0, quiet.stderr
+        assert quiet.stderr == "", args
+    created = cli("task", "create", body, env=env, timeout=120)
+    assert "INFO" not in created.stderr  # the warning about no executor stays
+    assert "Embedded PostgreSQL" not in created.stderr
+    shown = cli("events", "--from-start", "--limit", "1", "--timeout", "20", env=env)
+    assert shown.stderr == ""
+    loud = cli("--log-level", "INFO", "task", "list", env=env, timeout=120)
+    assert loud.returncode == 0, loud.stderr
+    assert "INFO kaiju_tasks.store.embedded: Embedded PostgreSQL" in loud.stderr
+    # on a configured database too: migrate's INFO lines only with --log-level
+    assert cli("--dsn", empty_dsn, "migrate").stderr == ""
+    again = cli("--dsn", empty_dsn, "--log-level", "info", "task", "list")
+    assert again.returncode == 0, again.stderr
