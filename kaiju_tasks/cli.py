@@ -933,7 +933,7 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
             t["id"],
             t["app_name"],
             t["status"],
-            f"{t['stage'] + 1}/{t['stages']}",
+            f"{t['stage']}/{t['stages']}",  # counted from 0, as everywhere
             t["executor_id"] or "",
             ago(t["status_change"]),
         )

@@ -363,7 +363,8 @@ def format_event(event: Event, *, verbose: bool = False) -> str:
     else:
         stage = event.get("stage")
         stages = event.get("stages")
-        where = "-" if stage is None else f"{stage + 1}/{stages}" if stages else str(stage + 1)
+        # Counted from 0, as in the API, templates ([0.data]), results and errors.
+        where = "-" if stage is None else f"{stage}/{stages}" if stages else str(stage)
         line = (
             f"[{created:%Y-%m-%d %H:%M:%S}] {kind} {event.get('app_name') or '-'} "
             f"(STATUS={event.get('status')}, ID={event.get('task_id')}, STAGE={where})"

@@ -414,11 +414,15 @@ def _compact(value: Any) -> str:
 
 
 def _stage(task: Mapping[str, Any]) -> str:
+    """``stage/stages``: the stage counted from 0, as in the API and templates (``[0.data]``).
+
+    A finished task is past its last stage: ``stages/stages``.
+    """
     stages = task.get("stages") or 0
     stage = task.get("stage") or 0
     if task.get("status") == "FINISHED":
         return f"{stages}/{stages}"
-    return f"{min(stage + 1, stages)}/{stages}" if stages else "-"
+    return f"{min(stage, stages)}/{stages}" if stages else "-"
 
 
 # -- pages --------------------------------------------------------------------------------------

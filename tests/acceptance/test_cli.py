@@ -293,7 +293,7 @@ def test_events_prints_one_line_per_event(dsn):
     assert shown.returncode == 0, shown.stderr
     line = shown.stdout.strip()
     assert line.startswith("[")
-    assert line.endswith("] TASK-SENT orders (STATUS=QUEUED, ID=e1, STAGE=1/1)")
+    assert line.endswith("] TASK-SENT orders (STATUS=QUEUED, ID=e1, STAGE=0/1)")  # from 0
 
 
 def test_commands_refuse_a_database_that_needs_migrations(empty_dsn):
@@ -311,7 +311,7 @@ def test_events_limit_counts_only_the_printed_lines(dsn):
         "--dsn", dsn, "events", "--from-start", "--task", "b1", "--limit", "1", "--timeout", "20"
     )
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.strip().endswith("ID=b1, STAGE=1/1)")
+    assert shown.stdout.strip().endswith("ID=b1, STAGE=0/1)")
 
 
 def test_top_shows_executors_and_running_tasks(dsn, tmp_path):
@@ -350,7 +350,7 @@ def test_top_shows_executors_and_running_tasks(dsn, tmp_path):
         assert "top-ex" in shown.stdout
         assert "slow-top" in shown.stdout
         assert "EXECUTED" in shown.stdout
-        assert "1/1" in shown.stdout
+        assert "0/1" in shown.stdout  # stage 0 of 1, counted from 0 as in the API
         assert "online" in shown.stdout
     finally:
         release.touch()

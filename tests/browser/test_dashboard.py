@@ -223,8 +223,14 @@ async def test_task_page_stages_timeline_and_tree(page: Page, site: Site) -> Non
     facts = page.get_by_test_id("facts")
     await expect(facts).to_contain_text(parent["job_id"])
     await expect(facts).to_contain_text("0 of 0")
+    await expect(facts).to_contain_text("3/3")  # finished: past its last stage
     stages = page.get_by_test_id("stages").locator("> li")
     await expect(stages).to_have_count(3)
+    # counted from 0, as the templates count them ([0.data.id] reads "Stage 0")
+    for index, method in enumerate(("shop.list", "shop.delete", "shop.spawn")):
+        await expect(stages.nth(index).get_by_role("heading", level=3)).to_contain_text(
+            f"Stage {index}: {method}"
+        )
     second = stages.nth(1)
     await expect(second).to_contain_text("[0.data.id]")  # as written
     await expect(second.get_by_test_id("evaluated")).to_contain_text('"A-1"')  # as evaluated
@@ -232,6 +238,10 @@ async def test_task_page_stages_timeline_and_tree(page: Page, site: Site) -> Non
     timeline = page.get_by_test_id("timeline")
     for kind in ("task-sent", "task-started", "task-stage-succeeded", "task-succeeded"):
         await expect(timeline.get_by_role("cell", name=kind, exact=True).first).to_be_visible()
+    first_done = timeline.locator("tr", has_text="task-stage-succeeded").first
+    await expect(first_done.locator("td").nth(3)).to_have_text("0")  # the stage, from 0
+    succeeded = timeline.locator("tr", has_text="task-succeeded").first
+    await expect(succeeded.locator("td").nth(3)).to_have_text("2")  # its last stage
     tree_view = page.get_by_test_id("tree")
     await expect(tree_view.locator("li")).to_have_count(3)
     for child in tree["data"]:
@@ -457,10 +467,12 @@ async def test_task_page_follows_a_running_task_live(page: Page, site: Site) -> 
     await eventually(lambda: _in(site, task["id"], ("WAITING",)))
     await page.goto(f"{site.url}/tasks/{task['id']}")
     await expect(page.get_by_test_id("status")).to_have_text("WAITING")
+    await expect(page.get_by_test_id("facts")).to_contain_text("0/2")  # stage 0, as in the API
     await expect(page.locator("#live-status")).to_contain_text("live")
     await _no_reload_marker(page)
     await site.runtime.tasks.write_message(task["id"], {"from": "elsewhere"})
     await expect(page.get_by_test_id("status")).to_have_text("FINISHED", timeout=TIMEOUT)
+    await expect(page.get_by_test_id("facts")).to_contain_text("2/2")
     await expect(page.get_by_test_id("timeline")).to_contain_text("task-succeeded")
     await _assert_not_reloaded(page)
 

@@ -251,12 +251,13 @@ async def test_monitor_lines_for_the_celery_article_scenarios(
     def about(task_id):
         return [line.split("] ", 1)[1] for line in lines if f"ID={task_id}," in line]
 
+    # stages counted from 0, as in templates ([0.data]), results and errors
     assert about(happy["id"]) == [
-        f"TASK-SENT orders (STATUS=QUEUED, ID={happy['id']}, STAGE=1/2)",
-        f"TASK-RECEIVED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
-        f"TASK-STARTED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
-        f"TASK-STAGE-SUCCEEDED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=1/2)",
-        f"TASK-SUCCEEDED orders (STATUS=FINISHED, ID={happy['id']}, STAGE=2/2)",
+        f"TASK-SENT orders (STATUS=QUEUED, ID={happy['id']}, STAGE=0/2)",
+        f"TASK-RECEIVED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=0/2)",
+        f"TASK-STARTED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=0/2)",
+        f"TASK-STAGE-SUCCEEDED orders (STATUS=EXECUTED, ID={happy['id']}, STAGE=0/2)",
+        f"TASK-SUCCEEDED orders (STATUS=FINISHED, ID={happy['id']}, STAGE=1/2)",
     ]
     assert [line.split(" ")[0] for line in about(retried["id"])] == [
         "TASK-SENT",
@@ -268,7 +269,7 @@ async def test_monitor_lines_for_the_celery_article_scenarios(
         "TASK-FAILED",
     ]
     assert [line.split(" ")[0] for line in about(rejected["id"])][-1] == "TASK-REJECTED"
-    assert about("expired") == ["TASK-REVOKED orders (STATUS=FAILED, ID=expired, STAGE=1/1)"]
+    assert about("expired") == ["TASK-REVOKED orders (STATUS=FAILED, ID=expired, STAGE=0/1)"]
     assert any(line.split("] ", 1)[1].startswith("WORKER-ONLINE") for line in lines)
 
 
