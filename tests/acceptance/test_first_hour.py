@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -231,3 +234,64 @@ def test_short_commands_are_quiet_unless_asked(embedded_env, empty_dsn):
     assert cli("--dsn", empty_dsn, "migrate").stderr == ""
     again = cli("--dsn", empty_dsn, "--log-level", "info", "task", "list")
     assert again.returncode == 0, again.stderr
+
+
+def _readme_python() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## In Python", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return code
+
+
+def _readme_output() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## In Python", 1)[1].split("\n## ", 1)[0]
+    (shown,) = re.findall(r"```text\n(.*?)```", section, re.S)
+    return shown.strip()
+
+
+def test_the_readme_python_example_runs_as_written_and_again(dsn, tmp_path):
+    script = tmp_path / "orders.py"
+    script.write_text(_readme_python())
+    for _ in range(2):  # a second run creates another task, no Conflict
+        ran = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tmp_path,
+            env={**os.environ, "KAIJU_TASKS_DATABASE_DSN": dsn},
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == _readme_output()
+    rows = _query(dsn, "SELECT status FROM tasks WHERE app_name = 'orders'")
+    assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
+
+
+def test_the_guide_first_example_migrates_then_creates_a_task(empty_dsn, tmp_path):
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guide.md").read_text()
+    section = guide.split("\n## Setup", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    written = 'DSN = "postgresql://postgres@127.0.0.1:5432/postgres"'
+    assert written in code
+    script = tmp_path / "setup.py"
+    script.write_text(code.replace(written, f"DSN = {empty_dsn!r}"))  # a database with no schema
+    ran = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    task_id, status = ran.stdout.split()
+    assert status == "QUEUED"
+    assert [r["id"] for r in _query(empty_dsn, "SELECT id FROM tasks")] == [task_id]
+
+
+def test_get_and_list_return_the_columns_rpc_md_lists(dsn):
+    rpc = (Path(__file__).resolve().parents[2] / "docs" / "rpc.md").read_text()
+    listed = rpc.split("The task columns are ", 1)[1].split(". They are explained", 1)[0]
+    documented = re.findall(r"`(\w+)`", listed)
+    body = json.dumps({"id": "cols", "commands": [{"method": "x"}]})
+    assert cli("--dsn", dsn, "task", "create", body).returncode == 0
+    got = json.loads(cli("--dsn", dsn, "task", "get", "cols", "--json").stdout)
+    assert list(got) == documented
+    assert {"requeues", "claim_id"} <= set(documented)
