@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -17,6 +18,10 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NOOP = "noop"  # one no-op job per task; DONE when `expect` jobs ran
 LATENCY = "latency"  # the handler reports now - t0 (t0 = wall time just before create)
 PIPELINE = "pipeline"  # 3 chained stages; DONE when `expect` final stages ran
+# The same two over HTTP: every stage is a JSON-RPC call to bench/service.py (scenarios e, f).
+REMOTE = "remote"  # as NOOP, the stage being a `noop` call
+REMOTE_PIPELINE = "remote-pipeline"  # as PIPELINE, each stage a `step` call
+MODES = (NOOP, LATENCY, PIPELINE, REMOTE, REMOTE_PIPELINE)
 
 PIPELINE_STAGES = 3
 
@@ -89,6 +94,42 @@ class Reporter:
         self.count += 1
         if self.count == self.expect:
             self.emit(f"DONE {time.time():.6f}")
+
+
+def is_pipeline(mode: str) -> bool:
+    return mode in (PIPELINE, REMOTE_PIPELINE)
+
+
+class RpcClient:
+    """A peer handler's JSON-RPC call over HTTP, as one would write it by hand.
+
+    One ``aiohttp.ClientSession`` per worker process (its default connector: keep-alive, at most
+    100 connections), the request built as a dict and sent with ``json=``, the reply read with
+    ``response.json()``. The request is the one kaiju-tasks sends for the same stage:
+    ``{"jsonrpc": "2.0", "method": ..., "params": ..., "id": ...}``, ``params`` left out when
+    there are none.
+    """
+
+    def __init__(self, url: str) -> None:
+        import aiohttp
+
+        self.url = url
+        self.session = aiohttp.ClientSession()
+        self._ids = itertools.count(1)
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": next(self._ids)}
+        if params is not None:
+            body["params"] = params
+        async with self.session.post(self.url, json=body) as response:
+            response.raise_for_status()
+            reply = await response.json()
+        if reply.get("error") is not None:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 class System(Protocol):

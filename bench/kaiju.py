@@ -95,7 +95,7 @@ class Kaiju:
         await self._create_many(n, _pipeline_task)
 
     def done_query(self, mode: str) -> tuple[str, int]:
-        return "SELECT count(*) FROM tasks WHERE status = 'FINISHED'", 1
+        return "SELECT count(*) FROM tasks WHERE status = 'FINISHED'", 1  # a pipeline is a task
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -139,6 +139,13 @@ class _StoreTimer:
         return out
 
 
+def _local(methods: Methods, service_url: str | None, name: str) -> Callable[[Any], Any]:
+    """Register the function as method ``name``, unless the stages go to the service."""
+    if service_url:
+        return lambda fn: fn
+    return methods.register(name)  # type: ignore[no-any-return]
+
+
 async def run_worker(
     dsn: str,
     mode: str,
@@ -147,16 +154,21 @@ async def run_worker(
     *,
     concurrency: int,
     trace: bool = False,
+    service_url: str | None = None,
 ) -> None:
     methods = Methods()
+    # Remote modes: no method registered here, the app's URL configured instead, so every stage
+    # is a JSON-RPC call over HTTP to the service (what the executor does for an app of
+    # `[apps]` with a URL).
+    app_urls = {APP: service_url} if service_url else None
 
-    @methods.register("noop")
+    @_local(methods, service_url, "noop")
     def noop(t0: float | None = None) -> None:
         if t0 is not None:
             reporter.latency(t0)
         reporter.final()
 
-    @methods.register("step")
+    @_local(methods, service_url, "step")
     def step(x: int) -> dict[str, int]:
         if x == common.PIPELINE_STAGES:  # x is 1, 2, 3 at stages 0, 1, 2
             reporter.final()
@@ -172,7 +184,14 @@ async def run_worker(
         reporter.ready()
         started = time.perf_counter()
         cpu0 = time.process_time()
-        async with Executor(store, apps=[APP], methods=methods, dsn=dsn, concurrency=concurrency):
+        async with Executor(
+            store,
+            apps=[APP],
+            methods=methods,
+            app_urls=app_urls,
+            dsn=dsn,
+            concurrency=concurrency,
+        ):
             await stop.wait()
         if timer is not None:
             stats = timer.summary()

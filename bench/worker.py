@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,15 +27,19 @@ from bench import common
 WorkerFn = Callable[..., Awaitable[None]]
 
 
+SYSTEMS = ("kaiju", "pgqueuer", "pgqueuer-defaults", "procrastinate")
+
+
 def _load(system: str) -> WorkerFn:
     if system == "kaiju":
         from bench import kaiju
 
         return kaiju.run_worker
-    if system == "pgqueuer":
+    if system in ("pgqueuer", "pgqueuer-defaults"):
         from bench.peers import pgqueuer_peer
 
-        return pgqueuer_peer.run_worker
+        defaults = system == "pgqueuer-defaults"
+        return functools.partial(pgqueuer_peer.run_worker, defaults=defaults)
     if system == "procrastinate":
         from bench.peers import procrastinate_peer
 
@@ -62,7 +68,13 @@ async def _main(args: argparse.Namespace) -> None:
         profiler.start()
     try:
         await run_worker(
-            args.dsn, args.mode, reporter, stop, concurrency=args.concurrency, trace=args.trace
+            args.dsn,
+            args.mode,
+            reporter,
+            stop,
+            concurrency=args.concurrency,
+            trace=args.trace,
+            service_url=args.service_url,
         )
     finally:
         if profiler is not None:
@@ -73,11 +85,10 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("system", choices=["kaiju", "pgqueuer", "procrastinate"])
+    parser.add_argument("system", choices=SYSTEMS)
     parser.add_argument("--dsn", required=True)
-    parser.add_argument(
-        "--mode", required=True, choices=[common.NOOP, common.LATENCY, common.PIPELINE]
-    )
+    parser.add_argument("--mode", required=True, choices=common.MODES)
+    parser.add_argument("--service-url", help="remote modes: the JSON-RPC service's URL")
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--trace", action="store_true", help="time store calls (kaiju)")
@@ -85,7 +96,14 @@ def main() -> None:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
-    asyncio.run(_main(args))
+    if args.mode in (common.REMOTE, common.REMOTE_PIPELINE) and not args.service_url:
+        parser.error(f"--mode {args.mode} needs --service-url")
+    if args.system == "pgqueuer-defaults" and os.environ.get("BENCH_PGQ_UVLOOP", "1") == "1":
+        import uvloop  # what `pgq run` runs its worker on when uvloop is installed
+
+        uvloop.run(_main(args))
+    else:
+        asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,20 @@ from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, Job, PgQueuer, Queries
 
 from bench import common
 
-# One worker with at most `concurrency` (10) jobs in flight: `max_concurrent_tasks` is pgqueuer's
-# per-worker cap, and it requires max_concurrent_tasks >= 2 * batch_size, so the largest batch for
-# a cap of 10 is 5. Overrides for experiments (not used by the default run):
-#   BENCH_PGQ_BATCH_SIZE      dequeue batch size (default: concurrency // 2)
-#   BENCH_PGQ_MAX_CONCURRENT  max_concurrent_tasks (default: concurrency; 0 = unlimited)
+# Two configurations, two rows of the results:
+# - `pgqueuer`: one worker with at most `concurrency` (10) jobs in flight, as the others.
+#   `max_concurrent_tasks` is pgqueuer's per-worker cap, and it requires
+#   max_concurrent_tasks >= 2 * batch_size, so the largest batch for a cap of 10 is 5.
+# - `pgqueuer-defaults`: what `pgq run` gives a user who sets nothing: `PgQueuer.run()`'s
+#   defaults (batch_size=10, no cap on jobs in flight) on uvloop, which `pgq run` uses whenever
+#   it is installed (pgqueuer depends on it). See bench/worker.py.
+# Overrides for experiments (not used by the default run):
+#   BENCH_PGQ_BATCH_SIZE      dequeue batch size (default: concurrency // 2; defaults row: 10)
+#   BENCH_PGQ_MAX_CONCURRENT  max_concurrent_tasks (default: concurrency; 0 = unlimited;
+#                             defaults row: unlimited)
 #   BENCH_PGQ_HANDLER_POOL    1 (default): handlers enqueue through their own pool;
 #                             0: through the worker's own single-connection driver
+#   BENCH_PGQ_UVLOOP          defaults row only: 1 (default) as `pgq run`; 0: asyncio's loop
 
 
 def _payload(**data: Any) -> bytes:
@@ -37,7 +44,10 @@ class PgQueuerPeer:
     name = "pgqueuer"
     database = "bench_pgqueuer"
 
-    def __init__(self) -> None:
+    def __init__(self, *, defaults: bool = False) -> None:
+        if defaults:
+            self.name = "pgqueuer-defaults"
+            self.database = "bench_pgqueuer_defaults"
         self.connection: asyncpg.Connection | None = None
         self.queries: Queries | None = None
 
@@ -71,7 +81,7 @@ class PgQueuerPeer:
 
     def done_query(self, mode: str) -> tuple[str, int]:
         # A finished job is deleted from `pgqueuer` and logged once in `pgqueuer_log`.
-        stages = common.PIPELINE_STAGES if mode == common.PIPELINE else 1
+        stages = common.PIPELINE_STAGES if common.is_pipeline(mode) else 1
         return "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'", stages
 
 
@@ -83,9 +93,15 @@ async def run_worker(
     *,
     concurrency: int,
     trace: bool = False,
+    service_url: str | None = None,
+    defaults: bool = False,
 ) -> None:
-    batch_size = int(os.environ.get("BENCH_PGQ_BATCH_SIZE", max(1, concurrency // 2)))
-    max_concurrent = int(os.environ.get("BENCH_PGQ_MAX_CONCURRENT", concurrency))
+    if defaults:  # PgQueuer.run()'s own defaults, as `pgq run` without options
+        batch_size = int(os.environ.get("BENCH_PGQ_BATCH_SIZE", 10))
+        max_concurrent = int(os.environ.get("BENCH_PGQ_MAX_CONCURRENT", 0))
+    else:
+        batch_size = int(os.environ.get("BENCH_PGQ_BATCH_SIZE", max(1, concurrency // 2)))
+        max_concurrent = int(os.environ.get("BENCH_PGQ_MAX_CONCURRENT", concurrency))
     own_pool = os.environ.get("BENCH_PGQ_HANDLER_POOL", "1") == "1"
     connection = await asyncpg.connect(dsn)
     driver = AsyncpgDriver(connection)
@@ -95,9 +111,19 @@ async def run_worker(
     enqueue_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=concurrency)
     assert enqueue_pool is not None
     producer = Queries(AsyncpgPoolDriver(enqueue_pool)) if own_pool else Queries(driver)
+    # Remote modes: every handler POSTs its stage to the service (one session per worker).
+    remote = common.RpcClient(service_url) if service_url else None
+
+    async def step(x: int) -> int:
+        if remote is None:
+            return x + 1
+        result = await remote.call("step", {"x": x})
+        return int(result["x"])
 
     @pgq.entrypoint("noop")
     async def noop(job: Job) -> None:
+        if remote is not None:
+            await remote.call("noop")
         if job.payload:
             reporter.latency(json.loads(job.payload)["t0"])
         reporter.final()
@@ -105,15 +131,17 @@ async def run_worker(
     @pgq.entrypoint("step1")
     async def step1(job: Job) -> None:
         x = json.loads(job.payload or b"{}")["x"]
-        await producer.enqueue("step2", _payload(x=x + 1))
+        await producer.enqueue("step2", _payload(x=await step(x)))
 
     @pgq.entrypoint("step2")
     async def step2(job: Job) -> None:
         x = json.loads(job.payload or b"{}")["x"]
-        await producer.enqueue("step3", _payload(x=x + 1))
+        await producer.enqueue("step3", _payload(x=await step(x)))
 
     @pgq.entrypoint("step3")
     async def step3(job: Job) -> None:
+        if remote is not None:
+            await step(json.loads(job.payload or b"{}")["x"])
         reporter.final()
 
     try:
@@ -136,6 +164,8 @@ async def run_worker(
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
     finally:
+        if remote is not None:
+            await remote.close()
         await enqueue_pool.close()
         if not connection.is_closed():
             await connection.close()

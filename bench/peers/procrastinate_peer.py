@@ -20,12 +20,26 @@ from bench import common
 
 
 class _Tasks:
-    def __init__(self, dsn: str, reporter: common.Reporter | None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        reporter: common.Reporter | None,
+        remote: common.RpcClient | None = None,
+    ) -> None:
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
         app = self.app
 
+        # Remote modes: every task POSTs its stage to the service (one session per worker).
+        async def step(x: int) -> int:
+            if remote is None:
+                return x + 1
+            result = await remote.call("step", {"x": x})
+            return int(result["x"])
+
         @app.task(name="noop")
         async def noop(t0: float | None = None) -> None:
+            if remote is not None:
+                await remote.call("noop")
             if reporter is not None:
                 if t0 is not None:
                     reporter.latency(t0)
@@ -33,14 +47,16 @@ class _Tasks:
 
         @app.task(name="step1")
         async def step1(x: int) -> None:
-            await step2.defer_async(x=x + 1)
+            await step2.defer_async(x=await step(x))
 
         @app.task(name="step2")
         async def step2(x: int) -> None:
-            await step3.defer_async(x=x + 1)
+            await step3.defer_async(x=await step(x))
 
         @app.task(name="step3")
         async def step3(x: int) -> None:
+            if remote is not None:
+                await step(x)
             if reporter is not None:
                 reporter.final()
 
@@ -83,7 +99,7 @@ class ProcrastinatePeer:
         await self.tasks.step1.batch_defer_async(*(first for _ in range(n)))
 
     def done_query(self, mode: str) -> tuple[str, int]:
-        stages = common.PIPELINE_STAGES if mode == common.PIPELINE else 1
+        stages = common.PIPELINE_STAGES if common.is_pipeline(mode) else 1
         return "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'", stages
 
 
@@ -95,17 +111,24 @@ async def run_worker(
     *,
     concurrency: int,
     trace: bool = False,
+    service_url: str | None = None,
 ) -> None:
-    tasks = _Tasks(dsn, reporter)
-    async with tasks.app.open_async():
-        reporter.ready()
-        runner = asyncio.create_task(
-            tasks.app.run_worker_async(concurrency=concurrency, install_signal_handlers=False)
-        )
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not runner.done():
-            runner.cancel()  # procrastinate: cancelling the worker task shuts it down gracefully
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(runner, timeout=15)
+    remote = common.RpcClient(service_url) if service_url else None
+    tasks = _Tasks(dsn, reporter, remote)
+    try:
+        async with tasks.app.open_async():
+            reporter.ready()
+            runner = asyncio.create_task(
+                tasks.app.run_worker_async(concurrency=concurrency, install_signal_handlers=False)
+            )
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not runner.done():
+                # procrastinate: cancelling the worker task shuts it down gracefully
+                runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(runner, timeout=15)
+    finally:
+        if remote is not None:
+            await remote.close()
