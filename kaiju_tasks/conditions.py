@@ -176,7 +176,7 @@ def _validate(spec: Any, field: str, depth: int) -> None:
         for key, value in spec.items():
             if not isinstance(key, str):
                 raise errors.ValidationError(
-                    f"condition keys must be strings, got {key!r}", field=field
+                    f"condition keys must be strings, got {templates.shown(repr(key))}", field=field
                 )
             where = f"{field}.{key}"
             if key == "not":
@@ -197,12 +197,14 @@ def _validate(spec: Any, field: str, depth: int) -> None:
 def _check_path(key: str, field: str) -> None:
     if templates.is_template(key) or templates.is_literal(key):
         raise errors.ValidationError(
-            f"condition key {key!r} must be a data path like '0.count', not a template",
+            f"condition key {templates.shown(key)} must be a data path like '0.count',"
+            " not a template",
             field=field,
         )
     if "" in key.split("."):
         raise errors.ValidationError(
-            f"condition key {key!r} is not a data path: it has an empty key", field=field
+            f"condition key {templates.shown(key)} is not a data path: it has an empty key",
+            field=field,
         )
 
 
@@ -218,7 +220,8 @@ def _validate_value(value: Any, field: str, depth: int) -> None:
             where = f"{field}.{op}"
             if op not in OPERATORS:
                 raise errors.ValidationError(
-                    f"unknown operator {op!r} (expected one of: {', '.join(OPERATORS)})",
+                    f"unknown operator {templates.shown(str(op))}"
+                    f" (expected one of: {', '.join(OPERATORS)})",
                     field=where,
                 )
             if op == "not":
@@ -290,36 +293,36 @@ def _evaluate_bounded(spec: Any, data: Mapping[str, Any], now: datetime | None) 
         raise errors.ValidationError("nested too deeply to evaluate", field="condition") from None
 
 
-def _evaluate(spec: Any, run: _Run, field: str) -> bool:
+def _evaluate(spec: Any, run: _Run, where: templates.Where) -> bool:
+    # ``where`` names the part being evaluated, spelled out only for an error.
     run.budget.charge(1)
     if isinstance(spec, Mapping):
         for key, value in spec.items():
-            where = f"{field}.{key}"
             if key == "not":
-                if _evaluate(value, run, where):
+                if _evaluate(value, run, (where, key)):
                     return False
-            elif not _test(templates.get_path(run.data, key, None), value, run, where):
-                return False
+            else:
+                actual = templates.get_path(run.data, key, None, run.budget)
+                if not _test(actual, value, run, (where, key)):
+                    return False
         return True
-    return any(_evaluate(item, run, f"{field}.{i}") for i, item in enumerate(spec))
+    return any(_evaluate(item, run, (where, i)) for i, item in enumerate(spec))
 
 
-def _test(actual: Any, value: Any, run: _Run, field: str) -> bool:
+def _test(actual: Any, value: Any, run: _Run, where: templates.Where) -> bool:
     if isinstance(value, Mapping):
-        return all(
-            _apply(op, actual, operand, run, f"{field}.{op}") for op, operand in value.items()
-        )
+        return all(_apply(op, actual, operand, run, (where, op)) for op, operand in value.items())
     if isinstance(value, list | tuple):
-        return _apply("in", actual, value, run, field)
-    return _apply("eq", actual, value, run, field)
+        return _apply("in", actual, value, run, where)
+    return _apply("eq", actual, value, run, where)
 
 
-def _apply(op: str, actual: Any, operand: Any, run: _Run, field: str) -> bool:
+def _apply(op: str, actual: Any, operand: Any, run: _Run, where: templates.Where) -> bool:
     budget = run.budget
     budget.charge(1)
     if op == "not":
-        return not _test(actual, operand, run, field)
-    expected: Any = templates.render(operand, run.data, now=run.now, field=field, budget=budget)
+        return not _test(actual, operand, run, where)
+    expected: Any = templates.render(operand, run.data, now=run.now, field=where, budget=budget)
     if op == "eq":
         return templates.json_equal(actual, expected, budget)
     if op == "ne":
@@ -330,7 +333,9 @@ def _apply(op: str, actual: Any, operand: Any, run: _Run, field: str) -> bool:
         _check_operand(op, expected)
     except errors.ValidationError as exc:
         shown = templates.shown(operand) if isinstance(operand, str) else "the operand"
-        raise errors.ValidationError(f"{exc.message} (from {shown})", field=field) from exc
+        raise errors.ValidationError(
+            f"{exc.message} (from {shown})", field=templates.field_name(where)
+        ) from exc
     if op == "in":
         return _contains(expected, actual, budget)
     if op in _ORDERINGS:
@@ -387,7 +392,9 @@ def _compile(pattern: str, source: str, what: str) -> Any:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
-        raise errors.ValidationError(f"invalid {what} {source!r}: {reason}") from None
+        raise errors.ValidationError(
+            f"invalid {what} {templates.shown(source)}: {reason}"
+        ) from None
 
 
 def _regex(pattern: str) -> Any:
@@ -415,7 +422,7 @@ def _like_cached(pattern: str, bounds: limits.Limits) -> Any:
         if char == "\\":
             if i + 1 == len(pattern):
                 raise errors.ValidationError(
-                    f"LIKE pattern {pattern!r} ends with the escape character '\\'"
+                    f"LIKE pattern {templates.shown(pattern)} ends with the escape character '\\'"
                 )
             out.append(re2.escape(pattern[i + 1]))
             i += 2

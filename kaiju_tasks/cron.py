@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from croniter import croniter  # type: ignore[attr-defined,unused-ignore]
 
@@ -20,13 +20,30 @@ def validate(expr: str, field: str = "cron") -> str:
         valid = False
     if not valid:
         raise errors.ValidationError(
-            f"invalid cron expression {expr!r} (expected e.g. '*/5 * * * *')", field=field
+            f"invalid cron expression {expr[:100]!r} (expected e.g. '*/5 * * * *')", field=field
         )
+    # croniter accepts dates that never come ("0 0 31 2 *"): it fails only when asked for one.
+    try:
+        next_fire(expr, _SOME_TIME)
+    except errors.ValidationError as exc:
+        raise errors.ValidationError(exc.message, field=field) from None
     return expr
 
 
+_SOME_TIME = datetime(2001, 1, 1, tzinfo=UTC)
+
+
 def next_fire(expr: str, after: datetime) -> datetime:
-    """Return the first fire time of ``expr`` strictly after ``after`` (aware UTC in, aware out)."""
-    result = croniter(expr, after).get_next(datetime)
+    """Return the first fire time of ``expr`` strictly after ``after`` (aware UTC in, aware out).
+
+    Raises:
+        errors.ValidationError: the expression names a date that never comes.
+    """
+    try:
+        result = croniter(expr, after).get_next(datetime)
+    except Exception:  # noqa: BLE001 - croniter raises assorted errors (CroniterBadDateError)
+        raise errors.ValidationError(
+            f"cron expression {expr[:100]!r} never fires (no such date)"
+        ) from None
     assert isinstance(result, datetime)
     return result

@@ -30,6 +30,9 @@ class Limits:
 
     template_chars: int = 16 * KIB
     """Longest template string accepted in a task's method, params or condition (characters)."""
+    request_template_nodes: int = 10_000
+    """Most parse work one API call may cause: nodes of the templates it holds that were not
+    parsed before (a path, a call, an operator or a text piece is one node)."""
     rendered_bytes: int = 1 * MIB
     """Largest value one template may render to, and the rendered params of one stage (bytes of
     JSON); enforced while rendering, so an oversized value is never built."""
@@ -37,7 +40,7 @@ class Limits:
     """Most operators and operands in one ``!e:`` expression."""
     template_nesting: int = 32
     """Deepest nesting of template groups, calls and expression parentheses (levels)."""
-    eval_steps: int = 250_000
+    eval_steps: int = 100_000
     """Most work one rendering of a stage's templates, or one evaluation of a condition, may do
     (steps: a step is about one node evaluated, one value visited, 1,024 characters copied or
     compared, or 40 characters matched by a pattern)."""

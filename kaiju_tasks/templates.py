@@ -61,6 +61,8 @@ cached, so validating at create time and rendering in the executor parse each te
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -72,7 +74,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from kaiju_tasks import errors, limits
+from kaiju_tasks import errors, limits, redact
 
 if TYPE_CHECKING:
     from kaiju_tasks import conditions
@@ -190,7 +192,7 @@ def render(
     data: Mapping[str, Any],
     *,
     now: datetime | None = None,
-    field: str = "params",
+    field: Where = "params",
     budget: Budget | None = None,
 ) -> JSONValue:
     """Render every template inside ``value`` against ``data``.
@@ -220,7 +222,7 @@ def render(
     if ctx.rendered:  # only templates can make a value larger than what was validated
         size = json_size(result, limits.active().rendered_bytes, ctx.budget)
         if size > limits.active().rendered_bytes:
-            raise errors.ValidationError(_too_large("rendered", size), field=field)
+            raise errors.ValidationError(_too_large("rendered", size), field=field_name(field))
     return result
 
 
@@ -322,7 +324,7 @@ class Budget:
         self.charge(1 + count // _CHARS_PER_STEP)
 
 
-def get_path(data: Any, path: str, default: Any = _MISSING) -> Any:
+def get_path(data: Any, path: str, default: Any = _MISSING, budget: Budget | None = None) -> Any:
     """Look up a dotted path in ``data`` with the template path rules.
 
     Args:
@@ -330,6 +332,7 @@ def get_path(data: Any, path: str, default: Any = _MISSING) -> Any:
         path: dot-separated keys, e.g. ``'0.data.id'``.
         default: returned when the path is missing or ``None``; without it a missing path
             raises.
+        budget: the work allowance the lookup draws from (elements a list maps over).
 
     Returns:
         The value found (a list when the path maps over a list).
@@ -339,10 +342,10 @@ def get_path(data: Any, path: str, default: Any = _MISSING) -> Any:
     """
     parts = tuple(path.split("."))
     if "" in parts:
-        raise errors.ValidationError(f"invalid path {path!r}: empty key")
+        raise errors.ValidationError(f"invalid path {shown(path)}: empty key")
     if default is _MISSING:
-        return _lookup_strict(data, parts)
-    return _walk(data, parts, 0, lambda: default)
+        return _lookup_strict(data, parts, budget)
+    return _walk(data, parts, 0, lambda: default, budget)
 
 
 def json_equal(left: Any, right: Any, budget: Budget | None = None) -> bool:
@@ -363,6 +366,8 @@ def json_equal(left: Any, right: Any, budget: Budget | None = None) -> bool:
             json_equal(a, b, budget) for a, b in zip(left, right, strict=True)
         )
     if isinstance(left, Mapping) and isinstance(right, Mapping):
+        if budget is not None:
+            budget.charge(len(left))  # comparing the key sets
         return left.keys() == right.keys() and all(
             json_equal(v, right[k], budget) for k, v in left.items()
         )
@@ -445,13 +450,13 @@ class _PathSpec:
                 text.append(str(value))
             else:
                 raise errors.ValidationError(
-                    f"nested template {_source(piece)!r} must render to a string,"
+                    f"nested template {shown(_source(piece))} must render to a string,"
                     f" got {_type_name(value)}"
                 )
         path = "".join(text)
         parts = tuple(path.split("."))
         if "" in parts:
-            raise errors.ValidationError(f"path {path!r} has an empty key")
+            raise errors.ValidationError(f"path {shown(path)} has an empty key")
         return parts
 
 
@@ -636,17 +641,22 @@ def _lookup_strict(data: Any, parts: tuple[str, ...], budget: Budget | None = No
     value = _walk(data, parts, 0, None, budget)
     if value is _MISSING:
         path = ".".join(parts)
-        raise errors.ValidationError(f"path {path!r} not found: {_explain_missing(data, parts)}")
+        explained = _explain_missing(data, parts, budget or Budget())
+        raise errors.ValidationError(f"path {shown(path)} not found: {explained}")
     return value
 
 
-def _explain_missing(value: Any, parts: tuple[str, ...], done: tuple[str, ...] = ()) -> str:
+def _explain_missing(value: Any, parts: tuple[str, ...], budget: Budget) -> str:
     """Say which key of a missing path is absent (only called on the error path).
 
-    ``done`` names the keys already followed, to say where the lookup stopped.
+    The search for the list element that lacks the key walks again what the lookup walked, so
+    it draws from the same budget.
     """
-    for i, part in enumerate(parts):
-        where = f"{'.'.join(done)!r}" if done else "the data"
+    done: tuple[str, ...] = ()  # the keys already followed, to say where the lookup stopped
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        where = shown(".".join(done)) if done else "the data"
         if isinstance(value, Mapping):
             index = _as_index(part)
             if part in value:
@@ -654,20 +664,25 @@ def _explain_missing(value: Any, parts: tuple[str, ...], done: tuple[str, ...] =
             elif index is not None and index in value:
                 value = value[index]
             else:
-                return f"{where} has no key {part!r}"
+                return f"{where} has no key {shown(part)}"
         elif isinstance(value, list | tuple):
             index = _as_index(part)
             if index is None:
+                budget.charge(len(value))
                 for n, item in enumerate(value):
-                    if _walk(item, parts, i, None) is _MISSING:
-                        return _explain_missing(item, parts[i:], (*done, str(n)))
-                return f"{where} has no key {part!r}"  # pragma: no cover - unreachable
+                    if _walk(item, parts, i, None, budget) is _MISSING:
+                        value, done = item, (*done, str(n))
+                        break
+                else:  # pragma: no cover - a list whose every element has the key is no miss
+                    return f"{where} has no key {shown(part)}"
+                continue  # the same part, inside the element that lacks it
             if not -len(value) <= index < len(value):
                 return f"index {index} is out of range for {where} (length {len(value)})"
             value = value[index]
         else:
-            return f"{where} is {_type_name(value)}, it has no key {part!r}"
+            return f"{where} is {_type_name(value)}, it has no key {shown(part)}"
         done = (*done, part)
+        i += 1
     return "no value"  # pragma: no cover - a path that resolves is not missing
 
 
@@ -716,23 +731,53 @@ def _parse_uncached(template: str) -> Node:
         raise errors.ValidationError(
             f"template is {len(template):,} characters, more than template_chars ({bound:,})"
         )
+    # The parser reads a group's text once per level it is nested in: bound the product.
+    deepest = _nesting(template)
+    if len(template) * deepest > 4 * bound:
+        raise errors.ValidationError(
+            f"template is too complex to parse: {len(template):,} characters nested {deepest}"
+            f" levels (characters times levels at most 4 x template_chars, {4 * bound:,})"
+        )
     try:
         body = template[1:-1]
         _segments(body)  # the outer brackets must enclose one balanced group
         node = _parse_body(body, template, 1)
-        _check_height(node)
+        nodes = _check_height(node)
     except errors.ValidationError as exc:
         raise errors.ValidationError(f"invalid template {shown(template)}: {exc.message}") from exc
     except RecursionError:
         raise errors.ValidationError(
             f"invalid template {shown(template)}: nested too deeply"
         ) from None
+    _charge_parse(nodes)
     return node
 
 
+_BRACKETS: Final = re.compile(r"[\[\]`]")
+
+
+def _nesting(template: str) -> int:
+    """How deep the ``[...]`` groups of ``template`` nest (backtick-quoted text aside)."""
+    depth = deepest = 0
+    quoted = False
+    for found in _BRACKETS.finditer(template):
+        char = found.group()
+        if char == "`":
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char == "[":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def shown(text: str, width: int = 80) -> str:
-    """``repr(text)``, cut to about ``width`` characters: how messages quote user text."""
-    return repr(text) if len(text) <= width else f"{text[: width - 3]!r}..."
+    """How messages quote user text: ``repr(text)`` cut to ``width``, URL secrets masked."""
+    cut = repr(text) if len(text) <= width else f"{text[: width - 3]!r}..."
+    return redact.text(cut) if "://" in cut or "pass" in cut else cut
 
 
 def _check_depth(depth: int) -> None:
@@ -759,8 +804,8 @@ def _children(node: Node | _PathSpec) -> Sequence[Node | _PathSpec]:
     return ()
 
 
-def _check_height(root: Node) -> None:
-    """Refuse a parsed template whose evaluation would recurse too deeply or do too much.
+def _check_height(root: Node) -> int:
+    """Refuse a parsed template whose evaluation would recurse too deeply; return its nodes.
 
     Each expression's length is bounded as it is tokenized; this bounds the whole tree, where
     expressions nest inside one another: at most ``template_nesting + expression_terms`` nodes
@@ -769,14 +814,60 @@ def _check_height(root: Node) -> None:
     bound = limits.active()
     height_bound = bound.template_nesting + bound.expression_terms
     stack: list[tuple[Node | _PathSpec, int]] = [(root, 1)]
+    nodes = 0
     while stack:
         node, height = stack.pop()
+        nodes += 1
         if height > height_bound:
             raise errors.ValidationError(
                 f"nested too deeply: more than {height_bound} levels of operations"
                 " (template_nesting + expression_terms)"
             )
         stack.extend((child, height + 1) for child in _children(node))
+    return nodes
+
+
+class _Allowance:
+    """Parse work a request may still cause, in nodes (see :func:`parse_allowance`)."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+
+_ALLOWANCE: Final[contextvars.ContextVar[_Allowance | None]] = contextvars.ContextVar(
+    "kaiju_tasks_parse_allowance", default=None
+)
+
+
+@contextlib.contextmanager
+def parse_allowance(nodes: int | None = None) -> Iterator[None]:
+    """Bound the parse work of what runs inside to ``nodes`` nodes of new templates.
+
+    The default is ``[limits] request_template_nodes``. The service wraps each call that takes
+    templates (``create``, ``update``) in one, so one request cannot make the process parse
+    without end; templates already in the parse cache cost nothing.
+    """
+    allowance = _Allowance(limits.active().request_template_nodes if nodes is None else nodes)
+    token = _ALLOWANCE.set(allowance)
+    try:
+        yield
+    finally:
+        _ALLOWANCE.reset(token)
+
+
+def _charge_parse(nodes: int) -> None:
+    allowance = _ALLOWANCE.get()
+    if allowance is None:
+        return
+    allowance.left -= nodes
+    if allowance.left < 0:
+        raise errors.ValidationError(
+            f"the templates of this request take more than request_template_nodes"
+            f" ({allowance.limit:,} nodes) to parse: send fewer or simpler templates per request"
+        )
 
 
 def _evaluate_node(node: Node, ctx: _Context) -> Any:
@@ -873,7 +964,7 @@ def _parse_body(body: str, source: str, depth: int) -> Node:
         kind = body[:3]
         if kind not in _HELPERS:
             raise errors.ValidationError(
-                f"unknown helper {body[:2]!r}: expected '!x:', '!e:' or '!f:'"
+                f"unknown helper {shown(body[:2])}: expected '!x:', '!e:' or '!f:'"
             )
         if kind == "!x:":
             return _parse_call(body[3:], source, depth)
@@ -898,7 +989,7 @@ def _parse_path(segments: list[_Segment], depth: int) -> _PathSpec:
     if all(isinstance(piece, str) for piece in pieces):
         parts = tuple(source.split("."))
         if "" in parts:
-            raise errors.ValidationError(f"path {source!r} has an empty key")
+            raise errors.ValidationError(f"path {shown(source)} has an empty key")
         return _PathSpec(source, tuple(pieces), parts)
     return _PathSpec(source, tuple(pieces), None)
 
@@ -913,7 +1004,7 @@ def _parse_default(segments: list[_Segment], depth: int) -> Node:
         return _parse_group(source, depth + 1)
     if any(kind != "text" for kind, _ in segments):
         raise errors.ValidationError(
-            f"invalid default {source!r}: a default is a literal, one `quoted` string"
+            f"invalid default {shown(source)}: a default is a literal, one `quoted` string"
             " or one [template]"
         )
     return _Const(source, _scalar(source))
@@ -938,12 +1029,17 @@ def _parse_call(text: str, source: str, depth: int) -> _Call:
     parts = _split(_segments(text))
     name_segments = parts[0]
     if len(name_segments) != 1 or name_segments[0][0] != "text":
-        raise errors.ValidationError(f"!x needs a function name, got {_raw(name_segments)!r}")
+        raise errors.ValidationError(f"!x needs a function name, got {shown(_raw(name_segments))}")
     name = name_segments[0][1]
     function = _FUNCTIONS.get(name)
     if function is None:
         raise errors.ValidationError(
-            f"unknown function {name!r} in !x (known: {', '.join(sorted(_FUNCTIONS))})"
+            f"unknown function {shown(name)} in !x (known: {', '.join(sorted(_FUNCTIONS))})"
+        )
+    if len(parts) - 1 > limits.active().expression_terms:
+        raise errors.ValidationError(
+            f"function {shown(name)} has more than expression_terms"
+            f" ({limits.active().expression_terms}) arguments"
         )
     args = tuple(_parse_arg(segments, depth) for segments in parts[1:])
     count = len(args)
@@ -1170,7 +1266,7 @@ def _word(word: str) -> str | Node:
         return _Const(word, float(word) if "." in word else int(word))
     parts = tuple(word.split("."))
     if "" in parts:
-        raise errors.ValidationError(f"path {word!r} has an empty key")
+        raise errors.ValidationError(f"path {shown(word)} has an empty key")
     return _Lookup(word, _PathSpec(word, (word,), parts), None)
 
 
@@ -1283,8 +1379,8 @@ def _now(ctx: _Context) -> datetime:
 def _parse_datetime(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise errors.ValidationError(f"{text!r} is not an ISO-8601 date and time") from exc
+    except ValueError:
+        raise errors.ValidationError(f"{shown(text)} is not an ISO-8601 date and time") from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -1363,14 +1459,20 @@ def _fn_last(ctx: _Context, args: list[Any]) -> Any:
 
 def _fn_upper(ctx: _Context, args: list[Any]) -> Any:
     text = _need(args[0], str, "a string", "upper")
-    ctx.budget.chars(len(text))
+    _charge_case(ctx.budget, text)
     return text.upper()
 
 
 def _fn_lower(ctx: _Context, args: list[Any]) -> Any:
     text = _need(args[0], str, "a string", "lower")
-    ctx.budget.chars(len(text))
+    _charge_case(ctx.budget, text)
     return text.lower()
+
+
+def _charge_case(budget: Budget, text: str) -> None:
+    # Mapping the case of non-ASCII text looks every character up: about 30 times the cost of
+    # copying it (ASCII is mapped at copying speed).
+    budget.chars(len(text) if text.isascii() else len(text) * 32)
 
 
 def _fn_join(ctx: _Context, args: list[Any]) -> Any:
@@ -1482,32 +1584,50 @@ _FUNCTIONS: Final[Mapping[str, _Function]] = {
 # --- walking values -----------------------------------------------------------------------------
 
 
-def _check_value_depth(depth: int, field: str) -> None:
+Where: TypeAlias = "str | tuple[Where, Any]"
+"""Where a value sits: the field's name, or ``(where its container sits, key or index)``.
+
+Spelled out (:func:`field_name`) only for an error, so walking long keys over long lists copies
+no name per item.
+"""
+
+
+def field_name(where: Where) -> str:
+    """The dotted name of ``where`` (each key cut to 100 characters)."""
+    parts: list[str] = []
+    while isinstance(where, tuple):
+        where, key = where
+        parts.append(str(key)[:100])
+    parts.append(where)
+    return ".".join(reversed(parts))
+
+
+def _check_value_depth(depth: int, where: Where) -> None:
     bound = limits.active().value_depth
     if depth > bound:
         raise errors.ValidationError(
-            f"nested deeper than value_depth ({bound} levels)", field=field
+            f"nested deeper than value_depth ({bound} levels)", field=field_name(where)
         )
 
 
-def _validate(value: Any, field: str, depth: int) -> None:
-    _check_value_depth(depth, field)
+def _validate(value: Any, where: Where, depth: int) -> None:
+    _check_value_depth(depth, where)
     if isinstance(value, str):
         if is_template(value):
             try:
                 parse(value)
             except errors.ValidationError as exc:
-                raise errors.ValidationError(exc.message, field=field) from exc
+                raise errors.ValidationError(exc.message, field=field_name(where)) from exc
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            _validate(item, f"{field}.{key}", depth + 1)
+            _validate(item, (where, key), depth + 1)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _validate(item, f"{field}.{index}", depth + 1)
+            _validate(item, (where, index), depth + 1)
 
 
-def _render(value: Any, ctx: _Context, field: str, depth: int) -> Any:
-    _check_value_depth(depth, field)
+def _render(value: Any, ctx: _Context, where: Where, depth: int) -> Any:
+    _check_value_depth(depth, where)
     if isinstance(value, str):
         if is_literal(value):
             return value[1:-1]
@@ -1516,15 +1636,15 @@ def _render(value: Any, ctx: _Context, field: str, depth: int) -> Any:
         try:
             node = parse(value)
         except errors.ValidationError as exc:
-            raise errors.ValidationError(exc.message, field=field) from exc
+            raise errors.ValidationError(exc.message, field=field_name(where)) from exc
         try:
             return _evaluate_node(node, ctx)
         except errors.ValidationError as exc:
             raise errors.ValidationError(
-                f"template {shown(value)}: {exc.message}", field=field
+                f"template {shown(value)}: {exc.message}", field=field_name(where)
             ) from exc
     if isinstance(value, Mapping):
-        return {key: _render(item, ctx, f"{field}.{key}", depth + 1) for key, item in value.items()}
+        return {key: _render(item, ctx, (where, key), depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_render(item, ctx, f"{field}.{i}", depth + 1) for i, item in enumerate(value)]
+        return [_render(item, ctx, (where, i), depth + 1) for i, item in enumerate(value)]
     return value

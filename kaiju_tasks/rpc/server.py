@@ -33,7 +33,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from kaiju_tasks import errors, limits, methods, models
+from kaiju_tasks import errors, limits, methods, models, templates
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
@@ -478,23 +478,36 @@ def _invalid(call: Any) -> tuple[str, str | None] | None:
 def _bad_unicode(value: Any) -> str | None:
     """The dotted path of the first string (key or value) that is not valid Unicode, or None.
 
-    Iterative, so any depth the JSON parser accepted is walked without recursion.
+    Iterative, so any depth the JSON parser accepted is walked without recursion; each item
+    keeps only a link to its parent, and the path is spelled out only for the bad string found,
+    so the walk takes memory in proportion to the payload, however long its keys.
     """
-    stack: list[tuple[Any, str]] = [(value, "")]
+    stack: list[tuple[Any, _Link]] = [(value, None)]
     while stack:
-        item, path = stack.pop()
+        item, link = stack.pop()
         if isinstance(item, str):
             if not _encodable(item):
-                return path
+                return _spelled(link)
         elif isinstance(item, dict):
             for key, child in item.items():
-                where = f"{path}.{_shown(key)}" if path else _shown(key)
                 if not _encodable(key):
-                    return where
-                stack.append((child, where))
+                    return _spelled((link, key))
+                stack.append((child, (link, key)))
         elif isinstance(item, list):
-            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(item))
+            stack.extend((child, (link, i)) for i, child in enumerate(item))
     return None
+
+
+_Link = tuple[Any, str | int] | None
+"""Where an item sits: ``(parent's link, key or index)``, None at the top."""
+
+
+def _spelled(link: _Link) -> str:
+    parts: list[str] = []
+    while link is not None:
+        link, key = link
+        parts.append(_shown(key) if isinstance(key, str) else str(key))
+    return ".".join(reversed(parts))
 
 
 def _encodable(text: str) -> bool:
@@ -663,7 +676,8 @@ async def _dispatch(api: Api, method: str, params: Any, caller: models.Caller) -
             and parameter.name not in kwargs
         ):
             raise errors.ValidationError("required parameter missing", field=parameter.name)
-    return await function(**kwargs, caller=caller)
+    with templates.parse_allowance():  # one request parses a bounded amount of templates
+        return await function(**kwargs, caller=caller)
 
 
 _SIGNATURES: dict[Any, inspect.Signature] = {}

@@ -209,25 +209,39 @@ def check_bounds(conditions: Any, field: str = "conditions") -> None:
     below PostgreSQL's 32,767 parameters of one statement.
     """
     bounds = limits.active()
-    stack: list[tuple[Any, str, int]] = [(conditions, field, 0)]
-    count = 0
+    # Each item keeps a link to its parent; a field name is spelled out only for an error, so
+    # long keys over long lists cost no copy per item.
+    stack: list[tuple[Any, _Link, int]] = [(conditions, None, 0)]
+    count = 1  # each value is counted when its container is reached, before it is pushed
     while stack:
-        value, where, depth = stack.pop()
+        value, link, depth = stack.pop()
         if depth > bounds.condition_depth:
             raise errors.ValidationError(
                 f"nested deeper than condition_depth ({bounds.condition_depth} levels)",
-                field=where,
+                field=_spelled(field, link),
             )
-        count += 1
+        count += len(value) if isinstance(value, Mapping | list | tuple) else 0
         if count > bounds.condition_values:
             raise errors.ValidationError(
                 f"more than condition_values ({bounds.condition_values:,}) values in the filter",
                 field=field,
             )
         if isinstance(value, Mapping):
-            stack.extend((item, f"{where}.{key}", depth + 1) for key, item in value.items())
+            stack.extend((item, (link, key), depth + 1) for key, item in value.items())
         elif isinstance(value, list | tuple):
-            stack.extend((item, f"{where}.{i}", depth + 1) for i, item in enumerate(value))
+            stack.extend((item, (link, i), depth + 1) for i, item in enumerate(value))
+
+
+_Link = tuple[Any, Any] | None
+"""Where a filter value sits: ``(parent's link, key or index)``, None at the top."""
+
+
+def _spelled(field: str, link: _Link) -> str:
+    parts: list[str] = []
+    while link is not None:
+        link, key = link
+        parts.append(str(key)[:100])
+    return ".".join([field, *reversed(parts)])
 
 
 def _compile(table: sa.Table, conditions: Any, field: str) -> Any:

@@ -45,17 +45,41 @@ def test_a_long_expression_is_refused_when_validated_naming_the_limit():
 
 
 def test_expressions_nested_in_one_another_cannot_exhaust_the_stack():
-    # Each expression is legal alone; nested 30 deep they would recurse 3,600 levels.
+    # Each expression is legal alone; nested 10 deep they would recurse 1,200 levels.
     template = "1"
-    for _ in range(30):
+    for _ in range(10):
         template = "[!e:" + template + "+1" * 120 + "]"
-    assert len(template) < limits.active().template_chars
     error = refused(templates.validate, template)
     assert "nested too deeply: more than 288 levels" in error.message
     shallow = "[!e:" + "+".join(["[!e:" + "+".join(["1"] * 100) + "]"] * 50) + "]"
     assert templates.render(shallow, {}) == 100 * 50
     chain = "[!e:" * 40 + "1" + "]" * 40
     assert "template_nesting" in refused(templates.validate, chain).message
+
+
+def test_a_long_template_nested_deeply_is_refused_before_it_is_parsed():
+    template = "[!x:min:" + ":".join(["[" * 30 + "a" + "]" * 30] * 200) + "]"
+    error = refused(templates.validate, template)
+    assert "too complex to parse" in error.message
+    assert "65,536" in error.message
+
+
+def test_a_function_takes_at_most_expression_terms_arguments():
+    template = "[!x:min:" + ":".join(["1"] * 300) + "]"
+    assert (
+        "more than expression_terms (256) arguments"
+        in refused(templates.validate, template).message
+    )
+
+
+def test_one_request_parses_a_bounded_number_of_new_template_nodes():
+    templates._CACHE.clear()
+    with templates.parse_allowance(50):
+        templates.validate({"a": "[x.y]", "b": "[!f:{x}-{y}]"})
+        templates.validate({"a": "[x.y]"})  # parsed before: costs nothing
+        error = refused(templates.validate, {"c": "[!x:min:" + ":".join(["[a]"] * 40) + "]"})
+    assert "request_template_nodes (50 nodes)" in error.message
+    templates.validate({"c": "[!x:min:" + ":".join(["[b]"] * 40) + "]"})  # no allowance set
 
 
 def test_a_template_longer_than_template_chars_is_refused():
@@ -99,12 +123,12 @@ def test_many_references_to_one_large_value_count_toward_the_rendered_size():
 
 
 def test_rendering_stops_after_eval_steps_of_work():
-    data = {"kws": {"a": list(range(100_000)), "b": list(range(100_000))}}
+    data = {"kws": {"a": list(range(20_000)), "b": list(range(20_000))}}
     template = "[!e:" + " and ".join(["kws.a == kws.b"] * 60) + "]"
     error = refused(templates.render, template, data)
-    assert "eval_steps (250,000 steps)" in error.message
-    with configured(eval_steps=100_000_000):
-        assert templates.render(template, data) is True
+    assert "eval_steps (100,000 steps)" in error.message
+    with configured(eval_steps=10_000_000):
+        assert templates.render(template, data) is True  # 1.2 million steps
 
 
 def test_the_parse_cache_is_bounded_by_the_characters_it_holds():
@@ -189,3 +213,88 @@ def test_limits_are_set_in_the_limits_section_and_must_be_positive(tmp_path):
         config.load(paths=[], environ={"KAIJU_TASKS_LIMITS_REPLY_BYTES": "0"})
     with pytest.raises(errors.ConfigError, match="unknown option"):
         config.load(paths=[], environ={"KAIJU_TASKS_LIMITS_NOPE": "1"})
+
+
+# --- what an attacker tried after the limits were in place -------------------------------------
+
+
+def test_explaining_a_missing_path_draws_from_the_budget():
+    # 150 nested lists around 20,000 empty lists: the explanation re-walked every level.
+    value: object = [*[[]] * 20_000, 0]
+    for _ in range(150):
+        value = [value]
+    error = refused(templates.render, {"text": "[kws.a.k]"}, {"kws": {"a": value}})
+    assert "eval_steps" in error.message or "not found" in error.message
+
+
+def test_condition_paths_mapping_over_lists_draw_from_the_budget():
+    spec = [{"kws.a.k": 1}] * 300
+    error = refused(conditions.evaluate, spec, {"kws": {"a": [0] * 100_000}})
+    assert "eval_steps" in error.message
+
+
+def test_comparing_two_large_objects_charges_their_keys():
+    a = {f"k{i}": 0 for i in range(35_000)}
+    b = {**{f"k{i}": 0 for i in range(34_999)}, "other": 0}
+    template = "[!e:" + " or ".join(["kws.a == kws.b"] * 60) + "]"
+    assert "eval_steps" in refused(templates.render, template, {"kws": {"a": a, "b": b}}).message
+
+
+def test_changing_the_case_of_non_ascii_text_costs_more_than_copying_it():
+    data = {"kws": {"s": "İ" * 450_000}}
+    params = {f"p{i}": "[!x:len:[!x:lower:kws.s]]" for i in range(20)}
+    assert "eval_steps" in refused(templates.render, params, data).message
+    assert templates.render("[!x:len:[!x:lower:kws.s]]", {"kws": {"s": "a" * 450_000}}) == 450_000
+
+
+def _peak_bytes(call, *args) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_walking_long_keys_over_long_lists_copies_no_name_per_item():
+    from kaiju_tasks.rpc import server
+
+    deep: object = [0] * 60_000
+    for level in range(400):
+        deep = {f"{level:03d}" + "k" * 97: deep}
+    # The check for lone surrogates, and a list filter's bounds: memory in proportion to the
+    # payload (it was gigabytes: every item carried a copy of its whole dotted name).
+    assert _peak_bytes(server._bad_unicode, deep) < 20 * 2**20
+    wide = {"k" * 200_000: [0] * 9_000}
+    assert _peak_bytes(tables.check_bounds, wide) < 20 * 2**20
+    assert _peak_bytes(templates.validate, {"k" * 340_000: [0] * 330_000}) < 20 * 2**20
+
+
+def test_a_lone_surrogate_deep_inside_is_named_by_its_path():
+    from kaiju_tasks.rpc import server
+
+    assert server._bad_unicode({"a": [{"b": "ok"}, {"c\ud800": 1}]}) == "a.1.c\\ud800"
+
+
+def test_a_cron_expression_that_never_fires_is_refused():
+    error = refused(models_task, cron="0 0 31 2 *")
+    assert error.field == "cron"
+    assert "never fires" in error.message
+
+
+def models_task(**fields):
+    from kaiju_tasks import models
+
+    return models.Task(commands=[{"method": "m"}], **fields)
+
+
+def test_template_errors_quote_user_text_short_and_without_secrets():
+    data = {"kws": {"b": "\x7f" * 900_000, "u": "postgresql://app:S3cretPW@db/prod?sslkey=K3Y"}}
+    error = refused(templates.render, {"x": "[kws.[kws.b]]"}, data)
+    assert len(error.message) < 1_000
+    for template in ("[kws.[kws.u]]", "[!x:timestamp:kws.u]"):
+        error = refused(templates.render, {"x": template}, data)
+        assert "S3cretPW" not in error.message
+        assert "K3Y" not in error.message
