@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,12 +56,19 @@ class Running:
     def __init__(self, *args, env=None):
         self.out = Path(tempfile.mkstemp(suffix=".out")[1])
         self.err = Path(tempfile.mkstemp(suffix=".err")[1])
+        # `run` keeps its token under the state directory: a private one, unless given
+        self.state = Path(tempfile.mkdtemp(prefix="kaiju-tasks-state-"))
         with self.out.open("w") as out, self.err.open("w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "kaiju_tasks.cli", *args],
                 stdout=out,
                 stderr=err,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "XDG_STATE_HOME": str(self.state),
+                    **(env or {}),
+                },
             )
 
     def wait_for(self, prefix, within=60):
@@ -84,6 +92,7 @@ class Running:
             self.process.wait()
         self.out.unlink(missing_ok=True)
         self.err.unlink(missing_ok=True)
+        shutil.rmtree(self.state, ignore_errors=True)
 
 
 def test_token_create_list_revoke(dsn):
