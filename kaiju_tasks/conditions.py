@@ -139,6 +139,7 @@ def evaluate(
     data: Mapping[str, Any],
     *,
     now: datetime | None = None,
+    budget: templates.Budget | None = None,
 ) -> bool:
     """Validate a condition and evaluate it against ``data``.
 
@@ -146,6 +147,7 @@ def evaluate(
         spec: the condition as JSON, or a ``Condition``.
         data: the task data.
         now: the current time, passed to templates in operands.
+        budget: the work allowance to draw from (a fresh ``eval_steps`` one by default).
 
     Returns:
         Whether the condition holds.
@@ -154,9 +156,10 @@ def evaluate(
         errors.ValidationError: the condition is malformed, or a template in it failed.
     """
     if isinstance(spec, Condition):
-        return spec.evaluate(data, now=now)
-    validate(spec)
-    return _evaluate_bounded(spec, data, now)
+        spec = spec.spec
+    else:
+        validate(spec)
+    return _evaluate_bounded(spec, data, now, budget)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -280,15 +283,22 @@ class _Run:
 
     __slots__ = ("budget", "data", "now")
 
-    def __init__(self, data: Mapping[str, Any], now: datetime | None) -> None:
+    def __init__(
+        self, data: Mapping[str, Any], now: datetime | None, budget: templates.Budget | None
+    ) -> None:
         self.data = data
         self.now = now
-        self.budget = templates.Budget()
+        self.budget = budget or templates.Budget()
 
 
-def _evaluate_bounded(spec: Any, data: Mapping[str, Any], now: datetime | None) -> bool:
+def _evaluate_bounded(
+    spec: Any,
+    data: Mapping[str, Any],
+    now: datetime | None,
+    budget: templates.Budget | None = None,
+) -> bool:
     try:
-        return _evaluate(spec, _Run(data, now), "condition")
+        return _evaluate(spec, _Run(data, now, budget), "condition")
     except RecursionError:
         raise errors.ValidationError("nested too deeply to evaluate", field="condition") from None
 

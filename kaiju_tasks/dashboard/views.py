@@ -459,7 +459,10 @@ def _task_filters(query: Mapping[str, str]) -> tuple[dict[str, str], Any]:
             elif moment.microsecond:
                 created["le"] = moment.isoformat()
             else:  # "to 10:00:00" takes in the whole second, as the table shows whole seconds
-                created["lt"] = (moment + timedelta(seconds=1)).isoformat()
+                try:
+                    created["lt"] = (moment + timedelta(seconds=1)).isoformat()
+                except OverflowError:  # the last second there is: nothing comes after it
+                    created["le"] = moment.isoformat()
     if created:
         base["created"] = created
     if not shown["q"]:
@@ -667,6 +670,9 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
         reached = current  # QUEUED, IDLE, SUSPENDED: the current stage has not started (again)
     stages = []
     commands = task.get("commands")
+    # One work allowance for the whole page, as much as the executor has for one stage: a view
+    # costs a bounded time however many stages the task has.
+    budget = templates.Budget()
     for index, command in enumerate(commands if isinstance(commands, list) else []):
         if not isinstance(command, Mapping):
             command = {"kind": "unknown", "value": command}
@@ -688,14 +694,20 @@ def _stages(task: Mapping[str, Any], now: datetime) -> list[dict[str, Any]]:
         condition = command.get("condition")
         if condition is not None and index < len(done) and done[index] is None:
             try:
-                item["skipped"] = not conditions.evaluate(condition, visible, now=now)
+                item["skipped"] = not conditions.evaluate(
+                    condition, visible, now=now, budget=budget
+                )
             except Exception as exc:  # noqa: BLE001 - shown on the stage, never a failed page
                 item["condition_error"] = _failure(exc)
         if kind == "call" and index < reached and not item["skipped"]:
             try:
                 item["evaluated"] = {
-                    "method": templates.render(command.get("method"), visible, now=now),
-                    "params": templates.render(command.get("params"), visible, now=now),
+                    "method": templates.render(
+                        command.get("method"), visible, now=now, budget=budget
+                    ),
+                    "params": templates.render(
+                        command.get("params"), visible, now=now, budget=budget
+                    ),
                 }
             except Exception as exc:  # noqa: BLE001 - shown on the stage, never a failed page
                 item["evaluation_error"] = _failure(exc)

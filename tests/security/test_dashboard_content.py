@@ -204,3 +204,33 @@ async def test_the_task_page_evaluates_each_stage_once_per_view(
         assert (await response.text()).count("skipped: the condition was false") == stages
         assert calls["conditions"] == stages  # once per stage per view
         assert calls["templates"] <= 2 * stages  # at most its method and params, once each
+
+
+async def test_a_task_page_has_one_work_allowance_for_all_its_stages(
+    client: Client, sessions: dict[str, str], make_task: Any
+) -> None:
+    # Each stage alone fits the executor's allowance; all of them together would take the
+    # page past it, so the later stages say why they are not evaluated instead of stalling.
+    stages = 40
+    heavy = "[!e:" + " and ".join(["kws.a == kws.b"] * 40) + "]"
+    await make_task(
+        id="heavy-page",
+        status="FINISHED",
+        stage=stages,
+        stages=stages,
+        commands=[{"kind": "call", "method": "m", "params": {"x": heavy}}] * stages,
+        kws={"a": list(range(2_000)), "b": list(range(2_000))},
+        result=[True] * stages,
+    )
+    response = await client.get(task_url("heavy-page"), headers=http._cookie(sessions["system"]))
+    assert response.status == 200
+    assert "too much work" in await response.text()
+
+
+async def test_a_filter_at_the_last_second_there_is_is_no_error(
+    client: Client, sessions: dict[str, str]
+) -> None:
+    headers = http._cookie(sessions["system"])
+    for until in ("9999-12-31T23:59:59", "9999-12-31T23:59:59%2B00:00"):
+        response = await client.get(URL(f"/tasks?until={until}", encoded=True), headers=headers)
+        assert response.status == 200, until
