@@ -26,13 +26,20 @@ class CountingTarget:
         self.url = ""
         self.calls: Counter[str] = Counter()
         self.done_at: list[float] = []  # monotonic times of answered calls
+        self.in_flight: Counter[str] = Counter()  # request ids being answered now
         self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.calls[body["id"]] += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.in_flight[body["id"]] += 1
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight[body["id"]] -= 1
+            if not self.in_flight[body["id"]]:
+                del self.in_flight[body["id"]]
         self.done_at.append(time.monotonic())
         params = body.get("params") or {}
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": params})
