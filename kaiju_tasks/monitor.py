@@ -283,29 +283,10 @@ class State:
 UNSERVED_LIMIT = 100
 """Most apps :func:`unserved_apps` returns (the longest waiting first)."""
 
+
 # Apps with QUEUED tasks that no live executor serves (executors.apps lists the apps each one
 # claims): $1 = now, $2 = heard-since for a live executor, $3 = most apps. One pass over the
 # queue's partial index, then a lookup in the few live executors.
-_UNSERVED_APPS = """
-WITH served AS (
-    SELECT DISTINCT unnest(apps) AS app FROM executors
-    WHERE stopped_at IS NULL AND heartbeat_at > $2),
-queued AS (
-    SELECT app_name, count(*) AS queued, min(queued_at) AS oldest
-    FROM tasks WHERE status = 'QUEUED' GROUP BY 1)
-SELECT q.app_name AS app, q.queued,
-       greatest(extract(epoch FROM $1::timestamptz - q.oldest)::float8, 0) AS waiting_s
-FROM queued q
-WHERE NOT EXISTS (SELECT 1 FROM served s WHERE s.app = q.app_name)
-ORDER BY q.oldest, q.app_name
-LIMIT $3
-"""
-
-_SERVED_APPS = """
-SELECT DISTINCT unnest(apps) AS app FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $1
-"""
-
-
 def alive(worker: Mapping[str, Any], *, alive_since: datetime) -> bool:
     """Whether an executor row (``stopped_at``, ``heartbeat_at``) counts as live."""
     heartbeat = worker.get("heartbeat_at")
@@ -343,15 +324,13 @@ async def unserved_apps(
         alive_since: an executor heard from after this (and not stopped) is live.
         limit: most apps returned (None: all).
     """
-    async with pool.acquire() as connection:
-        rows = await connection.fetch(_UNSERVED_APPS, now, alive_since, limit)
-    return [dict(r) for r in rows]
+    store = postgres.PostgresTaskStore(pool)
+    return await store.unserved_apps(now=now, alive_since=alive_since, limit=limit)
 
 
 async def served_apps(pool: Any, *, alive_since: datetime) -> set[str]:
     """The apps live executors serve (heard from after ``alive_since`` and not stopped)."""
-    async with pool.acquire() as connection:
-        return {r["app"] for r in await connection.fetch(_SERVED_APPS, alive_since)}
+    return await postgres.PostgresTaskStore(pool).served_apps(alive_since=alive_since)
 
 
 def format_event(event: Event, *, verbose: bool = False) -> str:

@@ -75,6 +75,8 @@ class Manager:
         the first tick that worked after one the database failed. Rescues count an executor's
         silence from no earlier than this (see ``steps.rescue_stale``)."""
         self._last_gc: datetime | None = None
+        self._last_unserved: datetime | None = None
+        self._unserved: set[str] = set()  # apps reported as queued with no live executor
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._outage = logs.Outage(logger, "manager")
@@ -98,6 +100,9 @@ class Manager:
                     )
                 else:
                     done[name] = await duty(self.store, now, self.settings)
+            if self._last_unserved is None or now - self._last_unserved >= steps.UNSERVED_EVERY:
+                done["watch_unserved"] = await steps.watch_unserved(self.store, now, self._unserved)
+                self._last_unserved = now
         if self.gc and (self._last_gc is None or now - self._last_gc >= self.gc_interval):
             done["collect_garbage"] = await steps.collect_garbage(self.store, now, self.settings)
             self._last_gc = now

@@ -7,12 +7,15 @@ an item that changed meanwhile is skipped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 from kaiju_tasks import cron
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 1000
 DEFAULT_STALE_AFTER = timedelta(seconds=30)
@@ -154,3 +157,55 @@ async def collect_garbage(store: base.EngineStore, now: datetime, settings: Sett
             if deleted < limit:
                 break
     return total
+
+
+UNSERVED_EVERY = timedelta(seconds=30)
+"""How often the leader looks for apps with queued tasks and no live executor."""
+UNSERVED_GRACE = 10.0
+"""Seconds an app's oldest queued task must have waited before it is reported (an executor may
+be starting)."""
+UNSERVED_ALIVE_WITHIN = timedelta(seconds=60)
+"""An executor heard from within this long counts as live (as on /health and /metrics)."""
+UNSERVED_LINES = 20
+"""Most apps named in the log per look; the rest are counted in one line."""
+UNSERVED_KEPT = 1000
+"""Most apps remembered as reported (so each is reported once while it stays unserved)."""
+
+
+async def watch_unserved(store: base.EngineStore, now: datetime, reported: set[str]) -> int:
+    """Log once per app whose tasks are QUEUED while no live executor serves it.
+
+    ``reported`` holds the apps already reported; an app served again (or with nothing queued)
+    leaves it with one INFO line. Returns how many apps were newly reported.
+    """
+    rows = await store.unserved_apps(
+        now=now, alive_since=now - UNSERVED_ALIVE_WITHIN, limit=UNSERVED_KEPT
+    )
+    waiting = {row["app"]: row for row in rows if row["waiting_s"] >= UNSERVED_GRACE}
+    for app in sorted(reported - waiting.keys()):
+        reported.discard(app)
+        logger.info(
+            "An app is served again or has nothing queued",
+            extra={"event": "app_served", "app": app[:128]},
+        )
+    new = [row for app, row in waiting.items() if app not in reported]
+    for row in new[:UNSERVED_LINES]:
+        logger.warning(
+            "Tasks queued for an app no live executor serves: start `kaiju-tasks executor --app"
+            " %s` or add it to [executor] apps; the tasks fail at their deadline",
+            row["app"][:128],
+            extra={
+                "event": "app_unserved",
+                "app": row["app"][:128],
+                "queued": row["queued"],
+                "waiting_s": round(row["waiting_s"], 1),
+            },
+        )
+    if len(new) > UNSERVED_LINES:
+        logger.warning(
+            "%d more apps have queued tasks and no live executor",
+            len(new) - UNSERVED_LINES,
+            extra={"event": "app_unserved_more", "apps": len(new) - UNSERVED_LINES},
+        )
+    reported.update(row["app"] for row in new[: UNSERVED_KEPT - len(reported)])
+    return len(new)

@@ -217,6 +217,16 @@ class EngineStore(TaskStore, Protocol):
         """Record an executor coming online."""
         ...
 
+    async def unserved_apps(
+        self, *, now: datetime, alive_since: datetime, limit: int | None
+    ) -> list[Row]:
+        """Apps with QUEUED tasks that no live executor serves, the longest waiting first.
+
+        Each row is ``{app, queued, waiting_s}``; a live executor is one heard from after
+        ``alive_since`` that has not stopped.
+        """
+        ...
+
     async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
         """Record that an executor is alive."""
         ...

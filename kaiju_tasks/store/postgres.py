@@ -554,6 +554,20 @@ class PostgresTaskStore(base.TaskStore):
             for key, value in row.items()
         }
 
+    async def unserved_apps(
+        self, *, now: datetime, alive_since: datetime, limit: int | None
+    ) -> list[Row]:
+        """Apps with QUEUED tasks that no live executor serves: ``{app, queued, waiting_s}``."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["unserved_apps"], now, alive_since, limit)
+        return [dict(r) for r in rows]
+
+    async def served_apps(self, *, alive_since: datetime) -> set[str]:
+        """The apps live executors serve (heard from after ``alive_since``, not stopped)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["served_apps"], alive_since)
+        return {r["app"] for r in rows}
+
     async def metrics(self, *, now: datetime, alive_since: datetime) -> Row:
         """Tasks by app and status, queue lag by app, live executors, events written."""
         row = await self._fetchrow("metrics", now, alive_since)

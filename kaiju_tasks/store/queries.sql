@@ -678,3 +678,23 @@ SELECT
     (SELECT coalesce(json_agg(c), '[]') FROM (
         SELECT app_name, status, count(*) AS n FROM tasks GROUP BY 1, 2 ORDER BY 1, 2) c)
         AS counts;
+
+-- name: unserved_apps
+-- Apps whose tasks are QUEUED while no live executor serves them ($2: heard from after this and
+-- not stopped), the longest waiting first: {app, queued, waiting_s} measured at $1; at most $3.
+WITH served AS (
+    SELECT DISTINCT unnest(apps) AS app FROM executors
+    WHERE stopped_at IS NULL AND heartbeat_at > $2),
+queued AS (
+    SELECT app_name, count(*) AS queued, min(queued_at) AS oldest
+    FROM tasks WHERE status = 'QUEUED' GROUP BY 1)
+SELECT q.app_name AS app, q.queued,
+       greatest(extract(epoch FROM $1::timestamptz - q.oldest)::float8, 0) AS waiting_s
+FROM queued q
+WHERE NOT EXISTS (SELECT 1 FROM served s WHERE s.app = q.app_name)
+ORDER BY q.oldest, q.app_name
+LIMIT $3;
+
+-- name: served_apps
+-- The apps live executors serve (heard from after $1 and not stopped).
+SELECT DISTINCT unnest(apps) AS app FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $1;

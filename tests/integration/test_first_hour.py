@@ -68,3 +68,30 @@ async def test_health_and_metrics_show_apps_nobody_serves(
     text = (await metrics.render()).decode()
     assert 'kaiju_tasks_unserved_tasks{app="billing"} 3.0' in text
     assert 'kaiju_tasks_unserved_tasks{app="orders"}' not in text
+
+
+async def test_the_leader_warns_once_per_app_nobody_serves_and_says_when_it_is_served(
+    store: postgres.PostgresEngineStore, caplog: Any
+) -> None:
+    import logging
+
+    from kaiju_tasks.manager import Manager
+
+    await _queue(store, "billing", 2)
+    clock = SystemClock()
+    manager = Manager(store, clock=clock, gc=False)
+    later = clock.now() + timedelta(seconds=20)  # past the grace an executor gets to start
+    with caplog.at_level(logging.INFO, logger="kaiju_tasks.manager"):
+        assert (await manager.tick(later))["watch_unserved"] == 1
+        # Reported once: the next looks (every 30 s) say nothing more while nothing changes.
+        assert (await manager.tick(later + timedelta(seconds=31)))["watch_unserved"] == 0
+        served_at = later + timedelta(seconds=62)
+        await store.register_executor(
+            "ex", apps=["billing"], host="h", pid=1, concurrency=1, now=served_at
+        )
+        await manager.tick(served_at)
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "app_unserved"]
+    assert [(r.app, r.queued) for r in warnings] == [("billing", 2)]  # type: ignore[attr-defined]
+    assert "kaiju-tasks executor --app billing" in warnings[0].getMessage()
+    served = [r for r in caplog.records if getattr(r, "event", None) == "app_served"]
+    assert [r.app for r in served] == ["billing"]  # type: ignore[attr-defined]
