@@ -91,7 +91,7 @@ async def test_the_leader_warns_once_per_app_nobody_serves_and_says_when_it_is_s
         )
         await manager.tick(served_at)
     warnings = [r for r in caplog.records if getattr(r, "event", None) == "app_unserved"]
-    assert [(r.app, r.queued) for r in warnings] == [("billing", 2)]  # type: ignore[attr-defined]
+    assert [(r.app, r.queued) for r in warnings] == [("billing", 2)]
     assert "kaiju-tasks executor --app billing" in warnings[0].getMessage()
     served = [r for r in caplog.records if getattr(r, "event", None) == "app_served"]
-    assert [r.app for r in served] == ["billing"]  # type: ignore[attr-defined]
+    assert [r.app for r in served] == ["billing"]
