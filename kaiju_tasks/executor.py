@@ -640,7 +640,7 @@ class Executor:
         ):
             reject_error = {
                 "code": protocol.REJECTED,
-                "message": exc.message,
+                "message": _cut(exc.message),
                 "stage": stage,
                 "reason": "rejected",
             }
@@ -665,7 +665,7 @@ class Executor:
             code = protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR
         error: dict[str, Any] = {
             "code": code,
-            "message": exc.message,
+            "message": _cut(exc.message),
             "stage": stage,
             "reason": "timeout" if timeout else "rejected" if rejected else "error",
         }
@@ -700,7 +700,7 @@ class Executor:
                 "job_id": row["job_id"],
                 "stage": stage,
                 "status": failed["status"],
-                "error": exc.message,
+                "error": error["message"],
             },
         )
 
@@ -739,6 +739,17 @@ class Executor:
 
     async def _fail_tasks(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self.store.fail_tasks(items, now=self.clock.now())
+
+
+MAX_ERROR_MESSAGE = 4000
+"""Longest error message a stage stores and logs (characters); the rest is cut: a message may
+quote what a stage or a called service answered."""
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return f"{message[:MAX_ERROR_MESSAGE]}... ({len(message) - MAX_ERROR_MESSAGE:,} characters cut)"
 
 
 def _deadline(row: Mapping[str, Any], now: datetime) -> datetime:

@@ -12,3 +12,8 @@ methods = Methods()
 @methods.register("sec.echo")
 async def echo(text: Any = None) -> Any:
     return text
+
+
+@methods.register("sec.fail")
+async def fail(size: int) -> Any:
+    raise ValueError("x" * size)

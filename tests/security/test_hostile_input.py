@@ -365,3 +365,14 @@ def test_modify_others_cannot_hand_a_task_to_another_user(server: Server) -> Non
     server.ok("tasks.update", {"id": "alices", "data": {"description": "checked"}}, carol)
     task = server.ok("tasks.get", {"id": "alices"})
     assert (task["user_id"], task["description"]) == ("alice", "checked")
+
+
+def test_a_huge_stage_error_is_stored_and_logged_cut(server: Server) -> None:
+    server.ok(
+        "tasks.create",
+        {"data": {"id": "loud", "commands": [{"method": "sec.fail", "params": {"size": 900_000}}]}},
+    )
+    failed = server.wait_status("loud", "FAILED", "FINISHED")
+    assert failed["status"] == "FAILED"
+    assert len(failed["error"]["message"]) < 5_000
+    assert "characters cut" in failed["error"]["message"]
