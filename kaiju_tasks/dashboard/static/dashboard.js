@@ -3,12 +3,18 @@
 (function () {
   "use strict";
 
+  // Set once the page is being left (a form posted, a link followed): a refresh answered 401
+  // (the session just ended by "Log out") must not reload this page over the navigation.
+  var leaving = false;
+
   // Confirm destructive actions (forms marked data-confirm).
   document.addEventListener("submit", function (event) {
     var form = event.target;
     var question = form && form.getAttribute && form.getAttribute("data-confirm");
     if (question && !window.confirm(question)) { event.preventDefault(); }
+    if (!event.defaultPrevented) { leaving = true; }
   });
+  window.addEventListener("beforeunload", function () { leaving = true; });
 
   var live = document.getElementById("live");
   var status = document.getElementById("live-status");
@@ -87,7 +93,10 @@
     last = Date.now();
     fetch(partialUrl(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (response) {
-        if (response.status === 401) { window.location.reload(); return null; }
+        if (response.status === 401) {
+          if (!leaving) { window.location.reload(); }
+          return null;
+        }
         return response.ok || response.status === 400 || response.status === 404
           ? response.text() : null;
       })
@@ -139,7 +148,7 @@
       // The server refused the stream: logged out (reload shows the login page) or no live
       // updates on this server (say so, and stay).
       fetch(partialUrl(), { credentials: "same-origin" }).then(function (response) {
-        if (response.status === 401) { window.location.reload(); }
+        if (response.status === 401 && !leaving) { window.location.reload(); }
       });
       say("live updates off", false);
       return;
