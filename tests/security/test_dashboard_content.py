@@ -21,11 +21,6 @@ from kaiju_tasks.dashboard.views import _csrf, task_url
 from kaiju_tasks.store import postgres
 from tests.integration import test_dashboard_http as http
 
-app = http.app
-client = http.client
-tokens = http.tokens
-sessions = http.sessions
-
 Client = http.Client
 
 ODD_TEXT = "\u202eevil\u202c \u200b\u200d \U0001f600 e\u0301 \uffff \u2028 <b>&amp;</b> \\ \" ' %00"

@@ -23,13 +23,6 @@ from kaiju_tasks.store import postgres
 from tests.browser import conftest as browser_fixtures
 from tests.integration import test_dashboard_http as http
 
-app = http.app
-client = http.client
-tokens = http.tokens
-sessions = http.sessions
-browser = browser_fixtures.browser
-site = browser_fixtures.site
-
 Client = http.Client
 
 TRAVERSAL = "x/../bob_idle"
