@@ -237,7 +237,8 @@ async def scrape(store: postgres.PostgresEngineStore, dsn: str, aiohttp_client: 
     api = _api(store, methods.Methods(), config.Settings(), metrics)
     client = await aiohttp_client(rpc_server.create_app(api))
     try:
-        await asyncio.sleep(0.5)  # the receiver follows events from its start
+        async with asyncio.timeout(30):  # the receiver follows events from where it is placed
+            await metrics._receiver.ready.wait()
         service = TaskService(store)
         async with Executor(store, apps=["shop"], methods=_workload_methods(), dsn=dsn):
             tasks = [

@@ -105,7 +105,7 @@ async def test_no_page_answers_500_because_of_a_task_s_content(
         headers = http._cookie(sessions[who])
         for path in (task_url(task_id), task_url(task_id, partial="1"), "/", "/tasks", "/workers"):
             response = await client.get(URL(path, encoded=True), headers=headers)
-            assert response.status in (200, 404) if who == "alice" else (200,), (who, path)
+            assert response.status in ((200, 404) if who == "alice" else (200,)), (who, path)
             await response.read()
     headers = http._cookie(sessions["system"])
     body = await (await client.get(URL(task_url(task_id), encoded=True), headers=headers)).text()

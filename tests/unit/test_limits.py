@@ -150,8 +150,9 @@ def test_the_parse_cache_is_bounded_by_the_characters_it_holds():
 def test_catastrophic_patterns_match_in_linear_time(pattern):
     text = "a" * 200_000 + "!"
     # Python's backtracking engine takes years on these; RE2 answers at once.
-    assert conditions.evaluate({"x": {"match": pattern}}, {"x": text}) in (True, False)
-    assert conditions.evaluate({"x": {"match": "[p]"}}, {"x": text, "p": pattern}) in (True, False)
+    # The text ends in "!": none of them matches (a backtracking engine never gets to say so).
+    assert conditions.evaluate({"x": {"match": pattern}}, {"x": text}) is False
+    assert conditions.evaluate({"x": {"match": "[p]"}}, {"x": text, "p": pattern}) is False
 
 
 def test_like_with_many_wildcards_on_a_large_text_completes():
@@ -224,7 +225,7 @@ def test_explaining_a_missing_path_draws_from_the_budget():
     for _ in range(150):
         value = [value]
     error = refused(templates.render, {"text": "[kws.a.k]"}, {"kws": {"a": value}})
-    assert "eval_steps" in error.message or "not found" in error.message
+    assert "eval_steps" in error.message
 
 
 def test_condition_paths_mapping_over_lists_draw_from_the_budget():
