@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from croniter import croniter  # type: ignore[attr-defined,unused-ignore]
 
-from kaiju_tasks import errors
+from kaiju_tasks import errors, templates
 
 
 def validate(expr: str, field: str = "cron") -> str:
@@ -20,7 +20,8 @@ def validate(expr: str, field: str = "cron") -> str:
         valid = False
     if not valid:
         raise errors.ValidationError(
-            f"invalid cron expression {expr[:100]!r} (expected e.g. '*/5 * * * *')", field=field
+            f"invalid cron expression {templates.shown(expr)} (expected e.g. '*/5 * * * *')",
+            field=field,
         )
     # croniter accepts dates that never come ("0 0 31 2 *"): it fails only when asked for one.
     try:
@@ -43,7 +44,7 @@ def next_fire(expr: str, after: datetime) -> datetime:
         result = croniter(expr, after).get_next(datetime)
     except Exception:  # noqa: BLE001 - croniter raises assorted errors (CroniterBadDateError)
         raise errors.ValidationError(
-            f"cron expression {expr[:100]!r} never fires (no such date)"
+            f"cron expression {templates.shown(expr)} never fires (no such date)"
         ) from None
     assert isinstance(result, datetime)
     return result

@@ -284,9 +284,6 @@ UNSERVED_LIMIT = 100
 """Most apps :func:`unserved_apps` returns (the longest waiting first)."""
 
 
-# Apps with QUEUED tasks that no live executor serves (executors.apps lists the apps each one
-# claims): $1 = now, $2 = heard-since for a live executor, $3 = most apps. One pass over the
-# queue's partial index, then a lookup in the few live executors.
 def alive(worker: Mapping[str, Any], *, alive_since: datetime) -> bool:
     """Whether an executor row (``stopped_at``, ``heartbeat_at``) counts as live."""
     heartbeat = worker.get("heartbeat_at")
