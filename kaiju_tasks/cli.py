@@ -468,7 +468,6 @@ HEALTH_UNSERVED = 20
 def _api(
     store: Any, registry: methods.Methods, settings: config.Settings, metrics: Any = None
 ) -> Any:
-    from kaiju_tasks import monitor
     from kaiju_tasks.rpc import server as rpc_server
 
     async def health() -> dict[str, Any]:
@@ -479,8 +478,8 @@ def _api(
         result["status"] = "ok" if result["leader"] else "degraded"
         result["unserved_apps"] = [
             {"app": u["app"], "queued": u["queued"], "waiting_s": round(u["waiting_s"], 1)}
-            for u in await monitor.unserved_apps(
-                store.pool, now=now, alive_since=now - ALIVE_WITHIN, limit=HEALTH_UNSERVED
+            for u in await store.unserved_apps(
+                now=now, alive_since=now - ALIVE_WITHIN, limit=HEALTH_UNSERVED
             )
         ]
         return result
@@ -795,7 +794,6 @@ def _task(settings: config.Settings, args: argparse.Namespace) -> int:
 
 async def _warn_unserved(store: Any, created: Any) -> None:
     """Warn on stderr about each created task's app that no live executor serves."""
-    from kaiju_tasks import monitor
     from kaiju_tasks.metrics import ALIVE_WITHIN
 
     rows = created if isinstance(created, list) else [created]
@@ -803,7 +801,7 @@ async def _warn_unserved(store: Any, created: Any) -> None:
     if not apps:
         return
     now = SystemClock().now()
-    served = await monitor.served_apps(store.pool, alive_since=now - ALIVE_WITHIN)
+    served = await store.served_apps(alive_since=now - ALIVE_WITHIN)
     for app in apps:
         if app not in served:
             print(

@@ -183,8 +183,8 @@ class Metrics:
         """The Prometheus text exposition of every metric."""
         now = self.clock.now()
         row = await self.store.metrics(now=now, alive_since=now - ALIVE_WITHIN)
-        unserved = await monitor.unserved_apps(
-            self.store.pool, now=now, alive_since=now - ALIVE_WITHIN, limit=None
+        unserved = await self.store.unserved_apps(
+            now=now, alive_since=now - ALIVE_WITHIN, limit=None
         )
         self._snapshot.data = {
             "tasks": _json(row["tasks"]),
