@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     executor.add_argument("--shutdown-grace", type=float, help="seconds to finish stages on stop")
     executor.add_argument("--heartbeat", type=float, help="seconds between liveness records")
     executor.add_argument("--poll", type=float, help="longest seconds between claims when idle")
+    executor.add_argument(
+        "--debug",
+        action="store_true",
+        help="serve private queues APP@debug-RANDOM only (printed at start), never the apps'"
+        " own: route a task there with `task copy ID --app QUEUE`; their tasks fail when it stops",
+    )
 
     manager = commands.add_parser("manager", help="run the manager (one leader per database)")
     manager.add_argument("--interval", type=float, help="seconds between ticks ([manager])")
@@ -182,6 +188,11 @@ def _parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a task that has not ended"),
     ):
         task_commands.add_parser(name, help=text).add_argument("id")
+    t_copy = task_commands.add_parser(
+        "copy", help="queue a copy of a task (new id, no cron or next_task), e.g. for a debug queue"
+    )
+    t_copy.add_argument("id")
+    t_copy.add_argument("--app", help="the copy's app_name (default: the original's)")
     t_message = task_commands.add_parser("message", help="send a message to a waiting task")
     t_message.add_argument("id")
     t_message.add_argument("data", help="the message as JSON")
@@ -369,6 +380,7 @@ def _build_executor(
         ),
         poll_interval=timedelta(seconds=_pick(getattr(args, "poll", None), conf.poll_interval)),
         app_token=conf.token,
+        debug=getattr(args, "debug", False),
     )
 
 
@@ -416,6 +428,8 @@ def _serve(settings: config.Settings, component: str, build: Any) -> int:
                 loop.add_signal_handler(signum, stop.set)
             async with running:
                 print(f"kaiju-tasks {component.removeprefix('kaiju-tasks-')} running", flush=True)
+                for app, queue in getattr(running, "debug_queues", {}).items():
+                    print(f"debug queue for {app}: {queue}", flush=True)
                 await stop.wait()
 
     with database(settings) as dsn:
@@ -768,6 +782,10 @@ def _task(settings: config.Settings, args: argparse.Namespace) -> int:
                 )
             if command == "message":
                 return await tasks.write_message(args.id, _json_arg(args.data, "data"))
+            if command == "copy":
+                created = await tasks.copy(args.id, args.app)
+                await _warn_unserved(store, created)
+                return created
             return await getattr(tasks, command)(args.id)
 
     with database(settings) as dsn:
@@ -921,7 +939,7 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
             ",".join(w["apps"]),
             f"{w['running']}/{w['concurrency']}",
             ago(w["heartbeat_at"]),
-            "online" if alive else "offline",
+            ("online" if alive else "offline") + (" (debug)" if w.get("debug") else ""),
         )
     tasks = Table(title="running and waiting tasks", title_justify="left")
     for column in ("task", "app", "status", "stage", "executor", "since"):

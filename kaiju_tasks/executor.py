@@ -39,6 +39,7 @@ from kaiju_tasks import (
 )
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
+from kaiju_tasks.manager import steps
 from kaiju_tasks.rpc import client as rpc_client
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
@@ -52,6 +53,8 @@ DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
 RETRY_MAX_DELAY = 2.0
+DEBUG_MARK = "@debug-"
+"""Marks the private queue of a debug executor: ``<app>@debug-<random>``."""
 """Longest wait, in seconds, between two tries of a write or heartbeat the database failed."""
 
 
@@ -81,6 +84,10 @@ class Executor:
             executors silent for several intervals).
         shutdown_grace: how long ``stop()`` lets running stages finish before handing their
             tasks back (SUSPENDED, re-queued at once).
+        debug: serve private queues ``<app>@debug-<random>`` instead of ``apps`` (see
+            ``debug_queues``): tasks created for those names (or copied there with
+            ``tasks.copy``) run here only, production executors never take them, and they are
+            failed (reason ``debug_executor_gone``) once this executor is gone.
     """
 
     def __init__(
@@ -100,13 +107,29 @@ class Executor:
         poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
         heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL,
         shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE,
+        debug: bool = False,
     ) -> None:
         if concurrency < 1:
             raise errors.ConfigError("concurrency must be at least 1")
+        for app in apps:
+            if DEBUG_MARK in app:
+                raise errors.ConfigError(
+                    f"app {app[:128]!r}: names with {DEBUG_MARK!r} are the private queues of"
+                    " debug executors (start one with --debug instead)"
+                )
         self.store = store
-        self.apps = list(apps)
-        self.methods = methods if methods is not None else methods_.Methods()
+        self.debug = debug
         self.app_urls = dict(app_urls or {})
+        self.debug_queues: dict[str, str] = {}
+        """In debug mode, ``app -> its private queue``: the ``app_name`` to give tasks."""
+        if debug:
+            tag = f"{DEBUG_MARK}{uuid.uuid4().hex[:8]}"
+            self.debug_queues = {app: f"{app}{tag}" for app in apps}
+            for app, queue in self.debug_queues.items():
+                if app in self.app_urls:
+                    self.app_urls[queue] = self.app_urls[app]
+        self.apps = list(self.debug_queues.values()) if debug else list(apps)
+        self.methods = methods if methods is not None else methods_.Methods()
         self.clock: clock_.Clock = clock or clock_.SystemClock()
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = concurrency
@@ -160,6 +183,17 @@ class Executor:
             "Executor online",
             extra={"event": "executor_online", "executor_id": self.id, "apps": self.apps},
         )
+        for app, queue in self.debug_queues.items():
+            logger.warning(
+                "Debug executor: serving %s only, never %s. Route a task here with app_name %s"
+                " (or `kaiju-tasks task copy ID --app %s`); its tasks fail once this executor"
+                " stops",
+                queue,
+                app[:128],
+                queue,
+                queue,
+                extra={"event": "debug_queue", "executor_id": self.id, "app": app, "queue": queue},
+            )
         if self._listener is not None:
             await self._listener.start()
         self._loops = [
@@ -175,6 +209,7 @@ class Executor:
             pid=os.getpid(),
             concurrency=self.concurrency,
             now=self.clock.now(),
+            debug=self.debug,
         )
 
     async def run(self) -> None:
@@ -230,6 +265,8 @@ class Executor:
                     },
                 )
             await self.store.executor_stopped(self.id, now=self.clock.now())
+            if self.debug:
+                await self._drop_debug_queues()
         except errors.StoreError as exc:
             logger.warning(
                 "Executor stopped without the database: the manager rescues its tasks once it"
@@ -240,6 +277,23 @@ class Executor:
             await self._listener.stop()
         await self.client.close()
         logger.info("Executor offline", extra={"event": "executor_offline", "executor_id": self.id})
+
+    async def _drop_debug_queues(self) -> None:
+        """Fail what is left in this debug executor's queues: nothing else will run it."""
+        settings = steps.Settings()
+        failed = 0
+        while True:
+            done = await steps.fail_debug_orphans(
+                self.store, self.clock.now(), settings, apps=self.apps
+            )
+            failed += done
+            if done < settings.batch:
+                break
+        if failed:
+            logger.info(
+                "Tasks left in the debug queues failed",
+                extra={"event": "debug_tasks_failed", "executor_id": self.id, "count": failed},
+            )
 
     def _stop_asked(self) -> bool:
         return self._stopping

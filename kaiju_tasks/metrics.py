@@ -119,6 +119,12 @@ class _Snapshot(Collector):
             "Executors heard from lately",
             value=self.data.get("executors", 0),
         )
+        yield GaugeMetricFamily(
+            "kaiju_tasks_debug_executors_alive",
+            "Debug executors heard from lately (counted in kaiju_tasks_executors_alive too);"
+            " they serve private <app>@debug-<random> queues only",
+            value=self.data.get("debug_executors", 0),
+        )
         yield CounterMetricFamily(
             "kaiju_tasks_events_written",
             "Lifecycle events written",
@@ -191,6 +197,7 @@ class Metrics:
             "lag": _json(row["lag"]),
             "unserved": unserved,
             "executors": row["executors"],
+            "debug_executors": row["debug_executors"],
             "events": row["events"],
         }
         return generate_latest(self.registry)

@@ -40,7 +40,10 @@ class TaskRuntime:
         apps: app names the executor serves (none: no executor).
         methods: in-process methods (a new registry by default: ``runtime.methods``).
         app_urls: ``app_name -> JSON-RPC URL`` for apps served over HTTP.
-        executor: run an executor; manager: run a manager.
+        executor: run an executor; manager: run a manager (default: unless ``debug``).
+        debug: the executor serves private queues ``<app>@debug-<random>`` only (see
+            ``debug_queues``), to attach code under development to a production database
+            without taking its work; no manager runs unless ``manager=True``.
         apply_migrations: apply pending migrations on start.
         executor_options / manager_options: extra keyword arguments for Executor / Manager.
     """
@@ -53,7 +56,8 @@ class TaskRuntime:
         methods: methods_.Methods | None = None,
         app_urls: Mapping[str, str] | None = None,
         executor: bool = True,
-        manager: bool = True,
+        manager: bool | None = None,
+        debug: bool = False,
         apply_migrations: bool = True,
         embedded_dir: Path | None = None,
         pool_size: int = 10,
@@ -66,7 +70,8 @@ class TaskRuntime:
         self.methods = methods if methods is not None else methods_.Methods()
         self.app_urls = dict(app_urls or {})
         self.run_executor = executor and bool(self.apps)
-        self.run_manager = manager
+        self.run_manager = (not debug) if manager is None else manager
+        self.debug = debug
         self.apply_migrations = apply_migrations
         self.embedded_dir = embedded_dir
         self.pool_size = pool_size
@@ -121,9 +126,15 @@ class TaskRuntime:
                 methods=self.methods,
                 app_urls=self.app_urls,
                 dsn=dsn,
+                debug=self.debug,
                 **self.executor_options,
             )
             await self.executor.start()
+
+    @property
+    def debug_queues(self) -> dict[str, str]:
+        """In debug mode, ``app -> the private queue`` to give tasks as ``app_name``."""
+        return dict(self.executor.debug_queues) if self.executor is not None else {}
 
     async def stop(self) -> None:
         """Stop the components (handing unfinished tasks back), close the pool."""

@@ -516,6 +516,53 @@ class TaskService:
                 task_id, access, "task {id!r} is running ({status}): cancel it before deleting"
             )
 
+    async def copy(
+        self,
+        id: str,
+        app_name: str | None = None,
+        *,
+        columns: Any = None,
+        caller: models.Caller = models.SYSTEM,
+    ) -> dict[str, Any]:
+        """Create a new task that runs what task ``id`` runs, for ``app_name`` (default: its own).
+
+        The copy has a new id and job id and is queued at once at stage 0 with the original's
+        stages, ``kws``, timeouts, retries, priority, ``notify``, ``description`` and ``meta``;
+        it has no ``cron``, ``next_task`` or ``expires_at``, so it runs once and starts nothing
+        else. Its ``meta.copy_of`` names the original. The usual use is routing a production
+        task to a debug executor's private queue (``<app>@debug-<random>``) to run it against
+        code under development. The caller must be allowed to see the original.
+        """
+        row = await self._visible(_id(id), _Access(caller))
+        data: dict[str, Any] = {
+            name: row[name]
+            for name in (
+                "commands",
+                "kws",
+                "max_exec_timeout",
+                "max_retries",
+                "restart_policy",
+                "retry_delay",
+                "notify",
+                "description",
+                "priority",
+            )
+        }
+        data["app_name"] = row["app_name"] if app_name is None else app_name
+        data["meta"] = {**(row["meta"] or {}), "copy_of": row["id"]}
+        if caller.is_system and row["user_id"] is not None:
+            data["user_id"] = row["user_id"]  # the owner keeps seeing the copy
+        try:
+            created = await self.create(data, columns=columns, caller=caller)
+        except errors.ValidationError as exc:
+            if exc.field in {"app_name", "app"}:
+                raise
+            raise errors.ValidationError(
+                f"task {row['id']!r} cannot be copied: {exc.message}", field="id"
+            ) from None
+        assert isinstance(created, dict)
+        return created
+
     async def reset(self, id: str, *, caller: models.Caller = models.SYSTEM) -> dict[str, Any]:
         """Return a task to its initial state and queue it again with a new ``job_id``.
 

@@ -79,6 +79,7 @@ SELECT status, count(*) AS n FROM tasks GROUP BY 1 ORDER BY 1
 # Executors heard from since $1 (newest first), each with the tasks it runs now.
 _WORKERS = """
 SELECT e.id, e.host, e.pid, e.apps, e.concurrency, e.started, e.heartbeat_at, e.stopped_at,
+       e.debug,
        coalesce((SELECT array_agg(t.id ORDER BY t.status_change) FROM tasks t
                  WHERE t.status = 'EXECUTED' AND t.executor_id = e.id), '{}') AS running
 FROM executors e

@@ -24,6 +24,7 @@ Duty = Callable[[base.EngineStore, datetime, steps.Settings], Awaitable[int]]
 SCHEDULER_DUTIES: tuple[tuple[str, Duty], ...] = (
     ("expire_timeouts", steps.expire_timeouts),
     ("rescue_stale", steps.rescue_stale),
+    ("fail_debug_orphans", steps.fail_debug_orphans),
     ("requeue_suspended", steps.requeue_suspended),
     ("release_timers", steps.release_timers),
     ("schedule_due", steps.schedule_due),
@@ -94,8 +95,8 @@ class Manager:
         done: dict[str, int] = {}
         if self.scheduler:
             for name, duty in SCHEDULER_DUTIES:
-                if duty is steps.rescue_stale:
-                    done[name] = await steps.rescue_stale(
+                if duty is steps.rescue_stale or duty is steps.fail_debug_orphans:
+                    done[name] = await duty(
                         self.store, now, self.settings, observed_since=self.observed_since
                     )
                 else:

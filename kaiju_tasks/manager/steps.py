@@ -120,10 +120,68 @@ async def rescue_stale(
         observed_since: when the manager's current, unbroken view of the database began
             (None: always watched, as in tests that call ``tick`` directly).
     """
-    silent_since: datetime | None = now - settings.stale_after
-    if observed_since is not None and silent_since is not None and observed_since > silent_since:
-        silent_since = None  # not watched long enough: no executor is silent for stale_after
-    return await store.suspend_stale(now=now, silent_since=silent_since, limit=settings.batch)
+    return await store.suspend_stale(
+        now=now, silent_since=_silent_since(now, settings, observed_since), limit=settings.batch
+    )
+
+
+def _silent_since(
+    now: datetime, settings: Settings, observed_since: datetime | None
+) -> datetime | None:
+    """Heartbeats older than this are silence (None: the manager has not watched long enough)."""
+    silent_since = now - settings.stale_after
+    if observed_since is not None and observed_since > silent_since:
+        return None  # not watched long enough: no executor is silent for stale_after
+    return silent_since
+
+
+DEBUG_GONE = "debug_executor_gone"
+"""The ``reason`` of tasks failed because the debug executor of their queue is gone."""
+
+
+async def fail_debug_orphans(
+    store: base.EngineStore,
+    now: datetime,
+    settings: Settings,
+    *,
+    observed_since: datetime | None = None,
+    apps: list[str] | None = None,
+) -> int:
+    """Fail the tasks left in the queues of debug executors that are gone.
+
+    A debug queue (``<app>@debug-<random>``) is served by one debug executor only: once it has
+    stopped, been silent for ``stale_after`` (counted as in ``rescue_stale``) or never existed,
+    nothing will ever run its tasks. They fail at once (exit code 130, reason
+    ``debug_executor_gone``) instead of waiting for their deadline. A debug executor that
+    stops calls this for its own queues (``apps``).
+    """
+    rows = await store.debug_orphans(
+        silent_since=_silent_since(now, settings, observed_since), limit=settings.batch, apps=apps
+    )
+    if not rows:
+        return 0
+    items = [
+        {
+            "id": row["id"],
+            "status": row["status"],
+            "executor_id": row["executor_id"],
+            "stage": row["stage"],
+            "error": {
+                "code": protocol.CANCELLED,
+                "message": (
+                    f"the debug executor serving {row['app_name'][:300]!r} is gone: nothing"
+                    " will run this task"
+                ),
+                "stage": row["stage"],
+                "reason": DEBUG_GONE,
+            },
+            "exit_code": 130,
+            "retryable": False,
+            "next_run": None,
+        }
+        for row in rows
+    ]
+    return len(await store.fail_tasks(items, now=now))
 
 
 async def requeue_suspended(store: base.EngineStore, now: datetime, settings: Settings) -> int:

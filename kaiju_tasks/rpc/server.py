@@ -107,6 +107,7 @@ SERVICE_METHODS: dict[str, tuple[str, str]] = {
     "tasks.update": ("tasks", "update"),
     "tasks.delete": ("tasks", "delete"),
     "tasks.reset": ("tasks", "reset"),
+    "tasks.copy": ("tasks", "copy"),
     "tasks.write_message": ("tasks", "write_message"),
     "tasks.cancel": ("tasks", "cancel"),
     "notifications.get": ("notifications", "get"),

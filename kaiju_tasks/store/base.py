@@ -213,6 +213,7 @@ class EngineStore(TaskStore, Protocol):
         pid: int,
         concurrency: int,
         now: datetime,
+        debug: bool = False,
     ) -> None:
         """Record an executor coming online."""
         ...
@@ -303,6 +304,12 @@ class EngineStore(TaskStore, Protocol):
 
     async def requeue_suspended(self, *, now: datetime, limit: int) -> int:
         """Queue SUSPENDED tasks again."""
+        ...
+
+    async def debug_orphans(
+        self, *, silent_since: datetime | None, limit: int, apps: Sequence[str] | None = None
+    ) -> list[Row]:
+        """Tasks waiting in debug queues whose executor is gone."""
         ...
 
     async def prune(self, what: str, *, before: datetime, limit: int) -> int:

@@ -667,6 +667,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         pid: int,
         concurrency: int,
         now: datetime,
+        debug: bool = False,
     ) -> None:
         """Record an executor coming online (``worker-online``)."""
         async with self._connection() as connection:
@@ -678,6 +679,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
                 pid,
                 concurrency,
                 now,
+                debug,
             )
 
     async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
@@ -769,6 +771,15 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
     async def requeue_suspended(self, *, now: datetime, limit: int) -> int:
         """Queue SUSPENDED tasks again at their stage."""
         return int(await self._fetchval("requeue_suspended", now, limit))
+
+    async def debug_orphans(
+        self, *, silent_since: datetime | None, limit: int, apps: Sequence[str] | None = None
+    ) -> list[Row]:
+        """Tasks waiting in debug queues that no live debug executor serves (see the query)."""
+        rows = await self._fetch(
+            "debug_orphans", limit, silent_since, list(apps) if apps is not None else None
+        )
+        return [dict(r) for r in rows]
 
     async def prune(self, what: str, *, before: datetime, limit: int) -> int:
         """Delete ``tasks``, ``notifications``, ``events`` or ``executors`` older than before."""

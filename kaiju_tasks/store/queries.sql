@@ -149,16 +149,17 @@ DELETE FROM notifications WHERE id = $1 AND ($2::boolean OR user_id = $3) RETURN
 -- name: register_executor
 -- An executor comes online (or back online under the same id).
 WITH e AS (
-    INSERT INTO executors (id, apps, host, pid, concurrency, started, heartbeat_at)
-    VALUES ($1, $2::text[], $3, $4, $5, $6, $6)
+    INSERT INTO executors (id, apps, host, pid, concurrency, started, heartbeat_at, debug)
+    VALUES ($1, $2::text[], $3, $4, $5, $6, $6, $7)
     ON CONFLICT (id) DO UPDATE
     SET apps = excluded.apps, host = excluded.host, pid = excluded.pid,
         concurrency = excluded.concurrency, started = excluded.started,
-        heartbeat_at = excluded.heartbeat_at, stopped_at = NULL
+        heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, debug = excluded.debug
     RETURNING id)
 INSERT INTO events (type, executor_id, created, data)
 SELECT 'worker-online', e.id, $6,
-       jsonb_build_object('apps', $2::text[], 'host', $3, 'pid', $4, 'concurrency', $5)
+       jsonb_build_object('apps', $2::text[], 'host', $3, 'pid', $4, 'concurrency', $5,
+                          'debug', $7::boolean)
 FROM e;
 
 -- name: heartbeat
@@ -527,6 +528,22 @@ wake AS (
     FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
 SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 
+-- name: debug_orphans
+-- Tasks left in debug queues (`<app>@debug-<random>`) that no live debug executor serves: its
+-- executor stopped, was forgotten, was silent since $2 (NULL: silence does not count), or never
+-- existed. Each debug queue has one executor, so nothing will ever run them. $3: only these
+-- queues (NULL: all). At most $1.
+WITH alive AS (
+    SELECT DISTINCT unnest(apps) AS app FROM executors
+    WHERE debug AND stopped_at IS NULL AND ($2::timestamptz IS NULL OR heartbeat_at >= $2))
+SELECT t.id, t.status, t.executor_id, t.stage, t.app_name
+FROM tasks t
+WHERE t.app_name LIKE '%@debug-%' AND t.status IN ('IDLE', 'QUEUED', 'WAITING', 'SUSPENDED')
+  AND ($3::text[] IS NULL OR t.app_name = ANY($3::text[]))
+  AND NOT EXISTS (SELECT 1 FROM alive a WHERE a.app = t.app_name)
+ORDER BY t.id
+LIMIT $1;
+
 -- name: prune_tasks
 -- Delete ended tasks older than the retention period, except cron and system tasks.
 WITH doomed AS (
@@ -657,6 +674,8 @@ SELECT
      FROM (SELECT app_name, extract(epoch FROM $1::timestamptz - min(queued_at))::float8 AS lag
            FROM tasks WHERE status = 'QUEUED' GROUP BY 1) q) AS lag,
     (SELECT count(*) FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $2) AS executors,
+    (SELECT count(*) FROM executors
+     WHERE stopped_at IS NULL AND heartbeat_at > $2 AND debug) AS debug_executors,
     -- the identity's last value: unlike max(id), it never goes back when old events are pruned
     (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
         AS events;
@@ -666,7 +685,7 @@ SELECT
 -- (oldest first, at most $2), and task counts by app and status.
 SELECT
     (SELECT coalesce(json_agg(w ORDER BY w.id), '[]') FROM (
-        SELECT e.id, e.host, e.apps, e.concurrency, e.heartbeat_at, e.stopped_at,
+        SELECT e.id, e.host, e.apps, e.concurrency, e.heartbeat_at, e.stopped_at, e.debug,
                (SELECT count(*) FROM tasks t
                 WHERE t.status = 'EXECUTED' AND t.executor_id = e.id) AS running
         FROM executors e WHERE e.heartbeat_at > $1) w) AS workers,

@@ -433,3 +433,48 @@ def _readable(sock, within):
     import select
 
     return bool(select.select([sock], [], [], within)[0])
+
+
+def test_a_debug_executor_serves_its_private_queue_and_fails_it_on_stop(dsn, tmp_path):
+    release = tmp_path / "release"
+    debug = Running(
+        "--dsn",
+        dsn,
+        "executor",
+        "--debug",
+        "--methods",
+        "tests.acceptance.methods_for_cli:methods",
+        "--heartbeat",
+        "0.2",
+    )
+    try:
+        debug.wait_for("kaiju-tasks executor running")
+        queue = debug.wait_for("debug queue for default:")
+        assert queue.startswith("default@debug-")
+        body = {"id": "for-debug", "commands": [{"method": "cli.slow", "params": {"seconds": 0}}]}
+        assert cli("--dsn", dsn, "task", "create", json.dumps(body)).returncode == 0
+        copied = cli("--dsn", dsn, "task", "copy", "for-debug", "--app", queue, "--json")
+        assert copied.returncode == 0, copied.stderr
+        copy_id = json.loads(copied.stdout)["id"]
+        deadline = time.monotonic() + 60
+        while True:  # the copy runs on the debug executor; the original waits for production
+            got = cli("--dsn", dsn, "task", "get", copy_id, "--columns", "status,result", "--json")
+            if json.loads(got.stdout)["status"] == "FINISHED":
+                break
+            assert time.monotonic() < deadline, got.stdout
+            time.sleep(0.1)
+        assert json.loads(got.stdout)["result"] == ["slept"]
+        original = cli("--dsn", dsn, "task", "get", "for-debug", "--columns", "status", "--json")
+        assert json.loads(original.stdout)["status"] == "QUEUED"
+        shown = cli("--dsn", dsn, "top", "--once")
+        assert "online (debug)" in shown.stdout
+        held = {"id": "held", "app": queue, "commands": [{"method": "_MESSAGE_"}]}
+        assert cli("--dsn", dsn, "task", "create", json.dumps(held)).returncode == 0
+    finally:
+        release.touch()
+        assert debug.interrupt() == 0
+        debug.close()
+    left = cli("--dsn", dsn, "task", "get", "held", "--columns", "status,error", "--json")
+    row = json.loads(left.stdout)
+    assert row["status"] == "FAILED"
+    assert row["error"]["reason"] == "debug_executor_gone"

@@ -490,6 +490,18 @@ async def test_workers_need_view_others(
     assert "db-host-7" not in mine
     theirs = await (await client.get("/workers", headers=_cookie(sessions["system"]))).text()
     assert "db-host-7" in theirs
+    assert "s-debug" not in theirs
+    await store.register_executor(
+        "exec-2",
+        apps=["shop@debug-0a1b2c3d"],
+        host="laptop",
+        pid=7,
+        concurrency=1,
+        now=FrozenClock().now(),
+        debug=True,
+    )
+    theirs = await (await client.get("/workers", headers=_cookie(sessions["system"]))).text()
+    assert 'class="status s-debug"' in theirs  # the debug executor is marked as such
 
 
 async def test_viewing_others_is_not_modifying_them(

@@ -1,0 +1,229 @@
+"""Debug executors (Karton's debug mode): private queues, never production work."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from kaiju_tasks import Task, TaskCommand, TaskRuntime, errors, methods
+from kaiju_tasks.clock import SystemClock
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import steps
+from kaiju_tasks.metrics import Metrics
+from kaiju_tasks.models import Caller
+from kaiju_tasks.service import TaskService
+from kaiju_tasks.store import postgres
+from kaiju_tasks.testing import eventually
+
+FAST = {"poll_interval": timedelta(seconds=0.05), "shutdown_grace": timedelta(seconds=0.2)}
+
+
+def _worker(name: str, seen: list[tuple[str, int]]) -> methods.Methods:
+    registry = methods.Methods()
+
+    @registry.register("orders.work")
+    async def work(n: int) -> dict[str, Any]:
+        seen.append((name, n))
+        return {"by": name}
+
+    @registry.register("orders.hang")
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    return registry
+
+
+async def _made(tasks: TaskService, data: Any) -> Any:
+    return await tasks.create(data)
+
+
+def _work(app: str, n: int) -> Task:
+    return Task(
+        app=app, kws={"n": n}, commands=[TaskCommand(method="orders.work", params={"n": n})]
+    )
+
+
+async def _statuses(tasks: TaskService, ids: list[str]) -> dict[str, str]:
+    page = await tasks.list(conditions={"id": ids}, columns=["id", "status"], limit=len(ids))
+    return {row["id"]: row["status"] for row in page["data"]}
+
+
+async def test_debug_and_production_executors_never_take_each_others_tasks(dsn: str) -> None:
+    prod_seen: list[tuple[str, int]] = []
+    debug_seen: list[tuple[str, int]] = []
+    prod = TaskRuntime(
+        dsn, apps=["orders"], methods=_worker("prod", prod_seen), executor_options=FAST
+    )
+    debug = TaskRuntime(
+        dsn,
+        apps=["orders"],
+        methods=_worker("debug", debug_seen),
+        debug=True,
+        apply_migrations=False,
+        executor_options=FAST,
+    )
+    async with prod, debug:
+        assert debug.manager is None  # a debug runtime does not lead a production database
+        queue = debug.debug_queues["orders"]
+        assert queue.startswith("orders@debug-")
+        assert len(queue) == len("orders@debug-") + 8
+        assert prod.debug_queues == {}
+        prod_ids = [
+            row["id"] for row in await _made(prod.tasks, [_work("orders", n) for n in range(20)])
+        ]
+        debug_ids = [
+            row["id"] for row in await _made(prod.tasks, [_work(queue, n) for n in range(100, 120)])
+        ]
+        everything = prod_ids + debug_ids
+
+        async def all_finished() -> bool:
+            return set((await _statuses(prod.tasks, everything)).values()) == {"FINISHED"}
+
+        await eventually(all_finished, what="both sets of tasks to finish")
+        assert sorted(n for _, n in prod_seen) == list(range(20))
+        assert {name for name, _ in prod_seen} == {"prod"}
+        assert sorted(n for _, n in debug_seen) == list(range(100, 120))
+        assert {name for name, _ in debug_seen} == {"debug"}
+
+        # A production task routed to the debug queue runs there, with what the original ran.
+        copy = await prod.tasks.copy(prod_ids[3], queue)
+        assert copy["id"] != prod_ids[3]
+        assert copy["app_name"] == queue
+        assert copy["meta"] == {"copy_of": prod_ids[3]}
+        await eventually(
+            lambda: ("debug", 3) in debug_seen, what="the copy to run on the debug executor"
+        )
+        assert prod_seen.count(("prod", 3)) == 1
+        await eventually(lambda: _finished(prod.tasks, copy["id"]), what="the copy to be recorded")
+        done = await prod.tasks.get(copy["id"], ["status", "result"])
+        assert done == {"status": "FINISHED", "result": [{"by": "debug"}]}
+
+        # top, /metrics and the executors' rows say which executor is the debug one.
+        assert prod.store is not None
+        now = SystemClock().now()
+        top = await prod.store.top(heard_since=now - timedelta(minutes=1), limit=10)
+        flags = {w["id"]: w["debug"] for w in top["workers"]}
+        assert debug.executor is not None
+        assert prod.executor is not None
+        assert flags[debug.executor.id] is True
+        assert flags[prod.executor.id] is False
+        scrape = (await Metrics(prod.store, dsn).render()).decode()
+        assert "kaiju_tasks_debug_executors_alive 1.0" in scrape
+        assert "kaiju_tasks_executors_alive 2.0" in scrape
+
+
+async def _finished(tasks: TaskService, task_id: str) -> bool:
+    return (await tasks.get(task_id, ["status"]))["status"] == "FINISHED"
+
+
+async def test_tasks_left_in_a_stopped_debug_executors_queue_fail_with_a_reason(dsn: str) -> None:
+    debug = TaskRuntime(
+        dsn,
+        apps=["orders"],
+        methods=_worker("debug", []),
+        debug=True,
+        executor_options={**FAST, "concurrency": 1, "prefetch": 0},
+    )
+    await debug.start()
+    try:
+        queue = debug.debug_queues["orders"]
+        hanging = await _made(
+            debug.tasks, Task(app=queue, commands=[TaskCommand(method="orders.hang")])
+        )
+        await eventually(
+            lambda: _status_is(debug.tasks, hanging["id"], "EXECUTED"), what="the hang to start"
+        )
+        queued = await _made(debug.tasks, _work(queue, 1))  # the one slot is taken
+        waiting = await _made(
+            debug.tasks,
+            Task(app=queue, commands=[{"method": "_MESSAGE_"}, TaskCommand(method="orders.work")]),
+        )
+        assert (await debug.tasks.get(queued["id"], ["status"]))["status"] == "QUEUED"
+    finally:
+        await debug.stop()
+    async with TaskRuntime(dsn, apps=[], apply_migrations=False) as reader:
+        for task in (hanging, queued, waiting):
+            row = await reader.tasks.get(task["id"], ["status", "exit_code", "error"])
+            assert row["status"] == "FAILED", (task, row)
+            assert row["exit_code"] == 130
+            assert row["error"]["reason"] == "debug_executor_gone"
+            assert queue in row["error"]["message"]
+
+
+async def _status_is(tasks: TaskService, task_id: str, status: str) -> bool:
+    return (await tasks.get(task_id, ["status"]))["status"] == status
+
+
+async def test_the_manager_fails_tasks_of_debug_executors_that_died_or_never_were(
+    store: postgres.PostgresEngineStore, task_service: TaskService, clock: Any
+) -> None:
+    now = clock.now()
+    settings = steps.Settings(stale_after=timedelta(seconds=30))
+    await store.register_executor(
+        "dead", apps=["shop@debug-0000dead"], host="h", pid=1, concurrency=1, now=now, debug=True
+    )
+    await store.register_executor(
+        "live", apps=["shop@debug-0000a11e"], host="h", pid=2, concurrency=1, now=now, debug=True
+    )
+    dead = await _made(task_service, _work("shop@debug-0000dead", 1))
+    live = await _made(task_service, _work("shop@debug-0000a11e", 2))
+    never = await _made(task_service, _work("shop@debug-00000000", 3))
+    production = await _made(task_service, _work("shop", 4))
+    # Only a queue nobody ever served is gone at once: the dead one has not been silent enough.
+    assert await steps.fail_debug_orphans(store, now, settings) == 1
+    assert (await task_service.get(never["id"], ["status"]))["status"] == "FAILED"
+    assert (await task_service.get(dead["id"], ["status"]))["status"] == "QUEUED"
+
+    later = clock.advance(timedelta(seconds=31))
+    await store.heartbeat("live", active=0, now=later)
+    # A manager that has not watched the database for stale_after does not count silence.
+    assert (
+        await steps.fail_debug_orphans(
+            store, later, settings, observed_since=later - timedelta(seconds=5)
+        )
+        == 0
+    )
+    assert await steps.fail_debug_orphans(store, later, settings) == 1
+    row = await task_service.get(dead["id"], ["status", "error"])
+    assert row["status"] == "FAILED"
+    assert row["error"]["reason"] == "debug_executor_gone"
+    for task in (live, production):
+        assert (await task_service.get(task["id"], ["status"]))["status"] == "QUEUED"
+
+
+async def test_production_executors_refuse_debug_queue_names(
+    store: postgres.PostgresEngineStore,
+) -> None:
+    with pytest.raises(errors.ConfigError, match="@debug-"):
+        Executor(store, apps=["orders", "orders@debug-12345678"])
+
+
+async def test_copy_needs_to_see_the_original_and_makes_a_one_off(
+    task_service: TaskService,
+) -> None:
+    original = await _made(
+        task_service,
+        Task(
+            app="shop",
+            commands=[TaskCommand(method="m")],
+            cron="0 * * * *",
+            max_retries=2,
+            meta={"team": "a"},
+            user_id="alice",
+        ),
+    )
+    with pytest.raises(errors.TaskNotFound):
+        await task_service.copy(original["id"], "shop@debug-1", caller=Caller.user("bob"))
+    mine = await task_service.copy(original["id"], caller=Caller.user("alice"))
+    assert mine["user_id"] == "alice"
+    assert mine["app_name"] == "shop"
+    assert mine["status"] == "QUEUED"
+    assert mine["cron"] is None
+    assert mine["max_retries"] == 2
+    assert mine["meta"] == {"team": "a", "copy_of": original["id"]}
+    with pytest.raises(errors.ValidationError) as refused:
+        await task_service.copy(original["id"], "")
+    assert refused.value.field == "app_name"
