@@ -241,6 +241,42 @@ class Outage:
         )
 
 
+class PoolFloorFilter(logging.Filter):
+    """Turns asyncpg's pool refill warnings into one short line a minute.
+
+    While the database is down, asyncpg's pool logs "Failed to restore the pool connection
+    floor" with a full traceback every time it retries (about once a second per pool). The
+    components already log the outage once, remind, and log its end (:class:`Outage`): this
+    keeps one line of asyncpg's own, without the traceback, at most every ``every`` seconds.
+    """
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__("asyncpg.pool")
+        self.every = every
+        self._last: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep ``record`` unless it repeats a refill warning within ``every`` seconds."""
+        if not str(record.msg).startswith("Failed to restore the pool connection floor"):
+            return True
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every:
+            return False
+        self._last = now
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg}: {_one_line(record.exc_info[1])}"
+            record.args = None
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_pool_refills() -> None:
+    """Install :class:`PoolFloorFilter` on asyncpg's pool logger (once per process)."""
+    pool_logger = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, PoolFloorFilter) for f in pool_logger.filters):
+        pool_logger.addFilter(PoolFloorFilter())
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."

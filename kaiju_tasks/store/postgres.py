@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 
-from kaiju_tasks import _gc, errors, limits, redact
+from kaiju_tasks import _gc, errors, limits, logs, redact
 from kaiju_tasks.store import base, copy, tables
 from kaiju_tasks.store.queries import QUERIES
 
@@ -77,6 +77,7 @@ async def create_pool(
     ``application_name`` shows in ``pg_stat_activity`` (e.g. ``kaiju-tasks-executor``).
     Connections go back to the pool without asyncpg's reset query (see :func:`_keep_session`).
     """
+    logs.quiet_pool_refills()
     try:
         pool = await asyncpg.create_pool(
             dsn,

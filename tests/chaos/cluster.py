@@ -140,6 +140,41 @@ class Cluster:
             "restart",
         )
 
+    def init_standby(self, primary: Cluster) -> None:
+        """Make this cluster a streaming-replication standby of ``primary`` (``pg_basebackup -R``).
+
+        ``primary`` must run with ``wal_level`` replica or logical (the default) and accept
+        replication connections from loopback (initdb's trust setup does).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam(SERVER_USER)
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+        self.root.chmod(0o700)
+        self._run(
+            self.bin / "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-D",
+            self.data,
+            "-R",  # standby.signal and primary_conninfo
+            "-X",
+            "stream",
+            "--no-sync",
+        )
+        # The copy carries the primary's own settings: this cluster's port and socket win.
+        lines = [f"{key} = {value}" for key, value in self.settings.items()]
+        with (self.data / "postgresql.auto.conf").open("a") as conf:
+            conf.write("\n".join(lines) + "\n")
+
+    def promote(self) -> None:
+        """Promote a standby to primary and wait until it accepts writes."""
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-w", "-t", "60", "promote")
+
     def running(self) -> bool:
         """Whether a postmaster runs on the data directory."""
         return (
