@@ -821,7 +821,14 @@ async def _warn_unserved(store: Any, created: Any) -> None:
     now = SystemClock().now()
     served = await store.served_apps(alive_since=now - ALIVE_WITHIN)
     for app in apps:
-        if app not in served:
+        if app not in served and models.DEBUG_MARK in app:
+            print(
+                f"kaiju-tasks: warning: no live debug executor serves queue {app!r}: the manager"
+                " fails its tasks (reason debug_executor_gone); start `kaiju-tasks executor"
+                " --debug` and use the queue it prints",
+                file=sys.stderr,
+            )
+        elif app not in served:
             print(
                 f"kaiju-tasks: warning: no live executor serves app {app!r}: its tasks stay "
                 "queued until one does, and fail when their deadline passes; start one with "

@@ -99,6 +99,8 @@ MAX_REQUEUES = 10
 """A task rejected with ``requeue=True`` more often than this fails instead."""
 MAX_PRIORITY = 100
 DEFAULT_APP = "default"
+DEBUG_MARK = "@debug-"
+"""Marks the private queue of a debug executor: ``<app>@debug-<random>``."""
 
 
 class Permission(enum.StrEnum):

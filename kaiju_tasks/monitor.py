@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import notifications, redact
+from kaiju_tasks import models, notifications, redact
 from kaiju_tasks.store import postgres
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,11 @@ def unserved(
     served = {
         app for w in workers if alive(w, alive_since=alive_since) for app in w.get("apps") or ()
     }
-    return sorted(app for app, count in queued.items() if count and app not in served)
+    return sorted(
+        app
+        for app, count in queued.items()
+        if count and app not in served and models.DEBUG_MARK not in app
+    )
 
 
 async def unserved_apps(

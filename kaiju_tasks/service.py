@@ -521,10 +521,13 @@ class TaskService:
         id: str,
         app_name: str | None = None,
         *,
+        app: str | None = None,
         columns: Any = None,
         caller: models.Caller = models.SYSTEM,
     ) -> dict[str, Any]:
         """Create a new task that runs what task ``id`` runs, for ``app_name`` (default: its own).
+
+        ``app`` is accepted for ``app_name``, as in ``create``.
 
         The copy has a new id and job id and is queued at once at stage 0 with the original's
         stages, ``kws``, timeouts, retries, priority, ``notify``, ``description`` and ``meta``;
@@ -533,6 +536,10 @@ class TaskService:
         task to a debug executor's private queue (``<app>@debug-<random>``) to run it against
         code under development. The caller must be allowed to see the original.
         """
+        if app is not None:
+            if app_name is not None and app_name != app:
+                raise errors.ValidationError("give app_name or app, not both", field="app")
+            app_name = app
         row = await self._visible(_id(id), _Access(caller))
         data: dict[str, Any] = {
             name: row[name]

@@ -181,7 +181,17 @@ async def fail_debug_orphans(
         }
         for row in rows
     ]
-    return len(await store.fail_tasks(items, now=now))
+    failed = await store.fail_tasks(items, now=now)
+    if failed:
+        logger.info(
+            "Tasks of debug queues whose executor is gone failed",
+            extra={
+                "event": "debug_tasks_failed",
+                "count": len(failed),
+                "queues": sorted({row["app_name"][:128] for row in rows})[:20],
+            },
+        )
+    return len(failed)
 
 
 async def requeue_suspended(store: base.EngineStore, now: datetime, settings: Settings) -> int:

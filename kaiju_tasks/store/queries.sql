@@ -706,7 +706,10 @@ WITH served AS (
     WHERE stopped_at IS NULL AND heartbeat_at > $2),
 queued AS (
     SELECT app_name, count(*) AS queued, min(queued_at) AS oldest
-    FROM tasks WHERE status = 'QUEUED' GROUP BY 1)
+    FROM tasks WHERE status = 'QUEUED'
+      -- a debug queue whose executor is gone is emptied by the manager (debug_orphans)
+      AND app_name NOT LIKE '%@debug-%'
+    GROUP BY 1)
 SELECT q.app_name AS app, q.queued,
        greatest(extract(epoch FROM $1::timestamptz - q.oldest)::float8, 0) AS waiting_s
 FROM queued q

@@ -227,3 +227,15 @@ async def test_copy_needs_to_see_the_original_and_makes_a_one_off(
     with pytest.raises(errors.ValidationError) as refused:
         await task_service.copy(original["id"], "")
     assert refused.value.field == "app_name"
+    routed = await task_service.copy(original["id"], app="shop@debug-0a1b2c3d")  # as in create
+    assert routed["app_name"] == "shop@debug-0a1b2c3d"
+
+
+async def test_debug_queues_are_never_reported_as_waiting_for_an_executor(
+    store: postgres.PostgresEngineStore, task_service: TaskService, clock: Any
+) -> None:
+    await _made(task_service, _work("shop@debug-0a1b2c3d", 1))
+    await _made(task_service, _work("shop", 2))
+    now = clock.now()
+    unserved = await store.unserved_apps(now=now, alive_since=now, limit=None)
+    assert [row["app"] for row in unserved] == ["shop"]  # the manager fails the other one
