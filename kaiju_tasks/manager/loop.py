@@ -62,6 +62,7 @@ class Manager:
         gc: bool = True,
     ) -> None:
         self.store = store
+        self._duties: base.EngineStore = store  # where the duties run (see _run)
         self.leadership = leadership
         self.clock: clock_.Clock = clock or clock_.SystemClock()
         self.settings = settings or steps.Settings()
@@ -92,20 +93,21 @@ class Manager:
 
     async def tick(self, now: datetime) -> dict[str, int]:
         """Run every duty once; return what each did."""
+        store = self._duties
         done: dict[str, int] = {}
         if self.scheduler:
             for name, duty in SCHEDULER_DUTIES:
                 if duty is steps.rescue_stale or duty is steps.fail_debug_orphans:
                     done[name] = await duty(
-                        self.store, now, self.settings, observed_since=self.observed_since
+                        store, now, self.settings, observed_since=self.observed_since
                     )
                 else:
-                    done[name] = await duty(self.store, now, self.settings)
+                    done[name] = await duty(store, now, self.settings)
             if self._last_unserved is None or now - self._last_unserved >= steps.UNSERVED_EVERY:
-                done["watch_unserved"] = await steps.watch_unserved(self.store, now, self._unserved)
+                done["watch_unserved"] = await steps.watch_unserved(store, now, self._unserved)
                 self._last_unserved = now
         if self.gc and (self._last_gc is None or now - self._last_gc >= self.gc_interval):
-            done["collect_garbage"] = await steps.collect_garbage(self.store, now, self.settings)
+            done["collect_garbage"] = await steps.collect_garbage(store, now, self.settings)
             self._last_gc = now
         if any(done.values()):
             logger.debug("Manager tick", extra={"event": "manager_tick", **done})
@@ -162,6 +164,12 @@ class Manager:
             if leading != self.is_leader:
                 self.is_leader = leading
                 self.observed_since = None  # a new view of the database starts
+                # The duties run where the leadership is held (fenced), or on the pool.
+                self._duties = (
+                    self.leadership.fenced(self.store)
+                    if leading and self.leadership is not None
+                    else self.store
+                )
                 logger.info(
                     "Manager leadership changed",
                     extra={"event": "leader_elected" if leading else "leader_standby"},

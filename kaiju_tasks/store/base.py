@@ -331,3 +331,10 @@ class Leadership(Protocol):
     async def release(self) -> None:
         """Give the leadership up."""
         ...
+
+    def fenced(self, store: EngineStore) -> EngineStore:
+        """The store the leader's duties use: one that acts only while the leadership holds.
+
+        An implementation that cannot fence returns ``store``.
+        """
+        ...

@@ -820,7 +820,9 @@ class AdvisoryLeadership(base.Leadership):
     """Leadership held as a session advisory lock on a dedicated connection.
 
     If the leader dies or its connection drops, PostgreSQL releases the lock and a standby's
-    next ``hold()`` takes it.
+    next ``hold()`` takes it. The leader's duties run in that same session (:meth:`fenced`):
+    a leader cut off from the database cannot act once the server has released its lock,
+    since a statement that reaches the server late finds its session gone.
     """
 
     CHECK_TIMEOUT = 5.0
@@ -868,6 +870,8 @@ class AdvisoryLeadership(base.Leadership):
             )
         try:
             got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+            if got:
+                await init_connection(connection)  # the duties' JSON codecs
         except BaseException:
             await connection.close()
             raise
@@ -877,9 +881,31 @@ class AdvisoryLeadership(base.Leadership):
         self._connection = connection
         return True
 
+    def fenced(self, store: base.EngineStore) -> base.EngineStore:
+        """A store over the lock's own session: its statements run only while the lock holds."""
+        return PostgresEngineStore(_LockSession(self))
+
     async def release(self) -> None:
         """Close the lock's connection, which releases it."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
             self._connection = None
+
+
+class _LockSession:
+    """The leadership's connection seen as a pool of one (what the store needs of a pool)."""
+
+    def __init__(self, leadership: AdvisoryLeadership) -> None:
+        self._leadership = leadership
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        connection = self._leadership._connection
+        if connection is None or connection.is_closed():
+            # Not the leader (any more): the duty is not run anywhere else.
+            raise asyncpg.InterfaceError("the leadership's connection is closed")
+        yield connection
+
+    async def expire_connections(self) -> None:
+        """Nothing to expire: the next ``hold()`` finds a lost connection and steps down."""

@@ -14,7 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from kaiju_tasks import errors
 from kaiju_tasks.store import postgres
+from kaiju_tasks.testing import FrozenClock
 
 
 class FreezableProxy:
@@ -112,5 +114,32 @@ async def test_the_lock_session_asks_the_server_to_probe_it(dsn: str) -> None:
         assert await connection.fetchval("SHOW tcp_keepalives_idle") == "5"
         assert await connection.fetchval("SHOW tcp_keepalives_count") == "3"
         assert await connection.fetchval("SHOW tcp_user_timeout") == "10000"  # ms
+    finally:
+        await leader.release()
+
+
+async def test_the_leaders_duties_run_in_the_session_that_holds_the_lock(
+    dsn: str, proxy_dsn: tuple[str, FreezableProxy], store: postgres.PostgresEngineStore
+) -> None:
+    via_proxy, proxy = proxy_dsn
+    leader = postgres.AdvisoryLeadership(via_proxy, check_timeout=0.5)
+    fenced = leader.fenced(store)
+    now = FrozenClock().now()
+    with pytest.raises(errors.StoreError):  # not the leader: the duty runs nowhere
+        await fenced.requeue_suspended(now=now, limit=10)
+    try:
+        assert await leader.hold()
+        assert await fenced.requeue_suspended(now=now, limit=10) == 0
+        connection = leader._connection
+        assert connection is not None
+        holder = connection.get_server_pid()
+        last = await store.pool.fetchval(
+            "SELECT query FROM pg_stat_activity WHERE pid = $1", holder
+        )
+        assert "SUSPENDED" in last  # the duty ran in the session holding the lock
+        proxy.freeze()
+        assert not await leader.hold()  # stepped down: its duties stop with it
+        with pytest.raises(errors.StoreError):
+            await fenced.requeue_suspended(now=now, limit=10)
     finally:
         await leader.release()
