@@ -24,7 +24,9 @@ class CountingTarget:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.url = ""
+        self.port = 0
         self.calls: Counter[str] = Counter()
+        self.arrivals: list[tuple[float, str, str]] = []  # (monotonic time, peer, request id)
         self.done_at: list[float] = []  # monotonic times of answered calls
         self.in_flight: Counter[str] = Counter()  # request ids being answered now
         self._runner: web.AppRunner | None = None
@@ -32,6 +34,7 @@ class CountingTarget:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.calls[body["id"]] += 1
+        self.arrivals.append((time.monotonic(), request.remote or "", body["id"]))
         self.in_flight[body["id"]] += 1
         try:
             if self.delay:
@@ -44,15 +47,16 @@ class CountingTarget:
         params = body.get("params") or {}
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": params})
 
-    async def start(self) -> None:
+    async def start(self, host: str = "127.0.0.1") -> None:
+        """Listen on ``host`` (``0.0.0.0`` for network namespaces to reach it)."""
         app = web.Application()
         app.router.add_post("/rpc", self.handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, host, 0)
         await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/rpc"
+        self.port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}/rpc"
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -64,10 +68,12 @@ class CountingTarget:
 
 
 @contextlib.asynccontextmanager
-async def counting_target(delay: float = 0.0) -> AsyncIterator[CountingTarget]:
-    """A started :class:`CountingTarget`."""
+async def counting_target(
+    delay: float = 0.0, host: str = "127.0.0.1"
+) -> AsyncIterator[CountingTarget]:
+    """A started :class:`CountingTarget` listening on ``host``."""
     target = CountingTarget(delay)
-    await target.start()
+    await target.start(host)
     try:
         yield target
     finally:
