@@ -29,9 +29,14 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def database(settings: config.Settings) -> Iterator[str]:
-    """Yield the configured DSN, or start the embedded server for the duration."""
+    """Yield the direct DSN, or start the embedded server for the duration.
+
+    The direct DSN is ``[database] direct_dsn`` when ``dsn`` is a transaction pooler, else
+    ``dsn``: LISTEN, the leadership lock, event following and migrations use it; the pools
+    of :func:`engine_store` use ``dsn``.
+    """
     if settings.database.dsn:
-        yield settings.database.dsn
+        yield settings.database.direct_dsn or settings.database.dsn
         return
     data_dir = embedded.default_data_dir(
         settings.database.embedded_dir or os.environ.get(embedded.ENV_DATA_DIR) or None
@@ -48,13 +53,19 @@ def database(settings: config.Settings) -> Iterator[str]:
 async def engine_store(
     settings: config.Settings, dsn: str, component: str = "kaiju-tasks"
 ) -> AsyncIterator[postgres.PostgresEngineStore]:
-    """Open the pool and yield the engine store (the schema must be current)."""
+    """Open the pool and yield the engine store (the schema must be current).
+
+    ``dsn`` is the direct DSN (see :func:`database`); the pool goes through the transaction
+    pooler of ``[database] dsn`` when ``[database] direct_dsn`` is set.
+    """
     await migrate.check_current(dsn)
+    pooler = bool(settings.database.direct_dsn)
     pool = await postgres.create_pool(
-        dsn,
+        settings.database.dsn if pooler and settings.database.dsn else dsn,
         min_size=settings.database.pool_min,
         max_size=settings.database.pool_max,
         application_name=component,
+        pooler=pooler,
     )
     try:
         yield postgres.PostgresEngineStore(pool)

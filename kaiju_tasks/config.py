@@ -43,6 +43,11 @@ class DatabaseSettings:
     """Connections kept open per process."""
     pool_max: int = DEFAULT_POOL_MAX
     """Most connections per process."""
+    direct_dsn: str | None = None
+    """A direct connection to PostgreSQL when ``dsn`` points at a transaction pooler
+    (PgBouncer, ``pool_mode = transaction``): LISTEN, the leadership lock and the leader's
+    duties, event following and migrations use it; the pools use ``dsn`` without prepared
+    statements, each statement in a transaction of its own. Empty: ``dsn`` is direct."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -148,7 +153,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "manager": ManagerSettings,
     "limits": limits.Limits,
 }
-SECRET_OPTIONS = frozenset({("database", "dsn"), ("executor", "token")})
+SECRET_OPTIONS = frozenset({("database", "dsn"), ("database", "direct_dsn"), ("executor", "token")})
 
 
 def mask(value: str) -> str:
@@ -296,6 +301,11 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
         raise errors.ConfigError(
             f"[database] needs 1 <= pool_min <= pool_max, got {db.pool_min} and {db.pool_max}"
             + (where("database.pool_min") or where("database.pool_max"))
+        )
+    if db.direct_dsn and not db.dsn:
+        raise errors.ConfigError(
+            "[database] direct_dsn needs dsn (the transaction pooler's DSN) too"
+            + where("database.direct_dsn")
         )
     server = settings.server
     if not 0 <= server.port <= 65535:

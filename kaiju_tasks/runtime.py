@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kaiju_tasks import errors
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager, steps
@@ -37,6 +38,9 @@ class TaskRuntime:
 
     Args:
         dsn: PostgreSQL DSN; None starts the embedded server (data in ``embedded_dir``).
+        direct_dsn: a direct DSN when ``dsn`` is a transaction pooler (PgBouncer with
+            ``pool_mode = transaction``): LISTEN, the leadership lock and its duties and
+            migrations use it, the pool uses ``dsn`` without prepared statements.
         apps: app names the executor serves (none: no executor).
         methods: in-process methods (a new registry by default: ``runtime.methods``).
         app_urls: ``app_name -> JSON-RPC URL`` for apps served over HTTP.
@@ -52,6 +56,7 @@ class TaskRuntime:
         self,
         dsn: str | None = None,
         *,
+        direct_dsn: str | None = None,
         apps: Sequence[str] = ("default",),
         methods: methods_.Methods | None = None,
         app_urls: Mapping[str, str] | None = None,
@@ -65,7 +70,10 @@ class TaskRuntime:
         manager_options: Mapping[str, Any] | None = None,
         manager_settings: steps.Settings | None = None,
     ) -> None:
+        if direct_dsn is not None and dsn is None:
+            raise errors.ConfigError("direct_dsn needs dsn (the transaction pooler's DSN) too")
         self.dsn = dsn
+        self.direct_dsn = direct_dsn
         self.apps = list(apps)
         self.methods = methods if methods is not None else methods_.Methods()
         self.app_urls = dict(app_urls or {})
@@ -98,11 +106,15 @@ class TaskRuntime:
         if self.dsn is None:
             self._server = embedded.EmbeddedPostgres(self.embedded_dir)
             self.dsn = await asyncio.to_thread(self._server.start)
-        dsn = self.dsn
+        dsn = self.direct_dsn or self.dsn  # for LISTEN, the leadership and migrations
         if self.apply_migrations:
             await migrate.migrate(dsn)
         self._pool = await postgres.create_pool(
-            dsn, min_size=1, max_size=self.pool_size, application_name="kaiju-tasks-app"
+            self.dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            application_name="kaiju-tasks-app",
+            pooler=self.direct_dsn is not None,
         )
         self.store = postgres.PostgresEngineStore(self._pool)
         self.tasks = TaskService(self.store)

@@ -65,19 +65,44 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection through a transaction pooler (PgBouncer with ``pool_mode = transaction``).
+
+    Such a pooler may hand each transaction to a different server connection, and asyncpg
+    sends a statement's Parse and its Bind/Execute in two rounds: outside a transaction, the
+    second may reach a server that never saw the first. Here every statement with parameters
+    that is not already in a transaction runs in one of its own, which the pooler keeps on
+    one server connection; the pool caches no named prepared statements (PgBouncer before
+    1.21 cannot keep them). Overrides asyncpg's ``_execute``, the one path its ``fetch``,
+    ``fetchrow``, ``fetchval`` and ``execute`` with arguments share (asyncpg 0.29 to 0.32).
+    """
+
+    async def _execute(self, query: str, args: Any, *rest: Any, **options: Any) -> Any:
+        if self.is_in_transaction():
+            return await super()._execute(query, args, *rest, **options)
+        async with self.transaction():
+            return await super()._execute(query, args, *rest, **options)
+
+
 async def create_pool(
     dsn: str,
     *,
     min_size: int = DEFAULT_POOL_MIN,
     max_size: int = DEFAULT_POOL_MAX,
     application_name: str = "kaiju-tasks",
+    pooler: bool = False,
 ) -> asyncpg.Pool:
     """Open a connection pool with the JSON codecs installed.
 
     ``application_name`` shows in ``pg_stat_activity`` (e.g. ``kaiju-tasks-executor``).
     Connections go back to the pool without asyncpg's reset query (see :func:`_keep_session`).
+    ``pooler``: ``dsn`` is a transaction pooler such as PgBouncer (see :class:`PoolerConnection`);
+    LISTEN, the leadership lock and migrations then need a direct DSN of their own.
     """
     logs.quiet_pool_refills()
+    options: dict[str, Any] = (
+        {"connection_class": PoolerConnection, "statement_cache_size": 0} if pooler else {}
+    )
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -86,6 +111,7 @@ async def create_pool(
             init=init_connection,
             reset=_keep_session,
             server_settings={"application_name": application_name},
+            **options,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TypeError) as exc:
         raise errors.StoreError(redact.connect_failure(exc)) from None

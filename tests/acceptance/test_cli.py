@@ -478,3 +478,71 @@ def test_a_debug_executor_serves_its_private_queue_and_fails_it_on_stop(dsn, tmp
     row = json.loads(left.stdout)
     assert row["status"] == "FAILED"
     assert row["error"]["reason"] == "debug_executor_gone"
+
+
+def test_server_executor_and_manager_work_through_pgbouncer(dsn):
+    from tests import pgbouncer
+
+    with pgbouncer.pgbouncer(dsn) as pooled:
+        env = {"KAIJU_TASKS_DATABASE_DSN": pooled, "KAIJU_TASKS_DATABASE_DIRECT_DSN": dsn}
+        token = cli("token", "create", "--user", "ops", "--system", env=env)
+        assert token.returncode == 0, token.stderr
+        secret = token.stdout.strip()
+        methods = ("--methods", "tests.acceptance.methods_for_cli:methods")
+        procs = [
+            Running("server", "--port", "0", env=env),
+            Running("executor", *methods, "--heartbeat", "0.2", env=env),
+            Running("manager", "--interval", "0.2", env=env),
+        ]
+        try:
+            url = procs[0].wait_for("kaiju-tasks API on ")
+            for proc in procs[1:]:
+                proc.wait_for("kaiju-tasks ")
+            body = {
+                "id": "pooled",
+                "commands": [
+                    {"method": "cli.slow", "params": {"seconds": 0}},
+                    {"method": "_MESSAGE_"},
+                    {"method": "cli.slow", "params": {"seconds": 0}},
+                ],
+            }
+            created = post(
+                url,
+                {"jsonrpc": "2.0", "id": 1, "method": "tasks.create", "params": {"data": body}},
+                secret,
+            )
+            assert created["result"]["status"] == "QUEUED", created
+
+            def status():
+                got = post(
+                    url,
+                    {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": "pooled"}},
+                    secret,
+                )
+                return got["result"]["status"]
+
+            deadline = time.monotonic() + 60
+            while status() != "WAITING":  # parked on the Message by the executor
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            sent = post(
+                url,
+                {
+                    "jsonrpc": "2.0",
+                    "id": 3,
+                    "method": "tasks.write_message",
+                    "params": {"id": "pooled", "data": {"ok": True}},
+                },
+                secret,
+            )
+            assert "error" not in sent, sent
+            while status() != "FINISHED":  # queued again by the message, run to the end
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            health = json.loads(_get(url.rsplit("/", 2)[0] + "/health", secret))
+            assert health["leader"] is True
+            assert health["executors"] >= 1
+        finally:
+            for proc in procs:
+                proc.interrupt()
+                proc.close()

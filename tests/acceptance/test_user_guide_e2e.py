@@ -4,6 +4,7 @@ application's stages served by a real JSON-RPC service over HTTP on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -23,6 +24,7 @@ from kaiju_tasks import (
     logs,
     testing,
 )
+from tests import pgbouncer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,10 +107,23 @@ async def orders(aiohttp_server):
     return app
 
 
-@pytest.fixture
-async def runtime(dsn, orders):
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def runtime(request, dsn, orders):
+    """The guide's runtime, on the database directly or through PgBouncer (transaction mode)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "pgbouncer":
+            pooled, direct = stack.enter_context(pgbouncer.pgbouncer(dsn)), dsn
+        else:
+            pooled, direct = dsn, None
+        async with _runtime(pooled, direct, orders) as rt:
+            yield rt
+
+
+@contextlib.asynccontextmanager
+async def _runtime(dsn, direct_dsn, orders):
     async with TaskRuntime(
         dsn,
+        direct_dsn=direct_dsn,
         apps=["orders", "default"],
         app_urls={"orders": orders.url, "default": orders.url},
         manager_options={"interval": timedelta(milliseconds=100)},
