@@ -7,6 +7,7 @@ retried, timed out, scheduled by cron and chained, with PostgreSQL as the only m
 
 from __future__ import annotations
 
+from kaiju_tasks.client import SyncTasksClient, TasksClient
 from kaiju_tasks.clock import Clock, SystemClock
 from kaiju_tasks.conditions import Condition
 from kaiju_tasks.errors import (
@@ -17,12 +18,15 @@ from kaiju_tasks.errors import (
     MigrationError,
     NotAuthorized,
     NotificationNotFound,
+    RateLimited,
     RemoteCallError,
+    RemoteError,
     StageError,
     StageTimeout,
     StoreError,
     TaskNotFound,
     TransportError,
+    Unreachable,
     ValidationError,
 )
 from kaiju_tasks.executor import Executor
@@ -70,12 +74,15 @@ __all__ = [
     "NotificationService",
     "Permission",
     "Priority",
+    "RateLimited",
     "Reject",
     "RemoteCallError",
+    "RemoteError",
     "RestartPolicy",
     "StageError",
     "StageTimeout",
     "StoreError",
+    "SyncTasksClient",
     "SystemClock",
     "Task",
     "TaskCommand",
@@ -84,8 +91,10 @@ __all__ = [
     "TaskService",
     "TaskStatus",
     "TaskUpdate",
+    "TasksClient",
     "Timer",
     "TransportError",
+    "Unreachable",
     "ValidationError",
     "__version__",
 ]

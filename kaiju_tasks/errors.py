@@ -117,3 +117,48 @@ class RemoteCallError(StageError):
 
 class TransportError(StageError):
     """The stage's target is unreachable."""
+
+
+class RemoteError(KaijuTasksError):
+    """The HTTP API answered a JSON-RPC error that no other class stands for.
+
+    Raised by :mod:`kaiju_tasks.client`. ``code`` is the JSON-RPC error code (e.g. -32004, the
+    call took longer than the server's ``request_timeout``; -32603, an internal error) and
+    ``data`` the error's ``data`` member as sent (any JSON value; None when absent).
+    """
+
+    def __init__(self, message: str | None = None, *, code: int, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.data = data
+
+
+class RateLimited(RemoteError):
+    """Too many failed authentications from this address (HTTP 429, JSON-RPC -32008).
+
+    ``retry_after`` is the number of seconds the server asked to wait, when it said.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: int = -32008,
+        data: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, data=data)
+        self.retry_after = retry_after
+
+
+class Unreachable(KaijuTasksError):
+    """The HTTP API did not answer: no connection, no reply in time, or a reply not JSON-RPC.
+
+    Raised by :mod:`kaiju_tasks.client`. ``sent`` is False only when the request certainly never
+    left (the connection could not be made), so sending it again cannot run it twice; when True
+    the server may have run the call.
+    """
+
+    def __init__(self, message: str | None = None, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
