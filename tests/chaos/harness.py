@@ -114,13 +114,37 @@ async def counts(dsn: str) -> dict[str, int]:
     return {r["status"]: r["n"] for r in rows}
 
 
-async def all_finished(dsn: str, total: int) -> bool:
-    """Whether ``total`` tasks exist and all are FINISHED (False while unreachable)."""
+async def all_finished(dsn: str, ids: int | list[str]) -> bool:
+    """Whether every task is FINISHED: none left unfinished, and all of ``ids`` FINISHED.
+
+    ``ids``: the tasks whose create was acknowledged (or how many tasks there must be). A
+    create whose reply was lost (the database restarted after its commit) may have stored
+    tasks the caller never heard of: they must finish too, but are not counted.
+    False while the database is unreachable.
+    """
     try:
-        by_status = await counts(dsn)
+        connection = await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False
-    return by_status.get("FINISHED", 0) == total and sum(by_status.values()) == total
+    try:
+        if isinstance(ids, int):
+            row = await connection.fetchrow(
+                "SELECT count(*) FILTER (WHERE status <> 'FINISHED') AS left,"
+                " count(*) AS acknowledged FROM tasks"
+            )
+            total = ids
+        else:
+            row = await connection.fetchrow(
+                "SELECT count(*) FILTER (WHERE status <> 'FINISHED') AS left,"
+                " count(*) FILTER (WHERE id = ANY($1::text[])) AS acknowledged FROM tasks",
+                ids,
+            )
+            total = len(set(ids))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    finally:
+        await connection.close()
+    return bool(row["left"] == 0 and row["acknowledged"] == total)
 
 
 def stage_calls(target: CountingTarget, task_ids: list[str]) -> dict[str, int]:

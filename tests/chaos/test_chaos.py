@@ -270,7 +270,7 @@ async def test_chaos(scenario: str, tmp_path: Path) -> None:
                     await asyncio.gather(load, return_exceptions=True)
                 try:
                     await eventually(
-                        lambda: harness.all_finished(dsn, len(run.ids)),
+                        lambda: harness.all_finished(dsn, run.ids),
                         within=180,
                         what="every task FINISHED",
                     )

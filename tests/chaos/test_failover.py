@@ -128,7 +128,7 @@ async def test_promoting_the_standby_loses_nothing_acknowledged(tmp_path: Path) 
                     await asyncio.gather(load, return_exceptions=True)
                 new_primary = standby.dsn("kaiju")
                 await eventually(
-                    lambda: harness.all_finished(new_primary, len(run.ids)),
+                    lambda: harness.all_finished(new_primary, run.ids),
                     within=180,
                     what="every acknowledged task FINISHED on the new primary",
                 )

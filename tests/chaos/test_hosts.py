@@ -298,9 +298,7 @@ async def _cut(
     finally:
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
-    await eventually(
-        lambda: harness.all_finished(dsn, len(ids)), within=180, what="every task FINISHED"
-    )
+    await eventually(lambda: harness.all_finished(dsn, ids), within=180, what="every task FINISHED")
     for proc in procs:
         proc.stop()
 

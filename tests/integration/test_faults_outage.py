@@ -102,7 +102,7 @@ async def outage() -> Any:
                         # Claimed by the live executor right after the database came back.
                         ids += await eventually(created_after, within=30, what="the database")
                         await eventually(
-                            lambda: harness.all_finished(dsn, len(ids)),
+                            lambda: harness.all_finished(dsn, ids),
                             within=120,
                             what="every task to finish",
                         )
