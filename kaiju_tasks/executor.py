@@ -36,6 +36,7 @@ from kaiju_tasks import (
     notifications,
     redact,
     templates,
+    tracing,
 )
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
@@ -450,7 +451,8 @@ class Executor:
             await asyncio.wait([previous])
         try:
             async with self._slots:
-                await self._pipeline(row)
+                with tracing.run_span(row, self.id):
+                    await self._pipeline(row)
         except errors.StoreError as exc:
             # The outcome of the last write is unknown: hand the task back so that the
             # manager re-queues it at the last committed stage (at-least-once per stage).
@@ -482,18 +484,26 @@ class Executor:
                 )
                 return  # cancelled on purpose: the store already says what happened
             raise  # shutdown: stop() hands the task back
-        except Exception as exc:
-            logger.exception(
-                "Task crashed the executor pipeline",
-                extra={"event": "task_crashed", "task_id": task_id, "job_id": row["job_id"]},
-            )
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback in _log_failure
             # Fail it rather than leave it EXECUTED: a hand-back would run it again, forever.
+            # The failure is logged once, as an ERROR with this traceback (see _log_failure).
             failure = errors.StageError(
                 f"internal error: {type(exc).__name__}: {redact.text(str(exc))}", retryable=False
             )
+            failure.__cause__ = exc
             try:
                 await self._fail(row, row.get("_stage", stage), failure)
             except (errors.KaijuTasksError, _Revoked):
+                logger.exception(
+                    "Task crashed the executor pipeline",
+                    extra={
+                        "event": "task_crashed",
+                        "task_id": task_id,
+                        "job_id": row["job_id"],
+                        "app": row["app_name"],
+                        "stage": row.get("_stage", stage),
+                    },
+                )
                 await self._hand_back(row["claim_id"])
 
     async def _pipeline(self, row: dict[str, Any]) -> None:
@@ -537,7 +547,12 @@ class Executor:
                     await self._wait(row, stage, _stage_deadline(row, command, now)[0])
                     return
                 else:
-                    result = await self._call(row, stage, command, data, now, meter)
+                    with tracing.stage_span(row, self.id, stage, command["method"]) as span:
+                        try:
+                            result = await self._call(row, stage, command, data, now, meter)
+                        except errors.StageError as exc:
+                            tracing.failed(span, exc.message)
+                            raise
                     stored += _json_checked(result, stored)
             except errors.StageError as exc:
                 await self._fail(row, stage, exc, _measured(meter))
@@ -616,15 +631,7 @@ class Executor:
         except errors.StageError:
             raise
         except Exception as exc:
-            logger.exception(
-                "Stage method raised",
-                extra={
-                    "event": "stage_error",
-                    "task_id": row["id"],
-                    "stage": stage,
-                    "job_id": row["job_id"],
-                },
-            )
+            # Logged once, with its traceback, when the failure is recorded (see _fail).
             raise errors.RemoteCallError(
                 f"{type(exc).__name__}: {redact.text(str(exc))}", code=protocol.INTERNAL_ERROR
             ) from exc
@@ -667,6 +674,7 @@ class Executor:
             "stage": stage,
             "wait_deadline": until.isoformat(),
             "claim_id": row["claim_id"],
+            "run": tracing.current_run(),  # the run that resumes it links to this one
         }
         if not await self._write(functools.partial(self._wait_batch.submit, item)):
             raise _Revoked
@@ -718,6 +726,7 @@ class Executor:
         if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
             error["data"] = exc.remote_data
         error = _storable(error)
+        tracing.failed(tracing.current_span(), error["message"])  # the run's span
         failed = await self._write(
             functools.partial(
                 self._fail_batch.submit,
@@ -732,23 +741,14 @@ class Executor:
                     "next_run": self._next_run(row),
                     "rejected": rejected,
                     "claim_id": row["claim_id"],
+                    "run": tracing.current_run(),  # a retry's run links to this one
                     **(timing or {}),
                 },
             )
         )
         if failed is None:
             raise _Revoked
-        logger.info(
-            "Stage failed",
-            extra={
-                "event": "stage_failed",
-                "task_id": row["id"],
-                "job_id": row["job_id"],
-                "stage": stage,
-                "status": failed["status"],
-                "error": error["message"],
-            },
-        )
+        _log_failure(row, stage, exc, error["message"], failed["status"], timing)
 
     async def _write(self, submit: Callable[[], Awaitable[T]]) -> T:
         """Commit a run's write, trying again while the database is out of reach.
@@ -790,6 +790,50 @@ class Executor:
 MAX_ERROR_MESSAGE = 4000
 """Longest error message a stage stores and logs (characters); the rest is cut: a message may
 quote what a stage or a called service answered."""
+
+
+def _log_failure(
+    row: Mapping[str, Any],
+    stage: int,
+    exc: errors.StageError,
+    message: str,
+    status: str,
+    timing: Mapping[str, Any] | None,
+) -> None:
+    """Log a stage's failure once, with the task's context as fields.
+
+    An exception raised by an in-process method (a bug, not an answer) is an ERROR with its
+    traceback; a failure that ends the task is a WARNING; one that will be retried is INFO.
+    Error trackers (Sentry's and structlog's logging integrations) group them by these fields.
+    """
+    cause = exc.__cause__
+    answers = (errors.KaijuTasksError, methods_.MethodError, methods_.Reject)  # not bugs
+    internal = isinstance(cause, Exception) and not isinstance(cause, answers)
+    fields = {
+        "event": "stage_error" if internal else "stage_failed",
+        "task_id": row["id"],
+        "job_id": row["job_id"],
+        "app": row["app_name"],
+        "stage": stage,
+        "method": (timing or {}).get("method") or _method_of(row, stage),
+        "status": status,
+        "retries": row.get("retries"),
+        "error": message,
+    }
+    if internal:
+        logger.error("Stage method raised", exc_info=cause, extra=fields)
+    else:
+        logger.log(
+            logging.INFO if status != "FAILED" else logging.WARNING, "Stage failed", extra=fields
+        )
+
+
+def _method_of(row: Mapping[str, Any], stage: int) -> str | None:
+    commands = row.get("commands") or ()
+    if 0 <= stage < len(commands) and isinstance(commands[stage], Mapping):
+        method = commands[stage].get("method")
+        return method[:256] if isinstance(method, str) else None
+    return None
 
 
 def _cut(message: str) -> str:

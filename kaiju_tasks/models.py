@@ -645,6 +645,7 @@ TASK_COLUMNS = (
     "root_id",
     "requeues",
     "claim_id",
+    "trace",
 )
 """Columns of the ``tasks`` table, in order: the names are part of the contract."""
 

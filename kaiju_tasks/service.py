@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import _gc, context, cron, errors, limits, models
+from kaiju_tasks import _gc, context, cron, errors, limits, models, tracing
 from kaiju_tasks import clock as clock_
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
@@ -221,7 +221,7 @@ class TaskService:
             }
             await self._check_next_tasks(refs, _Access(caller))
         # Otherwise the rows are validated and built while the store sends them.
-        return await self.store.insert_tasks(rows, selected)
+        return await self.store.insert_tasks(rows, selected, trace=tracing.carrier())
 
     def _new_rows(
         self, items: Sequence[Any], many: bool, caller: models.Caller, now: datetime

@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from kaiju_tasks import errors, limits, redact
+from kaiju_tasks import errors, limits, redact, tracing
 from kaiju_tasks.rpc import protocol
 
 ENVELOPE_BYTES: Final = 64 * limits.KIB
@@ -94,6 +94,7 @@ class Client:
             headers[protocol.DEADLINE_HEADER] = deadline.isoformat()
         if seconds_left is not None:
             headers[protocol.TIMEOUT_HEADER] = f"{max(seconds_left, 0.0):.3f}"
+        tracing.inject(headers)  # the stage's span: the called service joins the trace
         session = await self._get_session()
         body = encode(protocol.request(method, params, request_id))
         shown = redact.url(url)

@@ -33,7 +33,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from kaiju_tasks import errors, limits, methods, models, templates
+from kaiju_tasks import errors, limits, methods, models, templates, tracing
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
@@ -356,6 +356,13 @@ _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def _rpc(request: web.Request) -> web.Response:
+    # A caller's W3C trace context (traceparent) is current while its calls run: a created
+    # task stores it (see kaiju_tasks.tracing).
+    with tracing.attached(request.headers):
+        return await _rpc_calls(request)
+
+
+async def _rpc_calls(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     raw = await request.read()  # read within body_timeout and max_body by _guard
     try:

@@ -71,7 +71,13 @@ class Page:
 class TaskStore(Protocol):
     """Persistence of tasks and notifications."""
 
-    async def insert_tasks(self, rows: NewTasks, columns: Sequence[str] | None = None) -> list[Row]:
+    async def insert_tasks(
+        self,
+        rows: NewTasks,
+        columns: Sequence[str] | None = None,
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> list[Row]:
         """Insert new task rows (tuples of :data:`NEW_TASK_COLUMNS`) in one transaction.
 
         Return them as stored, each a dict of ``columns`` (default: every column, in table

@@ -267,6 +267,7 @@ _STARTING_VALUES: dict[str, Any] = {
     "wait_deadline": None,
     "requeues": 0,
     "claim_id": None,
+    "trace": None,
 }
 """The columns a new row does not give, as the table's defaults set them."""
 
@@ -337,7 +338,11 @@ class PostgresTaskStore(base.TaskStore):
     # -- tasks --------------------------------------------------------------------------------
 
     async def insert_tasks(
-        self, rows: base.NewTasks, columns: Sequence[str] | None = None
+        self,
+        rows: base.NewTasks,
+        columns: Sequence[str] | None = None,
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> list[Row]:
         """Insert new task rows in one transaction; return ``columns`` of them as stored.
 
@@ -347,6 +352,7 @@ class PostgresTaskStore(base.TaskStore):
         go through binary ``COPY`` (tasks, then events) in one transaction, read as they are
         sent (an error raised while building a row aborts it all), and are returned as
         PostgreSQL would return them without being read back (see :func:`_stored_task`).
+        ``trace``: the creator's trace context, stored in the same transaction (``trace``).
         """
         if not rows:
             return []
@@ -354,14 +360,34 @@ class PostgresTaskStore(base.TaskStore):
         if len(rows) < COPY_MIN_ROWS:
             objects = [dict(zip(base.NEW_TASK_COLUMNS, r, strict=True)) for r in rows]
             async with self._connection() as connection:
-                records = await connection.fetch(QUERIES["insert_tasks"], objects)
-            return [{name: r[name] for name in names} for r in records]
+                if trace is None:
+                    records = await connection.fetch(QUERIES["insert_tasks"], objects)
+                else:
+                    async with connection.transaction():
+                        records = await connection.fetch(QUERIES["insert_tasks"], objects)
+                        await self._trace(connection, [r["id"] for r in records], trace)
+            return [
+                {name: trace if name == "trace" and trace else r[name] for name in names}
+                for r in records
+            ]
         data = copy.NewTasks(rows)
         async with self._connection() as connection, connection.transaction():
             # From here on everything allocated stays alive until the rows are returned, so
             # collections would free nothing; the pause starts once the connection is held.
             with _gc.paused():
-                return await self._copy_tasks(connection, data, names)
+                stored = await self._copy_tasks(connection, data, names)
+                if trace is not None:
+                    await self._trace(connection, [row[_ID] for row in data.rows], trace)
+                    if "trace" in names:
+                        for row in stored:
+                            row["trace"] = dict(trace)
+                return stored
+
+    @staticmethod
+    async def _trace(
+        connection: asyncpg.Connection, ids: list[str], trace: Mapping[str, str]
+    ) -> None:
+        await connection.execute(QUERIES["trace_tasks"], ids, dict(trace))
 
     async def _copy_tasks(
         self, connection: asyncpg.Connection, data: copy.NewTasks, names: tuple[str, ...]

@@ -31,6 +31,10 @@ wake AS (
     FROM (SELECT DISTINCT app_name FROM created WHERE status = 'QUEUED') a)
 SELECT created.* FROM created, (SELECT count(*) FROM wake) w;
 
+-- name: trace_tasks
+-- Store the creator's trace context with new tasks (in their insert's transaction).
+UPDATE tasks SET trace = $2::jsonb WHERE id = ANY($1::text[]);
+
 -- name: task_json
 -- The JSON columns of tasks just written by COPY, as stored (see PostgresTaskStore.insert_tasks).
 SELECT id, commands, kws, meta FROM tasks WHERE id = ANY($1::text[]);
@@ -286,15 +290,15 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 -- FAILED with the exit code, a notification when `notify`, and `next_run` for cron. A retry
 -- keeps the job_id; restart_policy FIRST starts over at stage 0 with no results.
 -- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run, rejected,
--- method, duration_s, due, claim_id}]; the row
+-- method, duration_s, due, claim_id, run}] (run: as in wait_tasks); the row
 -- must still be in that status, stage and executor. Returns [{id, status, executor_id}].
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
              exit_code integer, retryable boolean, next_run timestamptz, rejected boolean,
-             method text, duration_s double precision, due text, claim_id text)),
+             method text, duration_s double precision, due text, claim_id text, run text)),
 cur AS (
-    SELECT t.id, r.error, r.exit_code, r.next_run, t.executor_id AS old_executor,
+    SELECT t.id, r.error, r.exit_code, r.next_run, r.run, t.executor_id AS old_executor,
            t.claim_id AS old_claim,
            r.method, r.duration_s,
            coalesce(r.rejected, false) AS rejected,
@@ -329,7 +333,9 @@ done AS (
                         THEN $2 + make_interval(secs => t.retry_delay * power(2, t.retries))
                         WHEN c.retry THEN NULL
                         ELSE c.next_run END,
-        status_change = $2
+        status_change = $2,
+        trace = CASE WHEN c.run IS NULL THEN t.trace
+                     ELSE coalesce(t.trace, '{}'::jsonb) || jsonb_build_object('run', c.run) END
     FROM cur c
     WHERE t.id = c.id
     RETURNING t.*, c.retry, c.old_executor, c.old_claim, c.rejected, c.method, c.duration_s),
@@ -355,14 +361,18 @@ FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: wait_tasks
 -- Park running tasks on a Timer or Message stage: WAITING until `wait_deadline`, executor freed.
--- Items: [{id, stage, wait_deadline, claim_id}]. Returns the ids that applied.
+-- Items: [{id, stage, wait_deadline, claim_id, run}] (run: the traceparent of this run, kept
+-- in `trace` so that the run resuming the task links to it; absent without tracing). Returns
+-- the ids that applied.
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS r(id text, stage integer, wait_deadline timestamptz, claim_id text)),
+        AS r(id text, stage integer, wait_deadline timestamptz, claim_id text, run text)),
 done AS (
     UPDATE tasks t
     SET status = 'WAITING', wait_deadline = r.wait_deadline, executor_id = NULL,
-        status_change = $3
+        status_change = $3,
+        trace = CASE WHEN r.run IS NULL THEN t.trace
+                     ELSE coalesce(t.trace, '{}'::jsonb) || jsonb_build_object('run', r.run) END
     FROM r
     WHERE t.id = r.id AND t.status = 'EXECUTED' AND t.executor_id = $2 AND t.stage = r.stage
       AND t.claim_id = r.claim_id

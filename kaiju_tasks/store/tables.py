@@ -64,6 +64,7 @@ tasks = sa.Table(
     sa.Column("root_id", _KEY),
     sa.Column("requeues", sa.Integer, nullable=False),
     sa.Column("claim_id", _KEY),
+    sa.Column("trace", pg.JSONB),
 )
 
 notifications = sa.Table(

@@ -1,0 +1,271 @@
+"""OpenTelemetry: one trace from tasks.create through every stage to the called service.
+
+The SDK records spans in memory. A caller's span (or an HTTP request's ``traceparent``) is
+stored with the task; each run is a span under it, each stage a span under the run, and the
+called service receives a ``traceparent`` of the same trace whose parent is the stage's span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from kaiju_tasks import Message, Task, TaskCommand, TaskRuntime
+
+pytestmark = pytest.mark.timeout(60)
+
+EXPORTER = InMemorySpanExporter()
+
+
+def _provider() -> None:
+    """Install the SDK once per process (OpenTelemetry allows one global provider)."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        if not getattr(current, "_kaiju_test_exporter", False):
+            current.add_span_processor(SimpleSpanProcessor(EXPORTER))
+            current._kaiju_test_exporter = True  # type: ignore[attr-defined]
+        return
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    provider._kaiju_test_exporter = True  # type: ignore[attr-defined]
+    trace.set_tracer_provider(provider)
+
+
+class Service:
+    """A JSON-RPC app that records the traceparent of each call."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.seen: list[tuple[str, str | None]] = []
+
+    async def rpc(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen.append((body["method"], request.headers.get("traceparent")))
+        if body["method"] == "shop.broken":
+            error = {"code": -32000, "message": "out of stock"}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {"ok": True}})
+
+
+@pytest.fixture
+async def service(aiohttp_server: Any) -> Service:
+    app = Service()
+    web_app = web.Application()
+    web_app.router.add_post("/rpc", app.rpc)
+    server = await aiohttp_server(web_app)
+    app.url = str(server.make_url("/rpc"))
+    return app
+
+
+@pytest.fixture
+async def runtime(dsn: str, service: Service) -> Any:
+    _provider()
+    EXPORTER.clear()
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        app_urls={"shop": service.url},
+        manager_options={"interval": timedelta(milliseconds=100)},
+        executor_options={"poll_interval": timedelta(milliseconds=100)},
+    ) as rt:
+        yield rt
+
+
+async def _ended(runtime: TaskRuntime, task_id: str, within: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        task = await runtime.tasks.get(task_id)
+        if task["status"] in ("FINISHED", "FAILED"):
+            return task
+        assert time.monotonic() < deadline, task["status"]
+        await asyncio.sleep(0.02)
+
+
+def _spans(task_id: str) -> list[Any]:
+    return [
+        s
+        for s in EXPORTER.get_finished_spans()
+        if (s.attributes or {}).get("kaiju_tasks.task_id") == task_id
+    ]
+
+
+async def test_one_trace_from_create_through_every_stage_to_the_called_service(
+    runtime: TaskRuntime, service: Service
+) -> None:
+    tracer = trace.get_tracer("the-application")
+    with tracer.start_as_current_span("checkout") as checkout:
+        created = await runtime.tasks.create(
+            Task(
+                app="shop",
+                commands=[
+                    TaskCommand(method="shop.reserve"),
+                    TaskCommand(method="shop.charge"),
+                    TaskCommand(method="shop.ship"),
+                ],
+            )
+        )
+    assert isinstance(created, dict)
+    trace_id = checkout.get_span_context().trace_id
+    assert created["trace"]["traceparent"].split("-")[1] == f"{trace_id:032x}"
+    task = await _ended(runtime, created["id"])
+    assert task["status"] == "FINISHED"
+    spans = _spans(created["id"])
+    runs = [s for s in spans if s.name == "run shop"]
+    stages = [s for s in spans if s.name != "run shop"]
+    assert len(runs) == 1
+    assert [s.name for s in sorted(stages, key=lambda s: s.start_time)] == [
+        "shop.reserve",
+        "shop.charge",
+        "shop.ship",
+    ]
+    run = runs[0]
+    assert run.parent is not None
+    assert run.parent.span_id == checkout.get_span_context().span_id
+    for span in spans:
+        assert span.context.trace_id == trace_id
+    for number, span in enumerate(sorted(stages, key=lambda s: s.start_time)):
+        assert span.parent is not None
+        assert span.parent.span_id == run.context.span_id
+        attributes = dict(span.attributes or {})
+        assert attributes["kaiju_tasks.stage"] == number
+        assert attributes["kaiju_tasks.job_id"] == task["job_id"]
+        assert attributes["kaiju_tasks.app"] == "shop"
+        assert attributes["kaiju_tasks.attempt"] == 0
+        assert attributes["kaiju_tasks.executor"] == task["executor_id"]
+        assert span.status.is_ok
+    # The called service got each stage's context: same trace, the stage's span as parent.
+    by_method = {s.name: s for s in stages}
+    assert len(service.seen) == 3
+    for method, traceparent in service.seen:
+        assert traceparent is not None
+        _version, got_trace, parent_span, _flags = traceparent.split("-")
+        assert got_trace == f"{trace_id:032x}"
+        assert parent_span == f"{by_method[method].context.span_id:016x}"
+
+
+async def test_a_failed_stage_marks_its_span_and_the_run(runtime: TaskRuntime) -> None:
+    created = await runtime.tasks.create(
+        Task(app="shop", commands=[TaskCommand(method="shop.broken")])
+    )
+    assert isinstance(created, dict)
+    task = await _ended(runtime, created["id"])
+    assert task["status"] == "FAILED"
+    spans = _spans(created["id"])
+    stage = next(s for s in spans if s.name == "shop.broken")
+    run = next(s for s in spans if s.name == "run shop")
+    assert stage.status.status_code == trace.StatusCode.ERROR
+    assert "out of stock" in (stage.status.description or "")
+    assert run.status.status_code == trace.StatusCode.ERROR
+
+
+async def test_a_resumed_task_starts_a_new_run_linked_to_the_one_before(
+    runtime: TaskRuntime,
+) -> None:
+    with trace.get_tracer("the-application").start_as_current_span("signup") as signup:
+        created = await runtime.tasks.create(
+            Task(
+                app="shop",
+                commands=[
+                    TaskCommand(method="shop.reserve"),
+                    Message(),
+                    TaskCommand(method="shop.ship"),
+                ],
+            )
+        )
+    assert isinstance(created, dict)
+    deadline = time.monotonic() + 30
+    while (await runtime.tasks.get(created["id"], ["status"]))["status"] != "WAITING":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await runtime.tasks.write_message(created["id"], {"confirmed": True})
+    task = await _ended(runtime, created["id"])
+    assert task["status"] == "FINISHED"
+    runs = sorted(
+        (s for s in _spans(created["id"]) if s.name == "run shop"), key=lambda s: s.start_time
+    )
+    assert len(runs) == 2
+    first, second = runs
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    for run in runs:  # both runs stay in the creator's trace
+        assert run.context.trace_id == signup.get_span_context().trace_id
+
+
+async def test_a_traceparent_header_on_create_over_http_is_the_tasks_parent(
+    runtime: TaskRuntime, aiohttp_client: Any
+) -> None:
+    from kaiju_tasks.methods import Methods
+    from kaiju_tasks.rpc import server as rpc_server
+    from kaiju_tasks.service import TokenService
+
+    assert runtime.store is not None
+    tokens = TokenService(runtime.store)
+
+    async def health() -> dict[str, bool]:
+        return {"database": True}
+
+    api = rpc_server.Api(
+        tasks=runtime.tasks,
+        notifications=runtime.notifications,
+        tokens=tokens,
+        methods=Methods(),
+        health=health,
+    )
+    token = (await tokens.create("ops", ["system"]))["token"]
+    client = await aiohttp_client(rpc_server.create_app(api))
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    reply = await client.post(
+        "/public/rpc",
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tasks.create",
+            "params": {"data": {"app": "shop", "commands": [{"method": "shop.reserve"}]}},
+        },
+        headers={
+            "traceparent": parent,
+            "tracestate": "vendor=1",
+            "Authorization": f"Bearer {token}",
+        },
+    )
+    body = await reply.json()
+    assert "result" in body, body
+    created = body["result"]
+    assert created["trace"] == {"traceparent": parent, "tracestate": "vendor=1"}
+    await _ended(runtime, created["id"])
+    run = next(s for s in _spans(created["id"]) if s.name == "run shop")
+    assert f"{run.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert run.parent is not None
+    assert f"{run.parent.span_id:016x}" == "b7ad6b7169203331"
+
+
+def test_without_opentelemetry_nothing_is_traced_or_imported() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if the package were not installed\n"
+        "import kaiju_tasks, kaiju_tasks.executor, kaiju_tasks.service, kaiju_tasks.rpc.server\n"
+        "from kaiju_tasks import tracing\n"
+        "assert tracing.ENABLED is False\n"
+        "assert tracing.carrier() is None and tracing.current_run() is None\n"
+        "row = {'id': 't', 'app_name': 'a', 'stage': 0}\n"
+        "with tracing.run_span(row, 'e') as span, tracing.stage_span(row, 'e', 0, 'm'):\n"
+        "    assert span is None\n"
+        "headers = {}\n"
+        "tracing.inject(headers)\n"
+        "assert headers == {}\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry.')]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
