@@ -189,6 +189,11 @@ async def run_worker(
             apps=[APP],
             methods=methods,
             app_urls=app_urls,
+            # BENCH_KAIJU_BATCH=N: remote stage calls go out as JSON-RPC batches of up to N
+            # (what `[apps] bench = URL batch=N` does).
+            app_batch={APP: int(os.environ["BENCH_KAIJU_BATCH"])}
+            if service_url and os.environ.get("BENCH_KAIJU_BATCH")
+            else None,
             dsn=dsn,
             concurrency=concurrency,
         ):

@@ -83,7 +83,32 @@ async def _main(args: argparse.Namespace) -> None:
         reporter.emit("STAT " + json.dumps({"worker_cpu_s": round(time.process_time() - cpu0, 3)}))
 
 
+def _tracing(mode: str) -> None:
+    """``BENCH_TRACING``: ``off`` hides OpenTelemetry (as if not installed), ``sdk`` records
+    every span with the SDK and drops it at export; anything else leaves the API as installed
+    (a no-op without an SDK). For the overhead figures of docs/benchmarks.md."""
+    if mode == "off":
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+    elif mode == "sdk":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Drop(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        trace.set_tracer_provider(provider)
+
+
 def main() -> None:
+    _tracing(os.environ.get("BENCH_TRACING", ""))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("system", choices=SYSTEMS)
     parser.add_argument("--dsn", required=True)

@@ -337,31 +337,38 @@ def _executor(
     store: Any,
     sources: Mapping[str, str],
 ) -> Executor:
-    apps, urls = _apps(settings, args.app, sources)
-    return _build_executor(settings, store, dsn, apps, _load_methods(args.methods), urls, args)
+    apps, urls, batch = _apps(settings, args.app, sources)
+    return _build_executor(
+        settings, store, dsn, apps, _load_methods(args.methods), urls, args, batch
+    )
 
 
 def _apps(
     settings: config.Settings, specs: Sequence[str], sources: Mapping[str, str]
-) -> tuple[list[str], dict[str, str]]:
-    """App names to serve and their URLs.
+) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    """App names to serve, their URLs and their call batch sizes.
 
-    ``--app NAME[=URL]`` options, else ``[executor] apps`` when it is set; else ``default`` and
-    every app ``[apps]`` gives a URL. URLs from ``[apps]``, overridden by the options.
+    ``--app NAME[=URL [batch=N]]`` options, else ``[executor] apps`` when it is set; else
+    ``default`` and every app ``[apps]`` gives a URL. URLs from ``[apps]``, overridden by the
+    options.
     """
     configured = [a.strip() for a in settings.executor.apps.split(",") if a.strip()]
     if "executor.apps" not in sources:  # not set: the apps with a URL are served too
         configured += [name for name in settings.apps if name not in configured]
     apps: list[str] = []
     urls = dict(settings.apps)
+    batch = dict(settings.app_batch)
     for spec in specs or configured:
-        name, _, url = spec.partition("=")
+        name, _, value = spec.partition("=")
         apps.append(name)
-        if url:
-            urls[name] = url
+        if value:
+            urls[name], size = config.parse_app(name, value, "--app")
+            batch.pop(name, None)
+            if size > 1:
+                batch[name] = size
     if settings.executor.token:
         config.check_app_credentials(urls, {n: "--app" for n in urls if n not in settings.apps})
-    return apps, urls
+    return apps, urls, batch
 
 
 def _build_executor(
@@ -372,6 +379,7 @@ def _build_executor(
     registry: methods.Methods,
     urls: dict[str, str],
     args: argparse.Namespace,
+    batch: dict[str, int] | None = None,
 ) -> Executor:
     conf = settings.executor
     return Executor(
@@ -379,6 +387,7 @@ def _build_executor(
         apps=apps,
         methods=registry,
         app_urls=urls,
+        app_batch=batch,
         dsn=dsn,
         executor_id=getattr(args, "id", None),
         concurrency=_pick(getattr(args, "concurrency", None), conf.concurrency),
@@ -696,7 +705,7 @@ def _run(settings: config.Settings, args: argparse.Namespace, sources: Mapping[s
 
         await migrate.migrate(dsn)
         registry = _load_methods(args.methods)
-        apps, urls = _apps(settings, args.app, sources)
+        apps, urls, batch = _apps(settings, args.app, sources)
         if args.demo:
             demo.register(registry)
             for name in registry:
@@ -714,7 +723,7 @@ def _run(settings: config.Settings, args: argparse.Namespace, sources: Mapping[s
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, stop.set)
             manager = _manager(settings, args, dsn, store)
-            executor = _build_executor(settings, store, dsn, apps, registry, urls, args)
+            executor = _build_executor(settings, store, dsn, apps, registry, urls, args, batch)
             http = _HttpServer(
                 app,
                 args.host or settings.server.host,
@@ -869,8 +878,9 @@ def _config(settings: config.Settings, sources: dict[str, str], args: argparse.N
                 value = config.mask(str(value))
             shown[key] = {"value": value, "source": sources.get(key, "default")}
     for app, url in settings.apps.items():
+        size = settings.app_batch.get(app)
         shown[f"apps.{app}"] = {
-            "value": config.mask(url),
+            "value": config.mask(url) + (f" batch={size}" if size else ""),
             "source": sources.get(f"apps.{app}", "default"),
         }
     if args.json:

@@ -143,6 +143,39 @@ class Settings:
     """``[limits]``: the bounds on user-controlled input (see :mod:`kaiju_tasks.limits`)."""
     apps: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """``[apps]``: app name -> JSON-RPC URL that runs its stages over HTTP."""
+    app_batch: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """``[apps]`` ``batch=N``: app name -> most stage calls sent in one JSON-RPC batch."""
+
+
+MAX_CALL_BATCH = 1000
+"""Most calls an ``[apps]`` ``batch=N`` may gather in one request."""
+
+
+def parse_app(app: str, value: str, source: str | None = None) -> tuple[str, int]:
+    """Split an ``[apps]`` value ``URL [batch=N]`` into the URL and the batch size (0: off)."""
+    parts = str(value).split()
+    if not parts:
+        return "", 0
+    url, batch = parts[0], 0
+    where = f" (from {source})" if source else ""
+    for option in parts[1:]:
+        key, equals, raw = option.partition("=")
+        if key != "batch" or not equals:
+            raise errors.ConfigError(
+                f"[apps] {app}: unknown option {option[:64]!r} after the URL; known: batch=N"
+                + where
+            )
+        try:
+            batch = int(raw)
+        except ValueError:
+            raise errors.ConfigError(
+                f"[apps] {app}: batch must be an integer, got {raw[:64]!r}" + where
+            ) from None
+        if not 1 <= batch <= MAX_CALL_BATCH:
+            raise errors.ConfigError(
+                f"[apps] {app}: batch must be 1-{MAX_CALL_BATCH}, got {batch}" + where
+            )
+    return url, batch
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -265,10 +298,20 @@ def load(
         executor=ExecutorSettings(**values["executor"]),
         manager=ManagerSettings(**values["manager"]),
         limits=_limits(values["limits"], sources),
-        apps=dict(values["apps"]),
+        **_apps(values["apps"], sources),
     )
     _check(settings, sources)
     return settings, sources
+
+
+def _apps(values: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, Any]:
+    urls: dict[str, str] = {}
+    batch: dict[str, int] = {}
+    for app, value in values.items():
+        urls[app], size = parse_app(app, value, sources.get(f"apps.{app}"))
+        if size > 1:
+            batch[app] = size
+    return {"apps": urls, "app_batch": batch}
 
 
 def _limits(values: Mapping[str, Any], sources: Mapping[str, str]) -> limits.Limits:

@@ -84,6 +84,9 @@ class Executor:
             executors silent for several intervals).
         shutdown_grace: how long ``stop()`` lets running stages finish before handing their
             tasks back (SUSPENDED, re-queued at once).
+        app_batch: ``app_name -> N``: stage calls to that app's URL go out as JSON-RPC batch
+            requests of up to N calls (see ``rpc.client.CallBatches``); the app's service
+            must accept batches.
         debug: serve private queues ``<app>@debug-<random>`` instead of ``apps`` (see
             ``debug_queues``): tasks created for those names (or copied there with
             ``tasks.copy``) run here only, production executors never take them, and they are
@@ -107,6 +110,7 @@ class Executor:
         poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
         heartbeat_interval: timedelta = DEFAULT_HEARTBEAT_INTERVAL,
         shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE,
+        app_batch: Mapping[str, int] | None = None,
         debug: bool = False,
     ) -> None:
         if concurrency < 1:
@@ -142,6 +146,15 @@ class Executor:
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
         self.client = rpc_client.Client(token=app_token)
+        batch_sizes = dict(app_batch or {})
+        for app, queue in self.debug_queues.items():
+            if app in batch_sizes:
+                batch_sizes[queue] = batch_sizes[app]
+        self._call_batches = {
+            app: rpc_client.CallBatches(self.client, self.app_urls[app], size)
+            for app, size in batch_sizes.items()
+            if size > 1 and app in self.app_urls
+        }
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
@@ -616,6 +629,15 @@ class Executor:
                         f"{row['app_name']!r} has no URL",
                         code=protocol.METHOD_NOT_FOUND,
                         retryable=False,
+                    )
+                batches = self._call_batches.get(row["app_name"])
+                if batches is not None:
+                    return await batches.call(
+                        method,
+                        params,
+                        request_id=request_id,
+                        deadline=deadline,
+                        seconds_left=timeout,
                     )
                 return await self.client.call(
                     url,

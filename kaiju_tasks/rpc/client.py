@@ -12,7 +12,10 @@ password, no query value), and any exception text embedded in a message goes thr
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -85,6 +88,68 @@ class Client:
             errors.StageError: the reply is larger than the ``stage_result_bytes`` limit allows
                 (not retryable).
         """
+        headers = self._headers(correlation_id, deadline, seconds_left)
+        tracing.inject(headers)  # the stage's span: the called service joins the trace
+        body = encode(protocol.request(method, params, request_id))
+        shown = redact.url(url)
+        status, reply = await self._post(url, body, headers, shown, reply_bound())
+        if not isinstance(reply, dict):
+            raise errors.TransportError(
+                f"{shown} answered with a JSON-RPC reply that is not an object"
+            )
+        return _outcome(reply, shown, status)
+
+    async def call_batch(
+        self,
+        url: str,
+        calls: Sequence[tuple[str, Any, str]],
+        *,
+        deadline: datetime | None,
+        seconds_left: float | None,
+    ) -> list[Any]:
+        """POST ``calls`` (``(method, params, request_id)``) as one JSON-RPC batch.
+
+        Returns one outcome per call, in order: its result, or the exception :meth:`call`
+        would raise for it. A failure of the whole request (unreachable, not JSON-RPC) is
+        raised for all. ``deadline`` and ``seconds_left`` (sent as headers) are the latest of
+        the calls'; each caller still bounds its own call. The calls are of different tasks:
+        no correlation id or trace context is sent (they are per request, not per call). The
+        reply is read up to ``stage_result_bytes`` per call, at most ``reply_bytes`` in all.
+        """
+        headers = self._headers(None, deadline, seconds_left)
+        body = encode([protocol.request(method, params, rid) for method, params, rid in calls])
+        shown = redact.url(url)
+        bound = max(reply_bound(), min(reply_bound() * len(calls), limits.active().reply_bytes))
+        status, reply = await self._post(url, body, headers, shown, bound)
+        if not isinstance(reply, list):
+            if isinstance(reply, dict) and reply.get("error") is not None:
+                try:
+                    _outcome(reply, shown, status)  # the whole batch refused: say why
+                except errors.StageError as exc:
+                    raise errors.TransportError(
+                        f"{shown} refused a batch of {len(calls)} calls: {exc.message}"
+                    ) from None
+            raise errors.TransportError(
+                f"{shown} answered a batch with a JSON-RPC reply that is not an array"
+            )
+        by_id = {item.get("id"): item for item in reply if isinstance(item, dict) and "id" in item}
+        outcomes: list[Any] = []
+        for _method, _params, request_id in calls:
+            item = by_id.get(request_id)
+            if item is None:
+                outcomes.append(
+                    errors.TransportError(f"{shown} answered a batch without this call's reply")
+                )
+                continue
+            try:  # each result is held to stage_result_bytes by the executor as it stores it
+                outcomes.append(_outcome(item, shown, status))
+            except errors.StageError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _headers(
+        self, correlation_id: str | None, deadline: datetime | None, seconds_left: float | None
+    ) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -94,14 +159,17 @@ class Client:
             headers[protocol.DEADLINE_HEADER] = deadline.isoformat()
         if seconds_left is not None:
             headers[protocol.TIMEOUT_HEADER] = f"{max(seconds_left, 0.0):.3f}"
-        tracing.inject(headers)  # the stage's span: the called service joins the trace
+        return headers
+
+    async def _post(
+        self, url: str, body: bytes, headers: Mapping[str, str], shown: str, bound: int
+    ) -> tuple[int, Any]:
+        """POST ``body``; return the HTTP status and the decoded JSON reply."""
         session = await self._get_session()
-        body = encode(protocol.request(method, params, request_id))
-        shown = redact.url(url)
         try:
             async with session.post(url, data=body, headers=headers) as response:
                 status = response.status
-                raw = await _read(response, shown)
+                raw = await _read(response, shown, bound)
         except (aiohttp.ClientError, ValueError) as exc:
             # ValueError: what aiohttp raises for a request it cannot make (e.g. an
             # Authorization header beside credentials in the URL). No chained cause: its text
@@ -110,41 +178,111 @@ class Client:
                 f"cannot reach {shown}: {type(exc).__name__}: {redact.text(str(exc))}"
             ) from None
         try:
-            reply = orjson.loads(raw)
+            return status, orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise errors.TransportError(
                 f"{shown} answered HTTP {status} with a body that is not JSON"
             ) from None
-        if not isinstance(reply, dict):
-            raise errors.TransportError(
-                f"{shown} answered with a JSON-RPC reply that is not an object"
-            )
-        if "error" in reply and reply["error"] is not None:
-            err = reply["error"] if isinstance(reply["error"], dict) else {}
-            code = err.get("code", protocol.INTERNAL_ERROR)
-            data = err.get("data")
-            if code == protocol.REJECTED:
-                requeue = isinstance(data, dict) and data.get("requeue") is True
-                raise errors.StageRejected(str(err.get("message", "rejected")), requeue=requeue)
-            # Retrying cannot help a missing method, bad params, or an error whose data says
-            # {"retryable": false} (what MethodError(retryable=False) sends over HTTP).
-            final = code in (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS) or (
-                isinstance(data, dict) and data.get("retryable") is False
-            )
-            raise errors.RemoteCallError(
-                str(err.get("message", "remote error")),
-                code=code if isinstance(code, int) else protocol.INTERNAL_ERROR,
-                data=data,
-                retryable=not final,
-            )
-        if "result" not in reply:
-            raise errors.TransportError(f"{shown} answered HTTP {status} without a JSON-RPC result")
-        return reply["result"]
 
 
-async def _read(response: aiohttp.ClientResponse, shown: str) -> bytes:
-    """The body of ``response``, read no further than :func:`reply_bound` bytes."""
-    bound = reply_bound()
+class CallBatches:
+    """Stage calls to one app, gathered into JSON-RPC batch requests (``[apps]`` ``batch=N``).
+
+    Each caller awaits its own call. A lone call goes out at once (as a batch of one); calls
+    made while ``in_flight`` batches are on their way gather, and the next batch takes up to
+    ``max_batch`` of them: under load the batches grow by themselves, with no timer. A batch's
+    reply comes when every call in it is answered, so one slow call delays the others of its
+    batch.
+    """
+
+    def __init__(self, client: Client, url: str, max_batch: int, *, in_flight: int = 2) -> None:
+        self.client = client
+        self.url = url
+        self.max_batch = max_batch
+        self.in_flight = in_flight
+        self.sent = 0
+        """Batch requests sent (for tests and diagnostics)."""
+        self._pending: list[tuple[tuple[str, Any, str], datetime | None, float | None, Any]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
+    async def call(
+        self,
+        method: str,
+        params: Any,
+        *,
+        request_id: str,
+        deadline: datetime | None,
+        seconds_left: float | None,
+    ) -> Any:
+        """Send one call in the next batch; return its result or raise its error."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(((method, params, request_id), deadline, seconds_left, future))
+        if len(self._flushers) < self.in_flight:
+            # Not in this caller's context: the batch is no one call's (tracing, task context).
+            flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        outcome = await future
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = [entry for entry in self._pending[: self.max_batch] if not entry[3].done()]
+            del self._pending[: self.max_batch]
+            if not batch:
+                continue  # their callers gave up (timed out, cancelled)
+            deadlines = [d for _, d, _, _ in batch if d is not None]
+            seconds = [s for _, _, s, _ in batch if s is not None]
+            outcomes: list[Any]
+            try:
+                outcomes = await self.client.call_batch(
+                    self.url,
+                    [call for call, _, _, _ in batch],
+                    deadline=max(deadlines) if deadlines else None,
+                    seconds_left=max(seconds) if seconds else None,
+                )
+            except errors.StageError as exc:
+                outcomes = [exc] * len(batch)
+            except Exception as exc:  # noqa: BLE001 - every caller must learn the outcome
+                failure = errors.TransportError(
+                    f"batch to {redact.url(self.url)} failed: {type(exc).__name__}"
+                )
+                outcomes = [failure] * len(batch)
+            self.sent += 1
+            for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
+
+def _outcome(reply: Mapping[str, Any], shown: str, status: int) -> Any:
+    """The result of one JSON-RPC reply object, or the error it stands for, raised."""
+    if "error" in reply and reply["error"] is not None:
+        err = reply["error"] if isinstance(reply["error"], dict) else {}
+        code = err.get("code", protocol.INTERNAL_ERROR)
+        data = err.get("data")
+        if code == protocol.REJECTED:
+            requeue = isinstance(data, dict) and data.get("requeue") is True
+            raise errors.StageRejected(str(err.get("message", "rejected")), requeue=requeue)
+        # Retrying cannot help a missing method, bad params, or an error whose data says
+        # {"retryable": false} (what MethodError(retryable=False) sends over HTTP).
+        final = code in (protocol.METHOD_NOT_FOUND, protocol.INVALID_PARAMS) or (
+            isinstance(data, dict) and data.get("retryable") is False
+        )
+        raise errors.RemoteCallError(
+            str(err.get("message", "remote error")),
+            code=code if isinstance(code, int) else protocol.INTERNAL_ERROR,
+            data=data,
+            retryable=not final,
+        )
+    if "result" not in reply:
+        raise errors.TransportError(f"{shown} answered HTTP {status} without a JSON-RPC result")
+    return reply["result"]
+
+
+async def _read(response: aiohttp.ClientResponse, shown: str, bound: int) -> bytes:
+    """The body of ``response``, read no further than ``bound`` bytes."""
     if response.content_length is not None and response.content_length > bound:
         raise _too_large(shown)
     chunks: list[bytes] = []
