@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME[=URL]",
-        help="serve this app; with =URL its stages are JSON-RPC calls to URL (repeatable)",
+        help="serve this app; with =URL its stages are JSON-RPC calls to URL, with"
+        " '=URL batch=N' in JSON-RPC batches of up to N calls (repeatable)",
     )
     executor.add_argument(
         "--methods",
