@@ -269,3 +269,20 @@ def test_without_opentelemetry_nothing_is_traced_or_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_with_the_api_alone_no_span_is_made_but_a_callers_context_is_kept() -> None:
+    code = (
+        "from kaiju_tasks import tracing\n"
+        "assert tracing.ENABLED and not tracing.recording()  # no SDK provider set\n"
+        "row = {'id': 't', 'app_name': 'a', 'stage': 0}\n"
+        "with tracing.run_span(row, 'e') as span:\n"
+        "    assert span is None\n"
+        "parent = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'\n"
+        "assert tracing.carrier({'traceparent': parent}) == {'traceparent': parent}\n"
+        "assert tracing.carrier({'traceparent': 'nonsense'}) is None\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
