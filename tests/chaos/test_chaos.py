@@ -284,9 +284,7 @@ async def test_chaos(scenario: str, tmp_path: Path) -> None:
                     proc.stop()
                 await pool.close()
     twice = target.twice()
-    unexplained = {
-        rid: n for rid, n in twice.items() if rid.rsplit(":", 3)[0] not in run.killed_tasks
-    }
+    unexplained = harness.unexplained_twice(target, run.killed_tasks)
     print(  # noqa: T201 - the figures of docs/reliability.md
         f"\nchaos {scenario}: {len(run.ids)} tasks, baseline {baseline:.0f} calls/s,"
         f" recovered in {recovery:.1f} s, {len(twice)} calls twice"

@@ -140,9 +140,7 @@ async def test_promoting_the_standby_loses_nothing_acknowledged(tmp_path: Path) 
                     proc.stop()
                 await pool.close()
     twice = target.twice()
-    unexplained = {
-        rid: n for rid, n in twice.items() if rid.rsplit(":", 3)[0] not in run.killed_tasks
-    }
+    unexplained = harness.unexplained_twice(target, run.killed_tasks)
     print(  # noqa: T201 - the figures of docs/reliability.md
         f"\nfailover: {len(run.ids)} tasks acknowledged, all FINISHED; a leader"
         f" {led_after:.1f} s and stages {resumed_after:.1f} s after the promotion;"
