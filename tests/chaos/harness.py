@@ -158,9 +158,7 @@ def stage_calls(target: CountingTarget, task_ids: list[str]) -> dict[str, int]:
 def unexplained_twice(target: CountingTarget, explained: set[str]) -> dict[str, int]:
     """Request ids called more than once whose task is not among ``explained`` (those a
     fault hit while they ran: their stage may run again, with the same request id)."""
-    return {
-        rid: n for rid, n in target.twice().items() if rid.rsplit(":", 3)[0] not in explained
-    }
+    return {rid: n for rid, n in target.twice().items() if rid.rsplit(":", 3)[0] not in explained}
 
 
 def result_of(row: Any) -> Any:
