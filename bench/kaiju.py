@@ -143,7 +143,7 @@ def _local(methods: Methods, service_url: str | None, name: str) -> Callable[[An
     """Register the function as method ``name``, unless the stages go to the service."""
     if service_url:
         return lambda fn: fn
-    return methods.register(name)  # type: ignore[no-any-return]
+    return methods.register(name)
 
 
 async def run_worker(

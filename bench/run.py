@@ -53,10 +53,15 @@ from bench import common  # noqa: E402
 
 BENCH = ROOT / "bench"
 SYSTEMS = ("kaiju", "pgqueuer", "pgqueuer-defaults", "procrastinate")
+VARIANTS = ("kaiju-batch", "kaiju-otel")
+"""kaiju configurations run on demand (--systems): remote stage calls batched 50 at a time,
+and every span recorded with the OpenTelemetry SDK. Not peers: never in the best-peer ratio."""
 SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
 DEFAULT_SCENARIOS = "a,b,c,d,e,f"  # g with --big
 PACKAGES = {
     "kaiju": "kaiju-tasks",
+    "kaiju-batch": "kaiju-tasks",
+    "kaiju-otel": "kaiju-tasks",
     "pgqueuer": "pgqueuer",
     "pgqueuer-defaults": "pgqueuer",
     "procrastinate": "procrastinate",
@@ -71,10 +76,12 @@ def log(message: str) -> None:
 
 
 def make_system(name: str) -> common.System:
-    if name == "kaiju":
+    if name.startswith("kaiju"):
         from bench.kaiju import Kaiju
 
-        return Kaiju()
+        kaiju = Kaiju()
+        kaiju.name = name  # a variant's worker is told which (bench/worker.py)
+        return kaiju
     if name in ("pgqueuer", "pgqueuer-defaults"):
         from bench.peers.pgqueuer_peer import PgQueuerPeer
 
@@ -763,7 +770,7 @@ def table(results: list[dict[str, Any]], systems: list[str]) -> str:
     found = {(r["system"], r["scenario"], r["metric"]): r for r in results if r["metric"]}
     values = {key: r["value"] for key, r in found.items()}
     errors = {(r["system"], r["scenario"][0]) for r in results if r["metric"] == "error"}
-    peers = [s for s in systems if s != "kaiju"]
+    peers = [s for s in systems if not s.startswith("kaiju")]
     compare = "kaiju" in systems and bool(peers)
     headers = ["metric", *systems]
     if compare:
@@ -800,7 +807,9 @@ def table(results: list[dict[str, Any]], systems: list[str]) -> str:
         for r in rows
     ]
     out.append(line)
-    versions = ", ".join(f"{s} {version(s)}" for s in systems if s != "pgqueuer-defaults")
+    versions = ", ".join(
+        f"{s} {version(s)}" for s in systems if s not in ("pgqueuer-defaults", *VARIANTS)
+    )
     out.append(
         f"({versions}; median (min-max) of the rounds; throughput ratio >1 = kaiju faster, "
         "latency ratio <1 = kaiju faster)"
@@ -966,7 +975,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if s not in SCENARIOS:
             parser.error(f"unknown scenario {s!r}")
     for s in [*args.systems, *args.big_systems]:
-        if s not in SYSTEMS:
+        if s not in (*SYSTEMS, *VARIANTS):
             parser.error(f"unknown system {s!r}")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3

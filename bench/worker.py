@@ -27,11 +27,18 @@ from bench import common
 WorkerFn = Callable[..., Awaitable[None]]
 
 
-SYSTEMS = ("kaiju", "pgqueuer", "pgqueuer-defaults", "procrastinate")
+SYSTEMS = (
+    "kaiju",
+    "kaiju-batch",  # kaiju with remote stage calls batched (`[apps] ... batch=50`)
+    "kaiju-otel",  # kaiju recording every span with the OpenTelemetry SDK (dropped at export)
+    "pgqueuer",
+    "pgqueuer-defaults",
+    "procrastinate",
+)
 
 
 def _load(system: str) -> WorkerFn:
-    if system == "kaiju":
+    if system.startswith("kaiju"):
         from bench import kaiju
 
         return kaiju.run_worker
@@ -108,7 +115,6 @@ def _tracing(mode: str) -> None:
 
 
 def main() -> None:
-    _tracing(os.environ.get("BENCH_TRACING", ""))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("system", choices=SYSTEMS)
     parser.add_argument("--dsn", required=True)
@@ -120,6 +126,9 @@ def main() -> None:
     parser.add_argument("--pyinstrument", metavar="FILE", help="profile into FILE (.txt/.html)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
+    if args.system == "kaiju-batch":
+        os.environ.setdefault("BENCH_KAIJU_BATCH", "50")
+    _tracing("sdk" if args.system == "kaiju-otel" else os.environ.get("BENCH_TRACING", ""))
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
     if args.mode in (common.REMOTE, common.REMOTE_PIPELINE) and not args.service_url:
         parser.error(f"--mode {args.mode} needs --service-url")
