@@ -458,14 +458,18 @@ class Executor:
     async def _run_task(
         self, row: dict[str, Any], previous: asyncio.Task[None] | None = None
     ) -> None:
-        task_id = row["id"]
-        stage = row["stage"]
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
+        # The run's span covers its outcome too: a failure recorded below marks it.
+        with tracing.run_span(row, self.id):
+            await self._run_claimed(row)
+
+    async def _run_claimed(self, row: dict[str, Any]) -> None:
+        task_id = row["id"]
+        stage = row["stage"]
         try:
             async with self._slots:
-                with tracing.run_span(row, self.id):
-                    await self._pipeline(row)
+                await self._pipeline(row)
         except errors.StoreError as exc:
             # The outcome of the last write is unknown: hand the task back so that the
             # manager re-queues it at the last committed stage (at-least-once per stage).
@@ -504,6 +508,7 @@ class Executor:
                 f"internal error: {type(exc).__name__}: {redact.text(str(exc))}", retryable=False
             )
             failure.__cause__ = exc
+            failure.pipeline = True  # type: ignore[attr-defined]  # not a method's: see _log_failure
             try:
                 await self._fail(row, row.get("_stage", stage), failure)
             except (errors.KaijuTasksError, _Revoked):
@@ -563,10 +568,10 @@ class Executor:
                     with tracing.stage_span(row, self.id, stage, command["method"]) as span:
                         try:
                             result = await self._call(row, stage, command, data, now, meter)
-                        except errors.StageError as exc:
+                            stored += _json_checked(result, stored)
+                        except (errors.StageError, errors.ValidationError) as exc:
                             tracing.failed(span, exc.message)
                             raise
-                    stored += _json_checked(result, stored)
             except errors.StageError as exc:
                 await self._fail(row, stage, exc, _measured(meter))
                 return
@@ -831,8 +836,9 @@ def _log_failure(
     cause = exc.__cause__
     answers = (errors.KaijuTasksError, methods_.MethodError, methods_.Reject)  # not bugs
     internal = isinstance(cause, Exception) and not isinstance(cause, answers)
+    pipeline = getattr(exc, "pipeline", False)
     fields = {
-        "event": "stage_error" if internal else "stage_failed",
+        "event": "pipeline_error" if pipeline else "stage_error" if internal else "stage_failed",
         "task_id": row["id"],
         "job_id": row["job_id"],
         "app": row["app_name"],
@@ -843,7 +849,8 @@ def _log_failure(
         "error": message,
     }
     if internal:
-        logger.error("Stage method raised", exc_info=cause, extra=fields)
+        message = "Task pipeline failed" if pipeline else "Stage method raised"
+        logger.error(message, exc_info=cause, extra=fields)
     else:
         logger.log(
             logging.INFO if status != "FAILED" else logging.WARNING, "Stage failed", extra=fields

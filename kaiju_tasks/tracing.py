@@ -102,7 +102,8 @@ def run_span(row: Mapping[str, Any], executor_id: str) -> Any:
     if not recording():
         return _NULL
     stored = row.get("trace") or {}
-    parent = _propagate.extract(stored) if stored.get("traceparent") else None
+    # No stored context: a root span, not a child of whatever span started the executor.
+    parent = _propagate.extract(stored) if stored.get("traceparent") else _context.Context()
     links = []
     previous = stored.get("run")
     if isinstance(previous, str):

@@ -286,3 +286,31 @@ def test_with_the_api_alone_no_span_is_made_but_a_callers_context_is_kept() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_task_created_outside_any_trace_runs_as_a_root_span(
+    dsn: str, service: Service
+) -> None:
+    _provider()
+    EXPORTER.clear()
+    runtime = TaskRuntime(
+        dsn,
+        apps=["shop"],
+        app_urls={"shop": service.url},
+        manager=False,
+        executor_options={"poll_interval": timedelta(milliseconds=100)},
+    )
+    # Started inside the application's span: its executor's tasks inherit that context.
+    with trace.get_tracer("the-application").start_as_current_span("startup"):
+        await runtime.start()
+    try:
+        created = await runtime.tasks.create(
+            Task(app="shop", commands=[TaskCommand(method="shop.reserve")])
+        )
+        assert isinstance(created, dict)
+        assert created["trace"] is None
+        await _ended(runtime, created["id"])
+    finally:
+        await runtime.stop()
+    run = next(s for s in _spans(created["id"]) if s.name == "run shop")
+    assert run.parent is None  # a root: not a child of the span that started the executor
