@@ -57,6 +57,17 @@ def pgbouncer(dsn: str, *, pool_size: int = 3) -> Iterator[str]:
                 host = unquote(value)
             if key == "port":
                 port = int(value)
+    if host.startswith("/") and os.geteuid() == 0:
+        # PgBouncer runs as SERVER_USER: it must be able to reach a Unix socket's directory
+        # (the embedded server's may sit under a home directory only root can enter).
+        reachable = subprocess.run(
+            ["runuser", "-u", SERVER_USER, "--", "test", "-x", host],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if reachable.returncode != 0:
+            pytest.skip(f"pgbouncer (as {SERVER_USER}) cannot enter the socket directory {host}")
     root = Path(tempfile.mkdtemp(prefix="kaiju-tasks-pgbouncer-"))
     listen = _free_port()
     (root / "users.txt").write_text(f'"{user}" ""\n')
