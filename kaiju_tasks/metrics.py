@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -120,6 +120,12 @@ class _Snapshot(Collector):
             value=self.data.get("executors", 0),
         )
         yield GaugeMetricFamily(
+            "kaiju_tasks_leader",
+            "1 while a manager leads this database (timers, retries, cron, deadlines and"
+            " rescues run only then), else 0",
+            value=1 if self.data.get("leader") else 0,
+        )
+        yield GaugeMetricFamily(
             "kaiju_tasks_debug_executors_alive",
             "Debug executors heard from lately (counted in kaiju_tasks_executors_alive too);"
             " they serve private <app>@debug-<random> queues only",
@@ -151,14 +157,22 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600),
         )
+        self.retries = Counter(
+            "kaiju_tasks_task_retries",
+            "Failed runs that will be retried, by the method of the stage that failed",
+            ["method"],
+            registry=self.registry,
+        )
         self._methods: set[str] = set()
         """The method labels given so far (at most :data:`MAX_METHODS`)."""
         self._receiver = monitor.EventReceiver(dsn, {"*": self.event})
         self._task: asyncio.Task[int] | None = None
 
     def event(self, event: monitor.Event) -> None:
-        """Count one lifecycle event (stage durations)."""
+        """Count one lifecycle event (stage durations, retries)."""
         data = event.get("data") or {}
+        if event["type"] == "task-retried":
+            self.retries.labels(self._method_label(data.get("method"))).inc()
         if event["type"] in STAGE_EVENTS and data.get("duration_s") is not None:
             method = data.get("method")
             self.stage_duration.labels(self._method_label(method)).observe(
@@ -198,6 +212,7 @@ class Metrics:
             "unserved": unserved,
             "executors": row["executors"],
             "debug_executors": row["debug_executors"],
+            "leader": row["leader"],
             "events": row["events"],
         }
         return generate_latest(self.registry)

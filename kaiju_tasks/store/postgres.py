@@ -622,8 +622,9 @@ class PostgresTaskStore(base.TaskStore):
         return {r["app"] for r in rows}
 
     async def metrics(self, *, now: datetime, alive_since: datetime) -> Row:
-        """Tasks by app and status, queue lag by app, live executors, events written."""
-        row = await self._fetchrow("metrics", now, alive_since)
+        """Tasks by app and status, queue lag by app, live executors, events written, leader."""
+        key = LEADER_LOCK_KEY
+        row = await self._fetchrow("metrics", now, alive_since, key >> 32, key & 0xFFFFFFFF)
         assert row is not None
         return row
 

@@ -675,7 +675,8 @@ LIMIT 1;
 
 -- name: metrics
 -- What /metrics reports, in one round trip: tasks by app and status, the age of the oldest
--- QUEUED task by app ($1 = now), executors heard from since $2, and events written so far.
+-- QUEUED task by app ($1 = now), executors heard from since $2, events written so far, and
+-- whether a manager holds the leadership lock ($3, $4: its key's halves).
 SELECT
     (SELECT coalesce(json_agg(json_build_object('app', app_name, 'status', status, 'count', n)),
                      '[]')
@@ -686,6 +687,10 @@ SELECT
     (SELECT count(*) FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $2) AS executors,
     (SELECT count(*) FROM executors
      WHERE stopped_at IS NULL AND heartbeat_at > $2 AND debug) AS debug_executors,
+    EXISTS (SELECT 1 FROM pg_locks
+            WHERE locktype = 'advisory' AND granted AND classid = $3 AND objid = $4
+              AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+        AS leader,
     -- the identity's last value: unlike max(id), it never goes back when old events are pruned
     (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
         AS events;
