@@ -87,7 +87,8 @@ def connect_failure(exc: BaseException) -> str:
         exc, ValueError | TypeError
     )
     if isinstance(exc, OSError) or from_server:
-        return f"cannot connect to the database: {text(str(exc))}"
+        # Some errors have no text (a connection closed during the handshake): name the kind.
+        return f"cannot connect to the database: {text(str(exc)) or type(exc).__name__}"
     return (
         f"cannot connect to the database: its DSN cannot be parsed ({type(exc).__name__}); "
         "percent-encode special characters of the password (/ ? # @ :)"

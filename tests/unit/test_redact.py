@@ -173,3 +173,9 @@ def test_redact_filter_cleans_records_for_any_handler():
     assert SECRET not in written
     assert "calling http://u:***@h/?k=*** password=***" in written
     assert "RuntimeError: postgresql://u:***@db/x" in written
+
+
+def test_a_connect_failure_without_text_is_named_by_its_kind() -> None:
+    assert redact.connect_failure(ConnectionResetError()) == (
+        "cannot connect to the database: ConnectionResetError"
+    )
