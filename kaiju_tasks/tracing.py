@@ -52,22 +52,17 @@ def recording() -> bool:
     return ENABLED and not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
 
 
-def carrier(headers: Mapping[str, str] | None = None) -> dict[str, str] | None:
+def carrier() -> dict[str, str] | None:
     """The W3C trace context to store with a new task, or None.
 
-    From ``headers`` (an HTTP request's) when given, else from the active span. Only a
-    well-formed ``traceparent`` is kept, with its ``tracestate`` when short enough.
+    The current context's: the active span, or an HTTP request's headers made current by
+    :func:`attached`. Only a well-formed ``traceparent`` is kept, with its ``tracestate`` when
+    short enough.
     """
     if not ENABLED:
         return None
     found: dict[str, str] = {}
-    if headers is not None:
-        for name in ("traceparent", "tracestate"):
-            value = headers.get(name)
-            if value is not None:
-                found[name] = value
-    else:
-        _propagate.inject(found)
+    _propagate.inject(found)
     parent = found.get("traceparent", "").strip().lower()
     if not TRACEPARENT.match(parent) or parent.split("-")[1] == "0" * 32:
         return None

@@ -200,8 +200,6 @@ class CallBatches:
         self.url = url
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self.sent = 0
-        """Batch requests sent (for tests and diagnostics)."""
         self._pending: list[tuple[tuple[str, Any, str], datetime | None, float | None, Any]] = []
         self._flushers: set[asyncio.Task[None]] = set()
 
@@ -250,7 +248,6 @@ class CallBatches:
                     f"batch to {redact.url(self.url)} failed: {type(exc).__name__}"
                 )
                 outcomes = [failure] * len(batch)
-            self.sent += 1
             for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)

@@ -279,8 +279,10 @@ def test_with_the_api_alone_no_span_is_made_but_a_callers_context_is_kept() -> N
         "with tracing.run_span(row, 'e') as span:\n"
         "    assert span is None\n"
         "parent = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'\n"
-        "assert tracing.carrier({'traceparent': parent}) == {'traceparent': parent}\n"
-        "assert tracing.carrier({'traceparent': 'nonsense'}) is None\n"
+        "with tracing.attached({'traceparent': parent}):\n"
+        "    assert tracing.carrier() == {'traceparent': parent}\n"
+        "with tracing.attached({'traceparent': 'nonsense'}):\n"
+        "    assert tracing.carrier() is None\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
