@@ -94,13 +94,23 @@ class Cluster:
             raise AssertionError(f"{command} failed:\n{done.stdout}{done.stderr}\n{log[-2000:]}")
         return done
 
-    def init(self) -> None:
-        """Create the data directory (``initdb``) and write the settings."""
+    def _own_root(self) -> None:
+        """Create the cluster's directory, private to the server's user."""
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             user = pwd.getpwnam(SERVER_USER)
             os.chown(self.root, user.pw_uid, user.pw_gid)
         self.root.chmod(0o700)
+
+    def _write_settings(self) -> None:
+        """Append this cluster's settings to the data directory's (they win over earlier ones)."""
+        lines = [f"{key} = {value}" for key, value in self.settings.items()]
+        with (self.data / "postgresql.auto.conf").open("a") as conf:
+            conf.write("\n".join(lines) + "\n")
+
+    def init(self) -> None:
+        """Create the data directory (``initdb``) and write the settings."""
+        self._own_root()
         self._run(
             self.bin / "initdb",
             "-D",
@@ -112,9 +122,7 @@ class Cluster:
             "UTF8",
             "--no-sync",
         )
-        lines = [f"{key} = {value}" for key, value in self.settings.items()]
-        with (self.data / "postgresql.auto.conf").open("a") as conf:
-            conf.write("\n".join(lines) + "\n")
+        self._write_settings()
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
@@ -146,11 +154,7 @@ class Cluster:
         ``primary`` must run with ``wal_level`` replica or logical (the default) and accept
         replication connections from loopback (initdb's trust setup does).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            user = pwd.getpwnam(SERVER_USER)
-            os.chown(self.root, user.pw_uid, user.pw_gid)
-        self.root.chmod(0o700)
+        self._own_root()
         self._run(
             self.bin / "pg_basebackup",
             "-h",
@@ -167,9 +171,7 @@ class Cluster:
             "--no-sync",
         )
         # The copy carries the primary's own settings: this cluster's port and socket win.
-        lines = [f"{key} = {value}" for key, value in self.settings.items()]
-        with (self.data / "postgresql.auto.conf").open("a") as conf:
-            conf.write("\n".join(lines) + "\n")
+        self._write_settings()
 
     def promote(self) -> None:
         """Promote a standby to primary and wait until it accepts writes."""
