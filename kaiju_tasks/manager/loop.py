@@ -29,6 +29,9 @@ SCHEDULER_DUTIES: tuple[tuple[str, Duty], ...] = (
     ("release_timers", steps.release_timers),
     ("schedule_due", steps.schedule_due),
 )
+SILENCE_DUTIES = frozenset({steps.rescue_stale, steps.fail_debug_orphans})
+"""Duties that judge executors by their silence: they are told since when the leader watched
+(``observed_since``)."""
 
 
 class Manager:
@@ -97,7 +100,7 @@ class Manager:
         done: dict[str, int] = {}
         if self.scheduler:
             for name, duty in SCHEDULER_DUTIES:
-                if duty is steps.rescue_stale or duty is steps.fail_debug_orphans:
+                if duty in SILENCE_DUTIES:
                     done[name] = await duty(
                         store, now, self.settings, observed_since=self.observed_since
                     )
