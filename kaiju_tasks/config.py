@@ -18,6 +18,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,9 +162,11 @@ def parse_app(app: str, value: str, source: str | None = None) -> tuple[str, int
     for option in parts[1:]:
         key, equals, raw = option.partition("=")
         if key != "batch" or not equals:
+            # Quoted only when it looks like an option: text after a space may be the rest of
+            # a URL whose password holds a space.
+            shown = repr(option) if re.fullmatch(r"[a-z_]{1,32}=\w{0,32}", option) else "text"
             raise errors.ConfigError(
-                f"[apps] {app}: unknown option {option[:64]!r} after the URL; known: batch=N"
-                + where
+                f"[apps] {app}: unknown option {shown} after the URL; known: batch=N" + where
             )
         try:
             batch = int(raw)

@@ -172,3 +172,7 @@ def test_the_apps_option_reads_the_batch_size(tmp_path: Any) -> None:
     ):
         with pytest.raises(errors.ConfigError, match=message):
             config.load(paths=[], environ={"KAIJU_TASKS_APPS_SHOP": value})
+    # A password with a space is not an option: no part of it is quoted.
+    with pytest.raises(errors.ConfigError) as refused:
+        config.load(paths=[], environ={"KAIJU_TASKS_APPS_SHOP": "http://u:top s3cret@shop/rpc"})
+    assert "s3cret" not in str(refused.value)
