@@ -58,7 +58,12 @@ async def _slow_connection(
     trickling = asyncio.create_task(_trickle(writer, trickled, every))
     try:
         async with asyncio.timeout(BOUND):
-            reply = await reader.read()  # until the server closes the connection
+            try:
+                reply = await reader.read()  # until the server closes the connection
+            except ConnectionResetError:
+                # Closed too: a server that closes while bytes it has not read are still
+                # arriving resets the connection (RST) instead of ending it (FIN).
+                reply = b""
         return loop.time() - started, reply
     finally:
         trickling.cancel()
