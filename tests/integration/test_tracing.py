@@ -92,12 +92,23 @@ async def _ended(runtime: TaskRuntime, task_id: str, within: float = 30.0) -> di
         await asyncio.sleep(0.02)
 
 
-def _spans(task_id: str) -> list[Any]:
-    return [
-        s
-        for s in EXPORTER.get_finished_spans()
-        if (s.attributes or {}).get("kaiju_tasks.task_id") == task_id
-    ]
+async def _spans(task_id: str, runs: int = 1, within: float = 30.0) -> list[Any]:
+    """The task's finished spans, once ``runs`` run spans have ended.
+
+    A task's status is committed before its run span ends, so a test that saw the status
+    waits here for the span rather than reading the exporter at once.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        spans = [
+            s
+            for s in EXPORTER.get_finished_spans()
+            if (s.attributes or {}).get("kaiju_tasks.task_id") == task_id
+        ]
+        if sum(s.name.startswith("run ") for s in spans) >= runs:
+            return spans
+        assert time.monotonic() < deadline, [s.name for s in spans]
+        await asyncio.sleep(0.02)
 
 
 async def test_one_trace_from_create_through_every_stage_to_the_called_service(
@@ -120,7 +131,7 @@ async def test_one_trace_from_create_through_every_stage_to_the_called_service(
     assert created["trace"]["traceparent"].split("-")[1] == f"{trace_id:032x}"
     task = await _ended(runtime, created["id"])
     assert task["status"] == "FINISHED"
-    spans = _spans(created["id"])
+    spans = await _spans(created["id"])
     runs = [s for s in spans if s.name == "run shop"]
     stages = [s for s in spans if s.name != "run shop"]
     assert len(runs) == 1
@@ -161,7 +172,7 @@ async def test_a_failed_stage_marks_its_span_and_the_run(runtime: TaskRuntime) -
     assert isinstance(created, dict)
     task = await _ended(runtime, created["id"])
     assert task["status"] == "FAILED"
-    spans = _spans(created["id"])
+    spans = await _spans(created["id"])
     stage = next(s for s in spans if s.name == "shop.broken")
     run = next(s for s in spans if s.name == "run shop")
     assert stage.status.status_code == trace.StatusCode.ERROR
@@ -192,7 +203,8 @@ async def test_a_resumed_task_starts_a_new_run_linked_to_the_one_before(
     task = await _ended(runtime, created["id"])
     assert task["status"] == "FINISHED"
     runs = sorted(
-        (s for s in _spans(created["id"]) if s.name == "run shop"), key=lambda s: s.start_time
+        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
+        key=lambda s: s.start_time,
     )
     assert len(runs) == 2
     first, second = runs
@@ -243,7 +255,7 @@ async def test_a_traceparent_header_on_create_over_http_is_the_tasks_parent(
     created = body["result"]
     assert created["trace"] == {"traceparent": parent, "tracestate": "vendor=1"}
     await _ended(runtime, created["id"])
-    run = next(s for s in _spans(created["id"]) if s.name == "run shop")
+    run = next(s for s in await _spans(created["id"]) if s.name == "run shop")
     assert f"{run.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
     assert run.parent is not None
     assert f"{run.parent.span_id:016x}" == "b7ad6b7169203331"
@@ -314,5 +326,5 @@ async def test_a_task_created_outside_any_trace_runs_as_a_root_span(
         await _ended(runtime, created["id"])
     finally:
         await runtime.stop()
-    run = next(s for s in _spans(created["id"]) if s.name == "run shop")
+    run = next(s for s in await _spans(created["id"]) if s.name == "run shop")
     assert run.parent is None  # a root: not a child of the span that started the executor
