@@ -22,6 +22,7 @@ from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
 from kaiju_tasks.store import migrate, postgres
+from tests import rpc_fake
 
 TEMPLATE = "kaiju_tasks_test_template"
 
@@ -161,5 +162,25 @@ def make_api(store: postgres.PostgresTaskStore, clock: testing.FrozenClock):
             health=health,
             **options,
         )
+
+    return make
+
+
+@pytest.fixture
+def rpc_target(aiohttp_server):
+    """Start a JSON-RPC target (``tests/rpc_fake.py``) that records its calls.
+
+    ``await rpc_target(answer, path=..., delay=...)`` returns a started ``RpcTarget``; its
+    ``url`` is the address to give an executor as the app's URL.
+    """
+
+    async def make(
+        answer: rpc_fake.Answer = rpc_fake.echo, *, path: str = "/rpc", delay: float = 0.0
+    ) -> rpc_fake.RpcTarget:
+        target = rpc_fake.RpcTarget(answer, path=path, delay=delay)
+        server = await aiohttp_server(target.app())
+        target.url = str(server.make_url(path))
+        target.port = server.port
+        return target
 
     return make

@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from kaiju_tasks import Task, TaskCommand, Timer
 from kaiju_tasks.testing import eventually
+from tests import rpc_fake
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,48 +89,26 @@ def procs(tmp_path, dsn):
         proc.stop()
 
 
-class Target:
-    """A JSON-RPC service on loopback that records every call."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.calls: list[dict[str, Any]] = []
-        self.gate = asyncio.Event()
-        self.in_flight: Counter[str] = Counter()
-        self.max_in_flight: Counter[str] = Counter()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.calls.append(body)
-        task_id = body["id"].split(":")[0]
-        self.in_flight[task_id] += 1
-        self.max_in_flight[task_id] = max(self.max_in_flight[task_id], self.in_flight[task_id])
-        try:
-            params = body.get("params") or {}
-            if body["method"] == "slow":
-                await self.gate.wait()
-                result: Any = "slow-done"
-            elif body["method"] == "step":
-                result = {"x": params["x"] + 1}
-            else:
-                result = None
-                await asyncio.sleep(0.002)
-        finally:
-            self.in_flight[task_id] -= 1
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
-
-    def called(self, method: str) -> list[dict[str, Any]]:
-        return [c for c in self.calls if c["method"] == method]
+@pytest.fixture
+def gate():
+    """Set to let the ``slow`` stage answer."""
+    return asyncio.Event()
 
 
 @pytest.fixture
-async def target(aiohttp_server):
-    target = Target()
-    app = web.Application()
-    app.router.add_post("/rpc", target.handle)
-    server = await aiohttp_server(app)
-    target.url = str(server.make_url("/rpc"))
-    return target
+async def target(rpc_target, gate):
+    """The app: ``step`` adds one to ``x``, ``slow`` waits for the gate, the rest take 2 ms."""
+
+    async def answer(call: rpc_fake.Call) -> Any:
+        if call.method == "slow":
+            await gate.wait()
+            return "slow-done"
+        if call.method == "step":
+            return {"x": call.params["x"] + 1}
+        await asyncio.sleep(0.002)
+        return None
+
+    return await rpc_target(answer)
 
 
 def executor_args(target, name):
@@ -153,7 +131,7 @@ MANAGER_ARGS = ("manager", "--interval", "0.2", "--stale-after", "1.5", "--stand
 
 
 async def test_executor_killed_mid_stage_is_resumed_at_that_stage_by_another(
-    procs, target, task_service, store
+    procs, target, gate, task_service, store
 ):
     a = procs("executor-a", *executor_args(target, "A"))
     await a.wait_for_output("executor running")
@@ -173,7 +151,7 @@ async def test_executor_killed_mid_stage_is_resumed_at_that_stage_by_another(
     before = await store.get_task(task["id"])
     assert (before["status"], before["stage"], before["result"]) == ("EXECUTED", 1, [{"x": 2}])
     a.kill()
-    target.gate.set()
+    gate.set()
     b = procs("executor-b", *executor_args(target, "B"))
     await b.wait_for_output("executor running")
     await eventually(lambda: _finished(store, task["id"]), what="the task to finish")
@@ -181,7 +159,7 @@ async def test_executor_killed_mid_stage_is_resumed_at_that_stage_by_another(
     assert row["result"] == [{"x": 2}, "slow-done", {"x": 3}]
     assert row["exit_code"] == 0
     assert len(target.called("step")) == 2  # stage 0 was not run again
-    slow_ids = [c["id"] for c in target.called("slow")]
+    slow_ids = [c.id for c in target.called("slow")]
     assert len(slow_ids) == 2
     assert slow_ids[0] == slow_ids[1] == f"{row['id']}:{row['job_id']}:1:0"
 
@@ -240,7 +218,7 @@ async def test_two_executor_processes_never_run_a_task_twice_and_lose_none(
         return page["count"] == len(ids)
 
     await eventually(all_finished, within=90, what="1,000 tasks to finish")
-    per_task = Counter(c["id"].split(":")[0] for c in target.called("noop"))
+    per_task = Counter(c.task_id for c in target.called("noop"))
     assert set(per_task) == ids
     assert max(per_task.values()) == 1
     assert max(target.max_in_flight.values()) == 1

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from kaiju_tasks import (
     Condition,
@@ -24,35 +23,27 @@ from kaiju_tasks import (
     logs,
     testing,
 )
-from tests import pgbouncer
+from tests import pgbouncer, rpc_fake
 
 pytestmark = pytest.mark.timeout(60)
 
 
 class Orders:
-    """The application: a JSON-RPC service with the guide's methods."""
+    """The application: the guide's methods, served by a JSON-RPC target."""
 
     def __init__(self) -> None:
-        self.url = ""
-        self.calls: list[tuple[str, Any, str | None]] = []
         self.fail_sync = 2
         self.count = 1000
 
-    async def rpc(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        method, params = body["method"], body.get("params")
-        self.calls.append((method, params, request.headers.get("X-Correlation-Id")))
-        logging.getLogger("orders.app").info("called %s", method)
-        handler = getattr(self, method.replace(".", "_"), None)
+    def answer(self, call: rpc_fake.Call) -> Any:
+        logging.getLogger("orders.app").info("called %s", call.method)
+        handler = getattr(self, call.method.replace(".", "_"), None)
         if handler is None:
-            error = {"code": -32601, "message": f"method {method} not found"}
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
+            raise rpc_fake.Fault(-32601, f"method {call.method} not found")
         try:
-            result = handler(**(params or {}))
+            return handler(**(call.params or {}))
         except RuntimeError as exc:
-            error = {"code": -32000, "message": str(exc)}
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
+            raise rpc_fake.Fault(-32000, str(exc)) from None
 
     def items_m_get(self, conditions):
         return {"data": [{"id": "001"}, {"id": "005"}, {"id": "101"}]}
@@ -98,13 +89,14 @@ class Orders:
 
 
 @pytest.fixture
-async def orders(aiohttp_server):
-    app = Orders()
-    web_app = web.Application()
-    web_app.router.add_post("/public/rpc", app.rpc)
-    server = await aiohttp_server(web_app)
-    app.url = str(server.make_url("/public/rpc"))
-    return app
+def app():
+    return Orders()
+
+
+@pytest.fixture
+async def orders(rpc_target, app):
+    """The application's JSON-RPC service; it records every call."""
+    return await rpc_target(app.answer, path="/public/rpc")
 
 
 @pytest.fixture(params=["direct", "pgbouncer"])
@@ -159,7 +151,7 @@ async def test_creating_tasks_runs_their_stages(runtime, orders):
     )
     task = await finished(runtime, task["id"])
     assert task["result"] == [{"deleted": 3}, True]
-    assert [c[0] for c in orders.calls] == ["orders.delete", "cache.clear"]
+    assert orders.methods() == ["orders.delete", "cache.clear"]
 
 
 async def test_sharing_data_between_stages(runtime, orders):
@@ -178,8 +170,8 @@ async def test_sharing_data_between_stages(runtime, orders):
 
 
 @pytest.mark.parametrize(("count", "refreshed"), [(1000, True), (0, False)])
-async def test_conditions_run_or_skip_a_stage(runtime, orders, count, refreshed):
-    orders.count = count
+async def test_conditions_run_or_skip_a_stage(runtime, orders, app, count, refreshed):
+    app.count = count
     task = await runtime.tasks.create(
         Task(
             app=self.app.name,
@@ -197,7 +189,7 @@ async def test_conditions_run_or_skip_a_stage(runtime, orders, count, refreshed)
     task = await finished(runtime, task["id"])
     assert task["status"] == "FINISHED"
     assert task["result"][2] == ("refreshed" if refreshed else None)
-    assert ("products_cache.refresh" in [c[0] for c in orders.calls]) is refreshed
+    assert ("products_cache.refresh" in orders.methods()) is refreshed
 
 
 async def test_timers_pause_the_task_and_free_the_executor(runtime, orders):
@@ -333,7 +325,8 @@ async def test_log_tracing_by_job_id(runtime, orders, caplog):
         Task(commands=[TaskCommand(method="do.something"), TaskCommand(method="cache.clear")])
     )
     task = await finished(runtime, task["id"])
-    assert {c[2] for c in orders.calls} == {task["job_id"]}  # the correlation id on every call
+    # The correlation id on every call.
+    assert {c.headers.get("X-Correlation-Id") for c in orders.calls} == {task["job_id"]}
     # The executor logs "Task finished" right after the commit that the wait above saw.
     mine = await testing.eventually(
         lambda: [r for r in caplog.records if getattr(r, "task_id", None) == task["id"]],

@@ -1,83 +1,35 @@
-"""Load and bookkeeping shared by the fault tests: a JSON-RPC target that counts its calls."""
+"""Load and bookkeeping shared by the fault tests: a JSON-RPC target that records its calls."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-from aiohttp import web
 
 from kaiju_tasks import Task, TaskCommand
 from kaiju_tasks.store import migrate
+from tests import rpc_fake
 
 APP = "chaos"
 
 
-class CountingTarget:
-    """A JSON-RPC app on loopback; counts the calls of each request id and when they ended."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.url = ""
-        self.port = 0
-        self.calls: Counter[str] = Counter()
-        self.arrivals: list[tuple[float, str, str]] = []  # (monotonic time, peer, request id)
-        self.done_at: list[float] = []  # monotonic times of answered calls
-        self.in_flight: Counter[str] = Counter()  # request ids being answered now
-        self._runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.calls[body["id"]] += 1
-        self.arrivals.append((time.monotonic(), request.remote or "", body["id"]))
-        self.in_flight[body["id"]] += 1
-        try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
-        finally:
-            self.in_flight[body["id"]] -= 1
-            if not self.in_flight[body["id"]]:
-                del self.in_flight[body["id"]]
-        self.done_at.append(time.monotonic())
-        params = body.get("params") or {}
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": params})
-
-    async def start(self, host: str = "127.0.0.1") -> None:
-        """Listen on ``host`` (``0.0.0.0`` for network namespaces to reach it)."""
-        app = web.Application()
-        app.router.add_post("/rpc", self.handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{self.port}/rpc"
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def twice(self) -> dict[str, int]:
-        """Request ids called more than once."""
-        return {rid: n for rid, n in self.calls.items() if n > 1}
+def _echo(call: rpc_fake.Call) -> Any:
+    return call.params or {}
 
 
 @contextlib.asynccontextmanager
 async def counting_target(
     delay: float = 0.0, host: str = "127.0.0.1"
-) -> AsyncIterator[CountingTarget]:
-    """A started :class:`CountingTarget` listening on ``host``."""
-    target = CountingTarget(delay)
-    await target.start(host)
-    try:
+) -> AsyncIterator[rpc_fake.RpcTarget]:
+    """A started JSON-RPC target on ``host`` that records each call and echoes its params.
+
+    Each call waits ``delay`` seconds; ``done_at`` holds when each was answered.
+    """
+    async with rpc_fake.running(_echo, delay=delay, host=host) as target:
         yield target
-    finally:
-        await target.close()
 
 
 def three_stage_task(n: int) -> Task:
@@ -147,15 +99,13 @@ async def all_finished(dsn: str, ids: int | list[str]) -> bool:
     return bool(row["left"] == 0 and row["acknowledged"] == total)
 
 
-def stage_calls(target: CountingTarget, task_ids: list[str]) -> dict[str, int]:
+def stage_calls(target: rpc_fake.RpcTarget, task_ids: list[str]) -> dict[str, int]:
     """Calls per task id (each task makes three when every stage ran once)."""
-    per_task: Counter[str] = Counter()
-    for rid, n in target.calls.items():
-        per_task[rid.rsplit(":", 3)[0]] += n
+    per_task = Counter(call.task_id for call in target.calls)
     return {t: per_task[t] for t in task_ids}
 
 
-def unexplained_twice(target: CountingTarget, explained: set[str]) -> dict[str, int]:
+def unexplained_twice(target: rpc_fake.RpcTarget, explained: set[str]) -> dict[str, int]:
     """Request ids called more than once whose task is not among ``explained`` (those a
     fault hit while they ran: their stage may run again, with the same request id)."""
     return {rid: n for rid, n in target.twice().items() if rid.rsplit(":", 3)[0] not in explained}

@@ -30,6 +30,7 @@ import pytest
 from kaiju_tasks.service import TaskService
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
+from tests import rpc_fake
 from tests.chaos import cluster as cluster_
 from tests.chaos import harness
 
@@ -91,7 +92,7 @@ class Run:
     """One scenario's cluster, processes, load and measurements."""
 
     def __init__(
-        self, cluster: cluster_.Cluster, dsn: str, target: harness.CountingTarget, tmp: Path
+        self, cluster: cluster_.Cluster, dsn: str, target: rpc_fake.RpcTarget, tmp: Path
     ) -> None:
         self.cluster, self.dsn, self.target, self.tmp = cluster, dsn, target, tmp
         self.ids: list[str] = []

@@ -31,6 +31,7 @@ import pytest
 from kaiju_tasks.service import TaskService
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
+from tests import rpc_fake
 from tests.chaos import cluster as cluster_
 from tests.chaos import harness, netns
 
@@ -142,7 +143,7 @@ async def test_hosts_share_the_work_and_a_cut_host_neither_calls_nor_writes_afte
 
 
 def _executor(
-    hosts: netns.Hosts, i: int, dsn: str, target: harness.CountingTarget, log: Path
+    hosts: netns.Hosts, i: int, dsn: str, target: rpc_fake.RpcTarget, log: Path
 ) -> HostProc:
     url = f"http://{hosts.address(i)}:{target.port}/rpc"
     return HostProc(
@@ -169,7 +170,7 @@ def _executor(
 async def _throughput(
     hosts: netns.Hosts,
     host_dsn: Any,
-    target: harness.CountingTarget,
+    target: rpc_fake.RpcTarget,
     service: TaskService,
     dsn: str,
     tmp: Path,
@@ -216,7 +217,7 @@ async def _throughput(
 async def _cut(
     hosts: netns.Hosts,
     host_dsn: Any,
-    target: harness.CountingTarget,
+    target: rpc_fake.RpcTarget,
     service: TaskService,
     dsn: str,
     cluster: cluster_.Cluster,
@@ -304,9 +305,7 @@ async def _cut(
 
     # After the cut, host 1 calls only what it held at the cut (on the wire) or claimed anew
     # once its link was back: never a run that was taken from it.
-    late = [
-        rid for at, peer, rid in target.arrivals if at > cut_at and peer == hosts.own_address(1)
-    ]
+    late = [c.id for c in target.calls if c.at > cut_at and c.peer == hosts.own_address(1)]
     claimed_after = {
         r["task_id"]
         for r in await _fetch(

@@ -1,6 +1,6 @@
 """Stage calls to one app gathered into JSON-RPC batch requests (``[apps] shop = URL batch=N``).
 
-A real JSON-RPC service on loopback answers batches (and counts requests and calls); an
+A real JSON-RPC service on loopback (``tests/rpc_fake.py``) answers batches and records them; an
 executor with ``app_batch`` runs many tasks at once. Every task must get its own result, the
 calls must share requests, and one call's error must stay that call's.
 """
@@ -17,56 +17,29 @@ import pytest
 from aiohttp import web
 
 from kaiju_tasks import Task, TaskCommand, TaskRuntime, config, errors
+from tests import rpc_fake
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class Service:
-    """Answers single calls and batches; ``shop.fail`` errs, ``shop.lost`` goes unanswered."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests = 0
-        self.calls: Counter[str] = Counter()
-        self.batch_sizes: list[int] = []
-        self.broken = False
-
-    def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
-        self.calls[call["id"]] += 1
-        method, params = call["method"], call.get("params") or {}
-        if method == "shop.fail":
-            error = {"code": -32000, "message": f"no stock for {params.get('n')}"}
-            return {"jsonrpc": "2.0", "id": call["id"], "error": error}
-        if method == "shop.lost":
-            return None
-        return {"jsonrpc": "2.0", "id": call["id"], "result": {"n": params.get("n"), "by": method}}
-
-    async def rpc(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        if self.broken:
-            return web.Response(status=502, text="bad gateway")
-        body = await request.json()
-        await asyncio.sleep(0.005)  # a little latency, so that calls gather
-        if isinstance(body, list):
-            self.batch_sizes.append(len(body))
-            replies = [r for r in map(self.answer, body) if r is not None]
-            return web.json_response(replies)
-        reply = self.answer(body)
-        return web.json_response(reply)
+def shop(call: rpc_fake.Call) -> Any:
+    """The app: ``shop.fail`` errs, ``shop.lost`` goes unanswered, the rest name their call."""
+    params = call.params or {}
+    if call.method == "shop.fail":
+        raise rpc_fake.Fault(-32000, f"no stock for {params.get('n')}")
+    if call.method == "shop.lost":
+        return rpc_fake.NO_REPLY
+    return {"n": params.get("n"), "by": call.method}
 
 
 @pytest.fixture
-async def service(aiohttp_server: Any) -> Service:
-    app = Service()
-    web_app = web.Application()
-    web_app.router.add_post("/rpc", app.rpc)
-    server = await aiohttp_server(web_app)
-    app.url = str(server.make_url("/rpc"))
-    return app
+async def service(rpc_target: Any) -> rpc_fake.RpcTarget:
+    # A little latency, so that calls gather.
+    return await rpc_target(shop, delay=0.005)
 
 
 @pytest.fixture
-async def runtime(dsn: str, service: Service) -> Any:
+async def runtime(dsn: str, service: rpc_fake.RpcTarget) -> Any:
     async with TaskRuntime(
         dsn,
         apps=["shop"],
@@ -95,7 +68,7 @@ async def _ended(runtime: TaskRuntime, ids: list[str], within: float = 60.0) -> 
 
 
 async def test_many_tasks_share_requests_and_each_gets_its_own_result(
-    runtime: TaskRuntime, service: Service
+    runtime: TaskRuntime, service: rpc_fake.RpcTarget
 ) -> None:
     tasks = [
         Task(
@@ -115,14 +88,16 @@ async def test_many_tasks_share_requests_and_each_gets_its_own_result(
         row = rows[task_id]
         assert row["status"] == "FINISHED"
         assert row["result"] == [{"n": n, "by": "shop.reserve"}, {"n": n, "by": "shop.ship"}]
-    assert sum(service.calls.values()) == 600
-    assert set(service.calls.values()) == {1}  # each call sent once
+    assert len(service.calls) == 600
+    assert set(service.count_by_id().values()) == {1}  # each call sent once
     assert service.requests < 600  # calls shared requests
     assert max(service.batch_sizes) > 1
     assert max(service.batch_sizes) <= 50  # app_batch bounds a request
 
 
-async def test_one_calls_error_stays_that_calls(runtime: TaskRuntime, service: Service) -> None:
+async def test_one_calls_error_stays_that_calls(
+    runtime: TaskRuntime, service: rpc_fake.RpcTarget
+) -> None:
     tasks = [
         Task(app="shop", commands=[TaskCommand(method=method, params={"n": n})])
         for n, method in enumerate(["shop.reserve", "shop.fail", "shop.lost"] * 20)
@@ -145,9 +120,12 @@ async def test_one_calls_error_stays_that_calls(runtime: TaskRuntime, service: S
 
 
 async def test_a_failed_batch_request_fails_its_calls_as_transport_errors(
-    runtime: TaskRuntime, service: Service
+    runtime: TaskRuntime, service: rpc_fake.RpcTarget
 ) -> None:
-    service.broken = True
+    def broken(call: rpc_fake.Call) -> Any:
+        raise web.HTTPBadGateway(text="bad gateway")
+
+    service.answer = broken
     created = await runtime.tasks.create(
         [Task(app="shop", commands=[TaskCommand(method="shop.reserve")]) for _ in range(5)],
         columns=["id"],

@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from kaiju_tasks import Message, Task, TaskCommand, Timer
 from kaiju_tasks.conditions import Condition
@@ -18,6 +17,7 @@ from kaiju_tasks.manager import Manager
 from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
+from tests import rpc_fake
 
 
 async def wait_for(store, task_id, *statuses, within=10.0):
@@ -337,21 +337,10 @@ async def test_cron_task_restarts_at_next_fire_time_with_fresh_job(
 
 
 async def test_http_stage_sends_correlation_id_deadline_and_stable_request_id(
-    task_service, store, registry, clock, dsn, aiohttp_server
+    task_service, store, registry, clock, dsn, rpc_target
 ):
-    seen = []
-
-    async def rpc(request):
-        body = await request.json()
-        seen.append((request.headers.copy(), body))
-        return web.json_response(
-            {"jsonrpc": "2.0", "id": body["id"], "result": {"got": body["params"]}}
-        )
-
-    app = web.Application()
-    app.router.add_post("/public/rpc", rpc)
-    server = await aiohttp_server(app)
-    url = str(server.make_url("/public/rpc"))
+    target = await rpc_target(lambda call: {"got": call.params}, path="/public/rpc")
+    url = target.url
     async with Executor(
         store,
         apps=["remote"],
@@ -368,11 +357,11 @@ async def test_http_stage_sends_correlation_id_deadline_and_stable_request_id(
         )
         row = await wait_for(store, task["id"], "FINISHED", "FAILED")
     assert row["result"] == [{"got": {"expired": True}}]
-    headers, body = seen[0]
-    assert headers["X-Correlation-Id"] == row["job_id"]
-    assert headers["X-Deadline"] == row["exec_deadline"].isoformat()
-    assert body["id"] == f"{row['id']}:{row['job_id']}:0:0"
-    assert body["method"] == "orders.delete"
+    (call,) = target.calls
+    assert call.headers["X-Correlation-Id"] == row["job_id"]
+    assert call.headers["X-Deadline"] == row["exec_deadline"].isoformat()
+    assert call.id == f"{row['id']}:{row['job_id']}:0:0"
+    assert call.method == "orders.delete"
 
 
 async def test_manager_requeues_tasks_of_a_lost_executor_at_their_stage(
@@ -687,24 +676,19 @@ async def test_cancel_writes_a_notification_when_notify_is_on(task_service, noti
 
 
 async def test_a_remote_error_marked_not_retryable_is_not_retried(
-    task_service, store, clock, dsn, aiohttp_server
+    task_service, store, clock, dsn, rpc_target
 ):
-    async def rpc(request):
-        body = await request.json()
-        error = {"code": -32000, "message": "bad input", "data": {"retryable": False}}
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
+    def refuse(call):
+        raise rpc_fake.Fault(-32000, "bad input", {"retryable": False})
 
-    app = web.Application()
-    app.router.add_post("/rpc", rpc)
-    server = await aiohttp_server(app)
-    async with Executor(
-        store, apps=["r"], app_urls={"r": str(server.make_url("/rpc"))}, clock=clock, dsn=dsn
-    ):
+    target = await rpc_target(refuse)
+    async with Executor(store, apps=["r"], app_urls={"r": target.url}, clock=clock, dsn=dsn):
         task = await task_service.create(
             Task(app="r", commands=[TaskCommand(method="m")], max_retries=3)
         )
         row = await wait_for(store, task["id"], "FAILED", "FINISHED")
     assert (row["status"], row["retries"]) == ("FAILED", 0)
+    assert len(target.calls) == 1
 
 
 async def test_a_retried_task_back_at_stage_zero_is_not_expired(store, manager, clock, make_task):
@@ -858,24 +842,15 @@ async def test_reject_with_requeue_returns_the_task_to_the_queue_without_a_retry
 
 
 async def test_a_remote_reject_with_requeue_is_honoured(
-    task_service, store, clock, dsn, aiohttp_server
+    task_service, store, clock, dsn, rpc_target
 ):
-    calls = []
+    async def later_once(call):
+        if len(target.calls) == 1:
+            raise rpc_fake.Fault(-32005, "later", {"requeue": True})
+        return "ok"
 
-    async def rpc(request):
-        body = await request.json()
-        calls.append(body["id"])
-        if len(calls) == 1:
-            error = {"code": -32005, "message": "later", "data": {"requeue": True}}
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": "ok"})
-
-    app = web.Application()
-    app.router.add_post("/rpc", rpc)
-    server = await aiohttp_server(app)
-    async with Executor(
-        store, apps=["r"], app_urls={"r": str(server.make_url("/rpc"))}, clock=clock, dsn=dsn
-    ):
+    target = await rpc_target(later_once)
+    async with Executor(store, apps=["r"], app_urls={"r": target.url}, clock=clock, dsn=dsn):
         task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
         row = await wait_for(store, task["id"], "FINISHED", "FAILED")
     assert (row["status"], row["requeues"], row["retries"]) == ("FINISHED", 1, 0)
@@ -941,28 +916,19 @@ async def test_metrics_report_tasks_lag_executors_and_stage_durations(
     assert float(written.group(1)) > 0  # the collector always emits the line; the value counts
 
 
-async def test_stage_calls_carry_the_app_token(task_service, store, clock, dsn, aiohttp_server):
-    seen = []
-
-    async def rpc(request):
-        body = await request.json()
-        seen.append(request.headers.get("Authorization"))
-        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": 1})
-
-    app = web.Application()
-    app.router.add_post("/rpc", rpc)
-    server = await aiohttp_server(app)
+async def test_stage_calls_carry_the_app_token(task_service, store, clock, dsn, rpc_target):
+    target = await rpc_target(lambda call: 1)
     async with Executor(
         store,
         apps=["r"],
-        app_urls={"r": str(server.make_url("/rpc"))},
+        app_urls={"r": target.url},
         app_token="kt_secret",
         clock=clock,
         dsn=dsn,
     ):
         task = await task_service.create(Task(app="r", commands=[TaskCommand(method="m")]))
         await wait_for(store, task["id"], "FINISHED")
-    assert seen == ["Bearer kt_secret"]
+    assert [c.headers.get("Authorization") for c in target.calls] == ["Bearer kt_secret"]
 
 
 # -- regressions from the concurrency review ------------------------------------------------------
