@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import _gc, context, cron, errors, limits, models, tracing
+from kaiju_tasks import _gc, context, cron, errors, limits, models, tracing, update_plan
 from kaiju_tasks import clock as clock_
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
@@ -29,8 +29,6 @@ DEFAULT_LIMIT = 100
 MAX_BULK = 10000
 """At most this many tasks in one ``create`` call."""
 
-_ALL_BUT_RUNNING = tuple(s.value for s in models.TaskStatus if s is not models.TaskStatus.EXECUTED)
-_COMMANDS_EDITABLE = ("IDLE", "FINISHED", "FAILED", "QUEUED")
 _QUEUED = models.TaskStatus.QUEUED.value
 _IDLE = models.TaskStatus.IDLE.value
 
@@ -408,100 +406,24 @@ class TaskService:
         """
         task_id = _id(id)
         selected = _columns(columns, models.TASK_COLUMNS)
-        update = models.parse_update(data)
-        fields = update.model_fields_set
-        if not fields:
-            raise errors.ValidationError("no fields to change", field="data")
-        for name in fields & models.SYSTEM_ONLY_FIELDS:
-            if name != "user_id" and not caller.is_system:
-                raise errors.ValidationError(
-                    "only a system caller may set it", field=f"data.{name}"
-                )
+        update = update_plan.parse(data, caller)
         access = _Access(caller)
         current = await self._visible(task_id, access)
         if not access.modifies(current):
             raise errors.NotAuthorized(f"not allowed to change task {task_id!r}")
-        if "user_id" in fields and not caller.is_system and update.user_id != current["user_id"]:
-            # The owner is set on create; only a system caller may hand a task to another user
-            # (modify_others lets a user change another's task, never take it over).
-            raise errors.ValidationError(
-                "the owner of a task is set on create; only a system caller may change it",
-                field="data.user_id",
-            )
-        dumped = update.model_dump(mode="json", include=fields)
-        changes: dict[str, Any] = {}
-        for name in fields:
-            if name == "commands":
-                assert update.commands is not None
-                changes["commands"] = [c.to_json() for c in update.commands]
-                changes["stages"] = len(update.commands)
-            elif name == "expires_at":
-                changes[name] = update.expires_at
-            else:
-                changes[name] = dumped[name]
-        try:
-            models.check_merged(current, changes)
-        except errors.ValidationError as exc:
-            raise errors.ValidationError(exc.message, field=f"data.{exc.field}") from None
-        if changes.get("next_task") is not None:
-            await self._check_next_tasks({"data.next_task": changes["next_task"]}, access)
-        allowed = _ALL_BUT_RUNNING
-        status = current["status"]
-        now = self.clock.now()
-        ended_or_idle = status in (
-            models.TaskStatus.IDLE,
-            models.TaskStatus.FINISHED,
-            models.TaskStatus.FAILED,
-        )
-        if "cron" in changes and changes["cron"] != current["cron"] and ended_or_idle:
-            # A new schedule fires next at its own time (an ended task restarts then); without
-            # one an idle task waits for a reset or an update instead of running once at the
-            # old fire time.
-            changes["next_run"] = cron.next_fire(changes["cron"], now) if changes["cron"] else None
-        if "commands" in changes and ended_or_idle:
-            # New stages start from the first: old results belong to the old commands.
-            changes.update(stage=0, result=[])
-        cron_after = changes.get("cron", current["cron"])
-        next_run_after = changes.get("next_run", current["next_run"])
-        if (
-            changes.get("enabled") is True
-            and status == models.TaskStatus.IDLE
-            and next_run_after is None
-            and not cron_after
-        ):
-            changes["next_run"] = now  # enabling an idle task without a schedule runs it
-        if changes.get("enabled") is False and status == models.TaskStatus.QUEUED:
-            # Disabling a queued task takes it off the queue; enabling queues it again.
-            changes.update(status=models.TaskStatus.IDLE.value, next_run=now, job_id=None)
-            allowed = (models.TaskStatus.QUEUED.value,)
-        if (
-            "max_exec_timeout" in changes
-            and current["queued_at"] is not None
-            and status
-            in (models.TaskStatus.QUEUED, models.TaskStatus.WAITING, models.TaskStatus.SUSPENDED)
-        ):
-            changes["exec_deadline"] = current["queued_at"] + timedelta(
-                seconds=changes["max_exec_timeout"]
-            )
+        planned = update_plan.plan(current, update, caller=caller, now=self.clock.now())
+        if planned.next_task is not None:
+            await self._check_next_tasks({"data.next_task": planned.next_task}, access)
         row = await self.store.update_task(
             task_id,
-            changes,
+            planned.changes,
             modify_all=access.modify_all,
             user_id=access.user_id,
-            allowed_statuses=allowed,
-            commands_statuses=_COMMANDS_EDITABLE if "commands" in changes else None,
+            allowed_statuses=planned.allowed_statuses,
+            commands_statuses=planned.commands_statuses,
         )
         if row is None:
-            raise await self._explain(
-                task_id,
-                access,
-                "task {id!r} is {status}: it cannot be changed now"
-                + (
-                    " (commands change only before the first stage runs or after the end)"
-                    if "commands" in changes
-                    else ""
-                ),
-            )
+            raise await self._explain(task_id, access, planned.refusal)
         return _json_ready(row, selected)
 
     async def delete(self, id: str, *, caller: models.Caller = models.SYSTEM) -> None:
