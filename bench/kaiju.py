@@ -196,6 +196,12 @@ async def run_worker(
             else None,
             dsn=dsn,
             concurrency=concurrency,
+            # BENCH_KAIJU_PREFETCH=N: tasks claimed ahead of free slots (default: the executor's).
+            **(
+                {"prefetch": int(os.environ["BENCH_KAIJU_PREFETCH"])}
+                if os.environ.get("BENCH_KAIJU_PREFETCH")
+                else {}
+            ),
         ):
             await stop.wait()
         if timer is not None:

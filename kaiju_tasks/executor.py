@@ -56,6 +56,9 @@ DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
 RETRY_MAX_DELAY = 2.0
 """Longest wait, in seconds, between two tries of a write or heartbeat the database failed."""
 DEBUG_MARK = models.DEBUG_MARK
+PARKING_KINDS = frozenset({"timer", "message"})
+"""Stage kinds that park the task (WAITING) instead of calling a method: they take no slot."""
+_NO_SLOT = contextlib.nullcontext()
 
 
 class _Revoked(Exception):
@@ -138,8 +141,8 @@ class Executor:
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = concurrency
         self.prefetch = concurrency if prefetch is None else prefetch
-        # Tasks run in at most `concurrency` slots; up to `prefetch` more are claimed ahead so
-        # that the next claim overlaps the running stages instead of following them.
+        # Stage calls run in at most `concurrency` slots; up to `prefetch` more tasks are claimed
+        # ahead so that the next claim overlaps the running stages instead of following them.
         self._slots = asyncio.Semaphore(concurrency)
         self.data = dict(data or {})
         self.poll_interval = poll_interval
@@ -468,8 +471,7 @@ class Executor:
         task_id = row["id"]
         stage = row["stage"]
         try:
-            async with self._slots:
-                await self._pipeline(row)
+            await self._pipeline(row)
         except errors.StoreError as exc:
             # The outcome of the last write is unknown: hand the task back so that the
             # manager re-queues it at the last committed stage (at-least-once per stage).
@@ -538,49 +540,59 @@ class Executor:
         while True:
             row["_stage"] = stage  # where a crash of this pipeline happened
             command = commands[stage]
-            now = self.clock.now()
-            data = self._template_data(row, results)
-            token = context.current_task.set(
-                {
-                    "task_id": task_id,
-                    "job_id": row["job_id"],
-                    "stage": stage,
-                    "app_name": row["app_name"],
-                    "executor_id": self.id,
-                    "deadline": row["exec_deadline"],
-                    "root_id": row["root_id"] or task_id,
-                    "priority": row["priority"],
-                }
-            )
+            kind = command.get("kind")
             # What the stage called and how long it took, for the stage's event (metrics).
-            meter: dict[str, Any] = {"method": None, "started": asyncio.get_running_loop().time()}
-            try:
-                condition = command.get("condition")
-                if condition is not None and not conditions.evaluate(condition, data, now=now):
-                    result = None
-                elif command.get("kind") == "timer":
-                    await self._wait(row, stage, now + timedelta(seconds=command["seconds"]))
-                    return
-                elif command.get("kind") == "message":
-                    await self._wait(row, stage, _stage_deadline(row, command, now)[0])
-                    return
-                else:
-                    with tracing.stage_span(row, self.id, stage, command["method"]) as span:
-                        try:
-                            result = await self._call(row, stage, command, data, now, meter)
-                            stored += _json_checked(result, stored)
-                        except (errors.StageError, errors.ValidationError) as exc:
-                            tracing.failed(span, exc.message)
-                            raise
-            except errors.StageError as exc:
-                await self._fail(row, stage, exc, _measured(meter))
+            meter: dict[str, Any] = {"method": None, "started": 0.0}
+            result: Any = None
+            parked: datetime | None = None  # a Timer or Message: parked until then
+            failure: errors.StageError | None = None
+            # A slot is a stage call in flight, from the clock reading its deadline counts from
+            # to its return. The writes that commit its outcome come after: the next call does
+            # not wait for them (the next stage of this task does).
+            async with _NO_SLOT if kind in PARKING_KINDS else self._slots:
+                now = self.clock.now()
+                meter["started"] = asyncio.get_running_loop().time()
+                data = self._template_data(row, results)
+                token = context.current_task.set(
+                    {
+                        "task_id": task_id,
+                        "job_id": row["job_id"],
+                        "stage": stage,
+                        "app_name": row["app_name"],
+                        "executor_id": self.id,
+                        "deadline": row["exec_deadline"],
+                        "root_id": row["root_id"] or task_id,
+                        "priority": row["priority"],
+                    }
+                )
+                try:
+                    condition = command.get("condition")
+                    if condition is not None and not conditions.evaluate(condition, data, now=now):
+                        pass  # skipped: its result is null
+                    elif kind == "timer":
+                        parked = now + timedelta(seconds=command["seconds"])
+                    elif kind == "message":
+                        parked = _stage_deadline(row, command, now)[0]
+                    else:
+                        with tracing.stage_span(row, self.id, stage, command["method"]) as span:
+                            try:
+                                result = await self._call(row, stage, command, data, now, meter)
+                                stored += _json_checked(result, stored)
+                            except (errors.StageError, errors.ValidationError) as exc:
+                                tracing.failed(span, exc.message)
+                                raise
+                except errors.StageError as exc:
+                    failure = exc
+                except errors.ValidationError as exc:  # a template or condition that cannot apply
+                    failure = errors.StageError(exc.message, retryable=False)
+                finally:
+                    context.current_task.reset(token)
+            if failure is not None:
+                await self._fail(row, stage, failure, _measured(meter))
                 return
-            except errors.ValidationError as exc:  # a template or condition that cannot apply
-                error = errors.StageError(exc.message, retryable=False)
-                await self._fail(row, stage, error, _measured(meter))
+            if parked is not None:
+                await self._wait(row, stage, parked)
                 return
-            finally:
-                context.current_task.reset(token)
             results.append(result)
             if stage + 1 == stages:
                 await self._finish(row, stage, result, append=True, timing=_measured(meter))

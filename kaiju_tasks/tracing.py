@@ -20,6 +20,7 @@ What is traced:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
@@ -40,6 +41,10 @@ MAX_TRACESTATE = 512
 """Longest ``tracestate`` kept (the W3C limit is 32 members; more is dropped, not an error)."""
 
 _NULL = contextlib.nullcontext()
+_recording = False
+_UNKNOWN = object()
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+"""A provider named in the environment, which get_tracer_provider() loads on first use."""
 
 
 def recording() -> bool:
@@ -49,7 +54,16 @@ def recording() -> bool:
     few microseconds: without a provider, runs and stages make none (``carrier`` still stores
     a caller's context, for executors that do trace).
     """
-    return ENABLED and not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
+    global _recording
+    if _recording or not ENABLED:
+        return _recording
+    # While no provider is set, get_tracer_provider() looks in the environment on every call:
+    # the module's global (what set_tracer_provider sets) and the variable as it was at import
+    # answer first, without that cost. Once a provider is set it stays (it is set once).
+    if getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN) is None and not _PROVIDER_FROM_ENV:
+        return False
+    _recording = not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider)
+    return _recording
 
 
 def carrier() -> dict[str, str] | None:

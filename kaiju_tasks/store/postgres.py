@@ -749,7 +749,11 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
     ) -> list[Row]:
         """Claim up to ``limit`` QUEUED tasks of ``apps`` (EXECUTED by ``executor_id``)."""
-        return [dict(r) for r in await self._fetch("claim", list(apps), executor_id, limit, now)]
+        if len(apps) == 1:  # the common case, with a plan PostgreSQL keeps
+            rows = await self._fetch("claim_one", apps[0], executor_id, limit, now)
+        else:
+            rows = await self._fetch("claim", list(apps), executor_id, limit, now)
+        return [dict(r) for r in rows]
 
     async def record_stages(
         self, executor_id: str, items: Sequence[Mapping[str, Any]], *, now: datetime
