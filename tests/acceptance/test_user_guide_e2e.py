@@ -204,11 +204,14 @@ async def test_timers_pause_the_task_and_free_the_executor(runtime, orders):
             ],
         )
     )
-    await asyncio.sleep(0.5)
-    waiting = await runtime.tasks.get(task["id"])
-    assert (waiting["status"], waiting["stage"]) == ("WAITING", 1)
+    deadline = time.monotonic() + 10
+    while (waiting := await runtime.tasks.get(task["id"]))["status"] != "WAITING":
+        assert time.monotonic() < deadline, f"the task is still {waiting['status']}"
+        await asyncio.sleep(0.02)
+    # Parked: no executor holds it while the timer runs.
+    assert (waiting["stage"], waiting["executor_id"]) == (1, None)
     assert runtime.executor is not None
-    assert runtime.executor.active == 0
+    await testing.eventually(lambda: runtime.executor.active == 0, what="the executor to be free")
     task = await finished(runtime, task["id"])
     assert task["result"] == [{"deleted": 3}, None, True]
 

@@ -1034,7 +1034,9 @@ async def test_the_managers_timeout_does_not_fail_a_task_whose_deadline_moved(
     assert (await store.get_task("moved"))["status"] == "EXECUTED"
 
 
-async def test_garbage_collection_spares_a_task_reset_during_the_scan(store, clock, make_task, dsn):
+async def test_garbage_collection_spares_a_task_reset_during_the_scan(
+    store, clock, make_task, dsn, pool
+):
     old = clock.now() - timedelta(days=30)
     await make_task(id="old", status="FINISHED", status_change=old, next_run=None)
     other = await asyncpg.connect(dsn)
@@ -1045,7 +1047,16 @@ async def test_garbage_collection_spares_a_task_reset_during_the_scan(store, clo
             "UPDATE tasks SET status = 'QUEUED', status_change = $1 WHERE id = 'old'", clock.now()
         )
         prune = asyncio.create_task(store.prune("tasks", before=clock.now(), limit=100))
-        await asyncio.sleep(0.3)  # the DELETE waits on the reset's row lock
+
+        async def prune_waits_on_the_row_lock():
+            return await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+
+        # Commit the reset only once the DELETE has found the row and waits for its lock:
+        # committing earlier would test a plain, unraced prune.
+        await eventually(prune_waits_on_the_row_lock, what="the prune to wait on the row lock")
         await transaction.commit()
         assert await prune == 0
     finally:
@@ -1104,7 +1115,9 @@ async def test_updates_keep_ended_and_idle_tasks_schedulable(task_service, store
     assert row["next_run"] == clock.now().isoformat()
 
 
-async def test_a_hand_back_wakes_the_manager_in_the_same_statement(store, clock, dsn, make_task):
+async def test_a_hand_back_wakes_the_manager_in_the_same_statement(
+    store, clock, dsn, pool, make_task
+):
     await make_task(
         id="h",
         status="QUEUED",
@@ -1115,14 +1128,17 @@ async def test_a_hand_back_wakes_the_manager_in_the_same_statement(store, clock,
     (claimed,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
     heard: list[str] = []
     listener = await asyncpg.connect(dsn)
-    await listener.add_listener("kaiju_tasks_manager", lambda *args: heard.append(args[2]))
+    await listener.add_listener("kaiju_tasks_manager", lambda *args: heard.append(args[3]))
     try:
         assert await store.suspend_executor_tasks("ex", ["not-a-claim"], now=clock.now()) == set()
-        await asyncio.sleep(0.2)
-        assert heard == []  # nothing handed back: the manager is left alone
+        # Notifications arrive in commit order: once this marker is heard, a wake-up sent by
+        # the hand-back above would have been heard before it.
+        await pool.execute("SELECT pg_notify('kaiju_tasks_manager', 'test-marker')")
+        await eventually(lambda: "test-marker" in heard, within=5, what="the marker")
+        assert heard == ["test-marker"]  # nothing handed back: the manager is left alone
         handed = await store.suspend_executor_tasks("ex", [claimed["claim_id"]], now=clock.now())
         assert handed == {"h"}
-        await eventually(lambda: heard, within=5, what="the manager's wake-up")
+        await eventually(lambda: len(heard) > 1, within=5, what="the manager's wake-up")
     finally:
         await listener.close()
 
@@ -1150,19 +1166,42 @@ async def test_a_write_of_an_earlier_claim_never_touches_a_newer_run(store, cloc
 
 
 async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
-    task_service, store, registry, clock, dsn, pool, calls
+    task_service, store, clock, dsn, pool
 ):
-    async with Executor(store, methods=registry, clock=clock, dsn=dsn) as ex:
-        task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
-        row = await wait_for(store, task["id"], "EXECUTED")
-        await eventually(lambda: ("hang", None) in calls)
-        await pool.execute("SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} stale")
-        await asyncio.sleep(0.3)
+    started: list[str] = []
+    stopped: list[str] = []
+    methods = Methods()
+
+    @methods.register("hang")
+    async def hang(key):
+        started.append(key)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.append(key)
+            raise
+
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn, concurrency=2) as ex:
+        current, other = await task_service.create(
+            [Task(commands=[TaskCommand(method="hang", params={"key": k})]) for k in "co"]
+        )
+        row = await wait_for(store, current["id"], "EXECUTED")
+        other_row = await wait_for(store, other["id"], "EXECUTED")
+        await eventually(lambda: sorted(started) == ["c", "o"], what="both stages to run")
+        await pool.execute("SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{current['id']} stale")
+        # Notices arrive in commit order and stop their stage in that order: once the other
+        # task's notice has stopped it, the stale notice has been handled.
+        await pool.execute(
+            "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{other['id']} {other_row['claim_id']}"
+        )
+        await eventually(lambda: "o" in stopped, what="the other task's cancel")
+        assert stopped == ["o"]
         assert ex.active == 1
         await pool.execute(
-            "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{task['id']} {row['claim_id']}"
+            "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{current['id']} {row['claim_id']}"
         )
         await eventually(lambda: ex.active == 0)
+    assert stopped == ["o", "c"]
 
 
 async def test_claims_take_tasks_of_one_priority_and_time_in_the_order_they_were_created(

@@ -15,6 +15,7 @@ from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
 from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.monitor import EventReceiver, State, format_event
+from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -101,7 +102,20 @@ async def test_receiver_catches_up_after_a_forced_disconnect_missing_and_repeati
     assert sorted(seen) == expected, "an event was missed"
 
 
-async def test_an_event_of_a_transaction_still_running_is_not_skipped(store, dsn, pool):
+async def test_an_event_of_a_transaction_still_running_is_not_skipped(
+    store, dsn, pool, monkeypatch
+):
+    reads = 0
+    events_after = postgres.PostgresTaskStore.events_after
+
+    async def counted(self, *args, **kwargs):
+        nonlocal reads
+        try:
+            return await events_after(self, *args, **kwargs)
+        finally:
+            reads += 1
+
+    monkeypatch.setattr(postgres.PostgresTaskStore, "events_after", counted)
     seen: list[int] = []
     receiver = EventReceiver(
         dsn,
@@ -121,7 +135,9 @@ async def test_an_event_of_a_transaction_still_running_is_not_skipped(store, dsn
             "INSERT INTO events (type, created) VALUES ('test-fast', now()) RETURNING id"
         )
         assert first < second
-        await asyncio.sleep(0.3)
+        # Two more reads end: the second of them began after ``second`` was committed.
+        done = reads
+        await eventually(lambda: reads >= done + 2, what="the receiver to read again")
         assert second not in seen  # its id is past one whose transaction has not ended
         await transaction.commit()
     finally:
