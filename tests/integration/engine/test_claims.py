@@ -1,0 +1,173 @@
+"""Executors sharing a database: each run claimed once, handed back on stop, in priority order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+import asyncpg
+
+from kaiju_tasks import Task, TaskCommand
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.methods import Methods
+from kaiju_tasks.testing import eventually
+from tests.integration.engine.support import wait_for
+
+
+async def test_two_executors_run_each_task_exactly_once(
+    task_service, store, registry, clock, dsn, calls
+):
+    created = await task_service.create(
+        [Task(commands=[TaskCommand(method="echo", params={"i": i})]) for i in range(300)]
+    )
+    async with (
+        Executor(store, methods=registry, clock=clock, dsn=dsn, concurrency=10),
+        Executor(store, methods=registry, clock=clock, dsn=dsn, concurrency=10),
+    ):
+        for task in created:
+            await wait_for(store, task["id"], "FINISHED")
+    assert sorted(kw["i"] for name, kw in calls if name == "echo") == list(range(300))
+
+
+async def test_stop_hands_unfinished_tasks_back_and_manager_requeues_them(
+    task_service, store, registry, clock, dsn, manager
+):
+    ex = Executor(
+        store, methods=registry, clock=clock, dsn=dsn, shutdown_grace=timedelta(milliseconds=100)
+    )
+    await ex.start()
+    task = await task_service.create(Task(commands=[TaskCommand(method="hang")]))
+    await wait_for(store, task["id"], "EXECUTED")
+    await ex.stop()
+    row = await store.get_task(task["id"])
+    assert row["status"] == "SUSPENDED"
+    await manager.tick(clock.now())
+    assert (await store.get_task(task["id"]))["status"] == "QUEUED"
+
+
+async def test_liveness_checks_never_take_away_tasks_claimed_meanwhile(
+    task_service, store, clock, dsn, caplog
+):
+    # Regression: a heartbeat-time status check used to revoke tasks claimed while it ran.
+    methods = Methods()
+
+    @methods.register("noop")
+    async def noop():
+        await asyncio.sleep(0.002)
+
+    async with Executor(
+        store, methods=methods, clock=clock, dsn=dsn, heartbeat_interval=timedelta(milliseconds=20)
+    ):
+        await task_service.create(
+            [Task(commands=[TaskCommand(method="noop")]) for _ in range(1500)], columns=["id"]
+        )
+
+        async def all_finished():
+            page = await task_service.list(conditions={"status": "FINISHED"}, limit=1)
+            return page["count"] == 1500
+
+        # On a timeout, the assertion below shows which tasks did not finish.
+        with contextlib.suppress(AssertionError):
+            await eventually(all_finished, within=60)
+    statuses = await task_service.list(conditions={"status": {"ne": "FINISHED"}}, limit=5)
+    assert statuses["count"] == 0, statuses["data"]
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "orphans_handed_back"]
+
+
+async def test_under_backlog_high_priority_tasks_start_before_older_low_ones(
+    task_service, store, clock, dsn
+):
+    started = []
+    methods = Methods()
+
+    @methods.register("work")
+    def work(name):
+        started.append(name)
+
+    low = [
+        Task(commands=[TaskCommand(method="work", params={"name": f"low{i}"})], priority="LOW")
+        for i in range(20)
+    ]
+    await task_service.create(low)
+    clock.advance(1)
+    high = [
+        Task(commands=[TaskCommand(method="work", params={"name": f"high{i}"})], priority="HIGH")
+        for i in range(5)
+    ]
+    created = await task_service.create(high)
+    async with Executor(store, methods=methods, clock=clock, dsn=dsn, concurrency=1, prefetch=0):
+        await wait_for(store, created[-1]["id"], "FINISHED")
+        await eventually(lambda: len(started) == 25)
+    assert sorted(started[:5]) == [f"high{i}" for i in range(5)]  # same queued_at: any order
+
+
+# -- regressions from the concurrency review ------------------------------------------------------
+
+
+async def test_a_hand_back_wakes_the_manager_in_the_same_statement(
+    store, clock, dsn, pool, make_task
+):
+    await make_task(
+        id="h",
+        status="QUEUED",
+        job_id="j",
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    (claimed,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
+    heard: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener("kaiju_tasks_manager", lambda *args: heard.append(args[3]))
+    try:
+        assert await store.suspend_executor_tasks("ex", ["not-a-claim"], now=clock.now()) == set()
+        # Notifications arrive in commit order: once this marker is heard, a wake-up sent by
+        # the hand-back above would have been heard before it.
+        await pool.execute("SELECT pg_notify('kaiju_tasks_manager', 'test-marker')")
+        await eventually(lambda: "test-marker" in heard, within=5, what="the marker")
+        assert heard == ["test-marker"]  # nothing handed back: the manager is left alone
+        handed = await store.suspend_executor_tasks("ex", [claimed["claim_id"]], now=clock.now())
+        assert handed == {"h"}
+        await eventually(lambda: len(heard) > 1, within=5, what="the manager's wake-up")
+    finally:
+        await listener.close()
+
+
+async def test_a_write_of_an_earlier_claim_never_touches_a_newer_run(store, clock, make_task):
+    await make_task(
+        id="c",
+        status="QUEUED",
+        job_id="j",
+        commands=[{"method": "a"}, {"method": "b"}],
+        queued_at=clock.now(),
+        exec_deadline=clock.now() + timedelta(minutes=5),
+    )
+    (first,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
+    await store.suspend_executor_tasks("ex", [first["claim_id"]], now=clock.now())
+    await store.requeue_suspended(now=clock.now(), limit=10)
+    (second,) = await store.claim(["default"], "ex", limit=1, now=clock.now())
+    assert first["claim_id"] != second["claim_id"]
+    stale = {"id": "c", "stage": 0, "result": "stale", "claim_id": first["claim_id"]}
+    assert await store.record_stages("ex", [stale], now=clock.now()) == set()
+    assert await store.suspend_executor_tasks("ex", [first["claim_id"]], now=clock.now()) == set()
+    fresh = {**stale, "result": "fresh", "claim_id": second["claim_id"]}
+    assert await store.record_stages("ex", [fresh], now=clock.now()) == {"c"}
+    assert (await store.get_task("c"))["result"] == ["fresh"]
+
+
+async def test_claims_take_tasks_of_one_priority_and_time_in_the_order_they_were_created(
+    task_service, store, clock
+):
+    # One bulk create: one queued_at for all, so only the queue index's tie order decides: the
+    # rows' place in the table, here fresh space, in the order given.
+    ids = [f"t{i:03}" for i in range(300)][::-1]  # not in id order
+    await task_service.create([Task(id=i, commands=[TaskCommand(method="m")]) for i in ids])
+    await task_service.create(
+        [Task(id=f"hi{i}", commands=[TaskCommand(method="m")], priority="HIGH") for i in range(3)]
+    )
+    taken = []
+    while batch := await store.claim(["default"], "ex", limit=7, now=clock.now()):
+        taken.append({row["id"] for row in batch})
+    assert taken[0] == {"hi0", "hi1", "hi2", ids[0], ids[1], ids[2], ids[3]}
+    rest = [ids[4:][i : i + 7] for i in range(0, len(ids) - 4, 7)]
+    assert taken[1:] == [set(chunk) for chunk in rest]
