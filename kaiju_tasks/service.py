@@ -8,98 +8,29 @@ run as the system caller unless ``caller=`` says otherwise.
 from __future__ import annotations
 
 import builtins
-import hashlib
-import itertools
-import os
-import secrets
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from kaiju_tasks import _gc, context, cron, errors, limits, models, tracing, update_plan
+from kaiju_tasks import _gc, errors, limits, models, new_rows, tracing, update_plan, wire
 from kaiju_tasks import clock as clock_
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
+
+# Kept for existing imports (``from kaiju_tasks.service import TokenService``): the class lives
+# in kaiju_tasks.tokens.
+from kaiju_tasks.tokens import TokenService as TokenService
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_BULK = 10000
 """At most this many tasks in one ``create`` call."""
 
-_QUEUED = models.TaskStatus.QUEUED.value
-_IDLE = models.TaskStatus.IDLE.value
-
-
-_ID = base.NEW_TASK_COLUMNS.index("id")
-_NEXT_TASK = base.NEW_TASK_COLUMNS.index("next_task")
-
-
-_VALIDATE_CHUNK = 200
-"""A bulk create validates this many tasks in one call, then hands their rows to the store.
-
-Small chunks keep the server busy from the start: it inserts one while the next is validated.
-"""
-
 _GC_PAUSE_MIN = 256
 """From this many tasks on, ``create`` pauses the cyclic garbage collector over its loops (the
 store pauses it over a bulk write, see ``PostgresTaskStore.insert_tasks``)."""
-
-
-_UUID4_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-
-
-def _fresh_uuid4s(block: int) -> Iterator[str]:
-    """New random UUID4 strings, as ``str(uuid.uuid4())`` writes them, as many as asked for.
-
-    They are made ``block`` at a time from one ``os.urandom`` call (the source ``uuid.uuid4``
-    uses): a bulk create needs two per task, and ``uuid.uuid4()`` costs a system call and a
-    ``UUID`` object each. Made as the tasks are validated, so the first rows leave sooner. The
-    version nibble is set to 4 and the variant bits to 10, as RFC 9562 says.
-    """
-    variant = _UUID4_VARIANT
-    while True:
-        h = os.urandom(16 * block).hex()
-        yield from [
-            f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
-            f"{variant[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-            for i in range(0, 32 * block, 32)
-        ]
-
-
-class _NewRows:
-    """Rows built while they are read (once), whose number is known up front."""
-
-    def __init__(self, rows: Iterator[base.NewTask], count: int) -> None:
-        self._rows = rows
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[base.NewTask]:
-        return self._rows
-
-    def __contains__(self, row: object) -> bool:
-        raise TypeError("new rows are read once, in order")
-
-
-def _next_task_of(item: Any) -> Any:
-    """The next_task an item to create names, before validation (None if it names none)."""
-    if isinstance(item, Mapping):
-        return item.get("next_task")
-    return getattr(item, "next_task", None)
-
-
-def _json_ready(row: Mapping[str, Any], columns: Iterable[str] | None = None) -> dict[str, Any]:
-    keys = row.keys() if columns is None else columns
-    out: dict[str, Any] = {}
-    for key in keys:
-        value = row[key]
-        out[key] = value.isoformat() if isinstance(value, datetime) else value
-    return out
 
 
 def _columns(columns: Any, known: Sequence[str], field: str = "columns") -> list[str] | None:
@@ -194,7 +125,7 @@ class TaskService:
             out = created  # fresh dicts with no timestamp to write as text
         else:
             with _gc.paused(len(created) >= _GC_PAUSE_MIN):
-                out = [_json_ready(row) for row in created]
+                out = [wire.json_ready(row) for row in created]
         return out if many else out[0]
 
     async def _insert(
@@ -204,128 +135,20 @@ class TaskService:
         caller: models.Caller,
         selected: builtins.list[str] | None,
     ) -> builtins.list[base.Row]:
-        rows: base.NewTasks = _NewRows(
-            self._new_rows(items, many, caller, self.clock.now()), len(items)
-        )
-        if any(_next_task_of(item) is not None for item in items):
+        rows: base.NewTasks = new_rows.build(items, many, caller, self.clock.now())
+        if any(new_rows.next_task_of(item) is not None for item in items):
             # A chained task must exist and be the caller's to start: build every row first.
             with _gc.paused(len(items) >= _GC_PAUSE_MIN):
                 rows = builtins.list(rows)
-            ids = {row[_ID] for row in rows}
+            ids = {row[new_rows.ID] for row in rows}
             refs = {
-                f"{f'{i}.' if many else ''}next_task": row[_NEXT_TASK]
+                f"{f'{i}.' if many else ''}next_task": row[new_rows.NEXT_TASK]
                 for i, row in enumerate(rows)
-                if row[_NEXT_TASK] is not None and row[_NEXT_TASK] not in ids
+                if row[new_rows.NEXT_TASK] is not None and row[new_rows.NEXT_TASK] not in ids
             }
             await self._check_next_tasks(refs, _Access(caller))
         # Otherwise the rows are validated and built while the store sends them.
         return await self.store.insert_tasks(rows, selected, trace=tracing.carrier())
-
-    def _new_rows(
-        self, items: Sequence[Any], many: bool, caller: models.Caller, now: datetime
-    ) -> Iterator[base.NewTask]:
-        """Validate ``items`` and yield their rows (``base.NEW_TASK_COLUMNS``), one at a time.
-
-        A task due at once (enabled, no cron) is QUEUED with a new job_id and its deadline;
-        the others wait in IDLE for ``next_run``. This loop runs once per task of a bulk create,
-        so it reads the model's fields straight into one tuple per task.
-        """
-        seen: set[str] = set()
-        # Times go to the store in UTC: equal-looking local times may be different instants
-        # (a repeated hour at a DST change), and the COPY encoding caches by value.
-        now = now.astimezone(UTC)
-        parent = context.get()
-        fresh = _fresh_uuid4s(min(2 * len(items), 2 * _VALIDATE_CHUNK))  # id and job_id
-        deadlines: dict[int, datetime] = {}  # by max_exec_timeout: most tasks share a few
-        system = caller.is_system
-        tasks: Iterable[models.Task] = itertools.chain.from_iterable(
-            models.parse_tasks(items[start : start + _VALIDATE_CHUNK], start if many else None)
-            for start in range(0, len(items), _VALIDATE_CHUNK)
-        )
-        for i, task in enumerate(tasks):
-            if not system:
-                self._check_system_fields(task, caller, f"{i}." if many else "")
-            task_id = task.id or next(fresh)
-            if task_id in seen:
-                where = f"{i}." if many else ""
-                raise errors.ValidationError(f"duplicate id {task_id!r}", field=f"{where}id")
-            seen.add(task_id)
-            if parent is not None and task.parent_id is None:
-                # Created from inside a running stage: a child in that task's tree, with the
-                # root's priority (as in Karton, a different priority asked for is ignored).
-                parent_id, root_id = parent["task_id"], parent["root_id"]
-                priority = parent["priority"]
-            else:
-                parent_id, root_id, priority = (
-                    task.parent_id,
-                    task.root_id or task_id,
-                    task.priority,
-                )
-            timeout = task.max_exec_timeout
-            if task.enabled and task.cron is None:
-                status, job_id, queued_at, next_run = _QUEUED, next(fresh), now, None
-                deadline = deadlines.get(timeout)
-                if deadline is None:
-                    deadline = deadlines[timeout] = now + timedelta(seconds=timeout)
-            else:
-                status, job_id, queued_at, deadline = _IDLE, None, None, None
-                next_run = cron.next_fire(task.cron, now) if task.cron else now
-            commands = task.commands
-            user_id = task.user_id
-            expires_at = task.expires_at
-            if expires_at is not None:
-                try:
-                    expires_at = expires_at.astimezone(UTC)
-                except OverflowError:
-                    where = f"{i}." if many else ""
-                    raise errors.ValidationError(
-                        "out of range once in UTC", field=f"{where}expires_at"
-                    ) from None
-            yield (
-                task_id,
-                task.app_name,
-                list(map(vars, commands)),  # each command's fields (to_json without a copy)
-                task.kws,
-                task.enabled,
-                task.cron,
-                timeout,
-                task.max_retries,
-                task.restart_policy._value_,  # the member's own value: no property call
-                task.retry_delay,
-                task.next_task,
-                task.notify,
-                task.system,
-                task.description,
-                task.meta,
-                priority,
-                status,
-                len(commands),
-                job_id,
-                user_id if user_id is not None else caller.user_id,
-                now,
-                queued_at,
-                deadline,
-                next_run,
-                now,
-                expires_at,
-                parent_id,
-                root_id,
-            )
-
-    @staticmethod
-    def _check_system_fields(task: models.Task, caller: models.Caller, where: str) -> None:
-        """Refuse fields only a system caller may set (``caller`` is not the system)."""
-        if task.system:
-            raise errors.ValidationError("only a system caller may set it", field=f"{where}system")
-        if task.user_id is not None and task.user_id != caller.user_id:
-            raise errors.ValidationError(
-                "only a system caller may create tasks for another user", field=f"{where}user_id"
-            )
-        for name in ("parent_id", "root_id"):
-            if getattr(task, name) is not None:
-                raise errors.ValidationError(
-                    "only a system caller may set it", field=f"{where}{name}"
-                )
 
     async def _check_next_tasks(self, refs: Mapping[str, str], access: _Access) -> None:
         """Check that every referenced next_task exists and the caller may start it."""
@@ -344,7 +167,7 @@ class TaskService:
         """Return a task as a dict of ``columns`` (default: all); raise TaskNotFound."""
         selected = _columns(columns, models.TASK_COLUMNS)
         row = await self._visible(_id(id), _Access(caller))
-        return _json_ready(row, selected)
+        return wire.json_ready(row, selected)
 
     async def exists(self, id: str, *, caller: models.Caller = models.SYSTEM) -> bool:
         """Return whether a task the caller may see exists."""
@@ -424,7 +247,7 @@ class TaskService:
         )
         if row is None:
             raise await self._explain(task_id, access, planned.refusal)
-        return _json_ready(row, selected)
+        return wire.json_ready(row, selected)
 
     async def delete(self, id: str, *, caller: models.Caller = models.SYSTEM) -> None:
         """Delete a task that is not running (tasks chaining to it stop chaining)."""
@@ -511,7 +334,7 @@ class TaskService:
             raise await self._explain(
                 task_id, access, "task {id!r} is running ({status}): cancel it before a reset"
             )
-        return _json_ready(row)
+        return wire.json_ready(row)
 
     async def write_message(
         self, id: str, data: models.JSONValue = None, *, caller: models.Caller = models.SYSTEM
@@ -560,7 +383,7 @@ class TaskService:
             raise await self._explain(
                 task_id, access, "task {id!r} is not waiting for a message (status {status})"
             )
-        return _json_ready(row)
+        return wire.json_ready(row)
 
     async def cancel(self, id: str, *, caller: models.Caller = models.SYSTEM) -> dict[str, Any]:
         """Abort a task that has not ended: FAILED, exit code 130, no retry.
@@ -580,7 +403,7 @@ class TaskService:
         )
         if row is None:
             raise await self._explain(task_id, access, "task {id!r} has already ended ({status})")
-        return _json_ready(row)
+        return wire.json_ready(row)
 
 
 class NotificationService:
@@ -605,7 +428,7 @@ class NotificationService:
         )
         if row is None:
             raise errors.NotificationNotFound(f"notification {id!r} not found")
-        return _json_ready(row, selected)
+        return wire.json_ready(row, selected)
 
     async def list(
         self,
@@ -644,7 +467,7 @@ class NotificationService:
         if row is None:
             await self._explain(notification_id, access)
         assert row is not None
-        return _json_ready(row)
+        return wire.json_ready(row)
 
     async def delete(self, id: int, *, caller: models.Caller = models.SYSTEM) -> None:
         """Delete a notification."""
@@ -703,58 +526,5 @@ async def _list(
         "page": page.page,
         "pages": page.pages,
         "on_page": page.on_page,
-        "data": [_json_ready(row) for row in page.data],
+        "data": [wire.json_ready(row) for row in page.data],
     }
-
-
-TOKEN_PREFIX = "kt_"
-
-
-class TokenService:
-    """API tokens: each maps to a user id and permissions; only a hash is stored."""
-
-    def __init__(self, store: base.TaskStore, clock: clock_.Clock | None = None) -> None:
-        self.store = store
-        self.clock: clock_.Clock = clock or clock_.SystemClock()
-
-    async def create(
-        self, user_id: str, permissions: Sequence[str] = (), name: str | None = None
-    ) -> dict[str, Any]:
-        """Create a token; the returned ``token`` is shown only this once."""
-        if not 1 <= len(str(user_id)) <= 256:
-            raise errors.ValidationError("a user id is 1 to 256 characters", field="user_id")
-        caller = models.Caller.user(user_id, permissions)  # validates the permission names
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        row = await self.store.insert_token(
-            _token_hash(token),
-            user_id=user_id,
-            permissions=sorted(p.value for p in caller.permissions),
-            name=name,
-            now=self.clock.now(),
-        )
-        return {**_json_ready(row), "token": token}
-
-    async def list(self) -> builtins.list[dict[str, Any]]:
-        """Return every token (without the secret)."""
-        return [_json_ready(row) for row in await self.store.list_tokens()]
-
-    async def revoke(self, id: int) -> dict[str, Any]:
-        """Revoke a token; it stops working at once."""
-        row = await self.store.revoke_token(id, now=self.clock.now())
-        if row is None:
-            raise errors.KaijuTasksError(f"no active token {id}")
-        return _json_ready(row)
-
-    async def authenticate(self, token: str | None) -> models.Caller:
-        """Return the caller a bearer token stands for; raise NotAuthorized."""
-        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-            raise errors.NotAuthorized()
-        row = await self.store.find_token(_token_hash(token))
-        if row is None:
-            raise errors.NotAuthorized()
-        return models.Caller.user(row["user_id"], row["permissions"])
-
-
-def _token_hash(token: str) -> str:
-    # Tokens carry 256 random bits, so a fast hash is enough: nothing to brute-force.
-    return hashlib.sha256(token.encode()).hexdigest()
