@@ -61,7 +61,7 @@ from typing import Any, Final
 
 import re2
 
-from kaiju_tasks import errors, limits, templates
+from kaiju_tasks import errors, limits, templates, values
 
 OPERATORS: Final = ("eq", "ne", "gt", "lt", "ge", "le", "has", "in", "match", "like", "not")
 """The operators an operator object may use."""
@@ -95,26 +95,26 @@ class Condition:
 
     __slots__ = ("spec",)
 
-    def __init__(self, spec: templates.JSONLike | Condition, *, field: str = "condition") -> None:
+    def __init__(self, spec: values.JSONLike | Condition, *, field: str = "condition") -> None:
         if isinstance(spec, Condition):
             spec = spec.spec
         validate(spec, field)
         # A private copy: the spec was validated, later changes to the caller's object must not
         # slip past validation.
-        self.spec: templates.JSONLike = copy.deepcopy(spec)
+        self.spec: values.JSONLike = copy.deepcopy(spec)
 
     def evaluate(self, data: Mapping[str, Any], *, now: datetime | None = None) -> bool:
         """Whether the condition holds for ``data`` (``now`` is passed to templates)."""
         return _evaluate_bounded(self.spec, data, now)
 
-    def to_json(self) -> templates.JSONLike:
+    def to_json(self) -> values.JSONLike:
         """Return the condition as JSON."""
         return self.spec
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Condition):
             return NotImplemented
-        return templates.json_equal(self.spec, other.spec)
+        return values.json_equal(self.spec, other.spec)
 
     def __repr__(self) -> str:
         return f"Condition({self.spec!r})"
@@ -135,11 +135,11 @@ def validate(spec: Any, field: str = "condition") -> None:
 
 
 def evaluate(
-    spec: templates.JSONLike | Condition,
+    spec: values.JSONLike | Condition,
     data: Mapping[str, Any],
     *,
     now: datetime | None = None,
-    budget: templates.Budget | None = None,
+    budget: values.Budget | None = None,
 ) -> bool:
     """Validate a condition and evaluate it against ``data``.
 
@@ -179,7 +179,7 @@ def _validate(spec: Any, field: str, depth: int) -> None:
         for key, value in spec.items():
             if not isinstance(key, str):
                 raise errors.ValidationError(
-                    f"condition keys must be strings, got {templates.shown(repr(key))}", field=field
+                    f"condition keys must be strings, got {values.shown(repr(key))}", field=field
                 )
             where = f"{field}.{key}"
             if key == "not":
@@ -192,7 +192,7 @@ def _validate(spec: Any, field: str, depth: int) -> None:
             _validate(item, f"{field}.{index}", depth + 1)
     else:
         raise errors.ValidationError(
-            f"a condition must be an object (AND) or a list (OR), got {_type_name(spec)}",
+            f"a condition must be an object (AND) or a list (OR), got {values.type_name(spec)}",
             field=field,
         )
 
@@ -200,13 +200,12 @@ def _validate(spec: Any, field: str, depth: int) -> None:
 def _check_path(key: str, field: str) -> None:
     if templates.is_template(key) or templates.is_literal(key):
         raise errors.ValidationError(
-            f"condition key {templates.shown(key)} must be a data path like '0.count',"
-            " not a template",
+            f"condition key {values.shown(key)} must be a data path like '0.count', not a template",
             field=field,
         )
     if "" in key.split("."):
         raise errors.ValidationError(
-            f"condition key {templates.shown(key)} is not a data path: it has an empty key",
+            f"condition key {values.shown(key)} is not a data path: it has an empty key",
             field=field,
         )
 
@@ -223,7 +222,7 @@ def _validate_value(value: Any, field: str, depth: int) -> None:
             where = f"{field}.{op}"
             if op not in OPERATORS:
                 raise errors.ValidationError(
-                    f"unknown operator {templates.shown(str(op))}"
+                    f"unknown operator {values.shown(str(op))}"
                     f" (expected one of: {', '.join(OPERATORS)})",
                     field=where,
                 )
@@ -257,17 +256,17 @@ def _check_operand(op: str, operand: Any) -> None:
     if op in _ORDERINGS:
         if isinstance(operand, bool) or not isinstance(operand, int | float | str):
             raise errors.ValidationError(
-                f"{op!r} needs a number or a string, got {_type_name(operand)}"
+                f"{op!r} needs a number or a string, got {values.type_name(operand)}"
             )
     elif op == "in":
         if not isinstance(operand, list | tuple | str | Mapping):
             raise errors.ValidationError(
-                f"'in' needs a list, a string or an object, got {_type_name(operand)}"
+                f"'in' needs a list, a string or an object, got {values.type_name(operand)}"
             )
     elif op in ("match", "like"):
         if not isinstance(operand, str):
             raise errors.ValidationError(
-                f"{op!r} needs a string pattern, got {_type_name(operand)}"
+                f"{op!r} needs a string pattern, got {values.type_name(operand)}"
             )
         if op == "match":
             _regex(operand)
@@ -284,18 +283,18 @@ class _Run:
     __slots__ = ("budget", "data", "now")
 
     def __init__(
-        self, data: Mapping[str, Any], now: datetime | None, budget: templates.Budget | None
+        self, data: Mapping[str, Any], now: datetime | None, budget: values.Budget | None
     ) -> None:
         self.data = data
         self.now = now
-        self.budget = budget or templates.Budget()
+        self.budget = budget or values.Budget()
 
 
 def _evaluate_bounded(
     spec: Any,
     data: Mapping[str, Any],
     now: datetime | None,
-    budget: templates.Budget | None = None,
+    budget: values.Budget | None = None,
 ) -> bool:
     try:
         return _evaluate(spec, _Run(data, now, budget), "condition")
@@ -303,7 +302,7 @@ def _evaluate_bounded(
         raise errors.ValidationError("nested too deeply to evaluate", field="condition") from None
 
 
-def _evaluate(spec: Any, run: _Run, where: templates.Where) -> bool:
+def _evaluate(spec: Any, run: _Run, where: values.Where) -> bool:
     # ``where`` names the part being evaluated, spelled out only for an error.
     run.budget.charge(1)
     if isinstance(spec, Mapping):
@@ -319,7 +318,7 @@ def _evaluate(spec: Any, run: _Run, where: templates.Where) -> bool:
     return any(_evaluate(item, run, (where, i)) for i, item in enumerate(spec))
 
 
-def _test(actual: Any, value: Any, run: _Run, where: templates.Where) -> bool:
+def _test(actual: Any, value: Any, run: _Run, where: values.Where) -> bool:
     if isinstance(value, Mapping):
         return all(_apply(op, actual, operand, run, (where, op)) for op, operand in value.items())
     if isinstance(value, list | tuple):
@@ -327,31 +326,31 @@ def _test(actual: Any, value: Any, run: _Run, where: templates.Where) -> bool:
     return _apply("eq", actual, value, run, where)
 
 
-def _apply(op: str, actual: Any, operand: Any, run: _Run, where: templates.Where) -> bool:
+def _apply(op: str, actual: Any, operand: Any, run: _Run, where: values.Where) -> bool:
     budget = run.budget
     budget.charge(1)
     if op == "not":
         return not _test(actual, operand, run, where)
     expected: Any = templates.render(operand, run.data, now=run.now, field=where, budget=budget)
     if op == "eq":
-        return templates.json_equal(actual, expected, budget)
+        return values.json_equal(actual, expected, budget)
     if op == "ne":
-        return not templates.json_equal(actual, expected, budget)
+        return not values.json_equal(actual, expected, budget)
     if op == "has":
         return _contains(actual, expected, budget)
     try:
         _check_operand(op, expected)
     except errors.ValidationError as exc:
-        shown = templates.shown(operand) if isinstance(operand, str) else "the operand"
+        shown = values.shown(operand) if isinstance(operand, str) else "the operand"
         raise errors.ValidationError(
-            f"{exc.message} (from {shown})", field=templates.field_name(where)
+            f"{exc.message} (from {shown})", field=values.field_name(where)
         ) from exc
     if op == "in":
         return _contains(expected, actual, budget)
     if op in _ORDERINGS:
         if isinstance(actual, str):
             budget.chars(len(actual))
-        order = templates.compare(actual, expected)
+        order = values.compare(actual, expected)
         return order is not None and _ORDERINGS[op](order)
     if not isinstance(actual, str):
         return False
@@ -364,10 +363,10 @@ def _apply(op: str, actual: Any, operand: Any, run: _Run, where: templates.Where
 _MATCH_COST: Final = 25  # a character matched costs as much as this many copied or compared
 
 
-def _contains(container: Any, item: Any, budget: templates.Budget) -> bool:
+def _contains(container: Any, item: Any, budget: values.Budget) -> bool:
     if isinstance(container, list | tuple):
         budget.charge(len(container))
-        return any(templates.json_equal(element, item, budget) for element in container)
+        return any(values.json_equal(element, item, budget) for element in container)
     if isinstance(container, str | Mapping):
         if isinstance(container, str):
             budget.chars(len(container))
@@ -402,9 +401,7 @@ def _compile(pattern: str, source: str, what: str) -> Any:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
-        raise errors.ValidationError(
-            f"invalid {what} {templates.shown(source)}: {reason}"
-        ) from None
+        raise errors.ValidationError(f"invalid {what} {values.shown(source)}: {reason}") from None
 
 
 def _regex(pattern: str) -> Any:
@@ -432,7 +429,7 @@ def _like_cached(pattern: str, bounds: limits.Limits) -> Any:
         if char == "\\":
             if i + 1 == len(pattern):
                 raise errors.ValidationError(
-                    f"LIKE pattern {templates.shown(pattern)} ends with the escape character '\\'"
+                    f"LIKE pattern {values.shown(pattern)} ends with the escape character '\\'"
                 )
             out.append(re2.escape(pattern[i + 1]))
             i += 2
@@ -441,19 +438,3 @@ def _like_cached(pattern: str, bounds: limits.Limits) -> Any:
         i += 1
     out.append("\\z")
     return _compile("".join(out), pattern, "LIKE pattern")
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    return f"a {type(value).__name__}"
