@@ -14,7 +14,17 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import _gc, errors, limits, models, new_rows, tracing, update_plan, wire
+from kaiju_tasks import (
+    _gc,
+    errors,
+    limits,
+    models,
+    new_rows,
+    task_error,
+    tracing,
+    update_plan,
+    wire,
+)
 from kaiju_tasks import clock as clock_
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
@@ -393,7 +403,7 @@ class TaskService:
         task_id = _id(id)
         access = _Access(caller)
         # The statement adds the stage the task stands at, under its row lock.
-        error = {"code": protocol.CANCELLED, "message": "Task cancelled", "reason": "cancelled"}
+        error = task_error.build(protocol.CANCELLED, "Task cancelled", reason="cancelled")
         row = await self.store.cancel_task(
             task_id,
             error,
