@@ -20,15 +20,26 @@ import dataclasses
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kaiju_tasks import errors, limits, redact
+from kaiju_tasks import errors, limits, models, redact
+from kaiju_tasks import executor as executor_
+from kaiju_tasks.manager import loop as manager_loop
+from kaiju_tasks.manager import steps
+from kaiju_tasks.rpc import server as rpc_server
+from kaiju_tasks.store import postgres
 
+# The defaults of the components are written once, next to the code they tune; the settings
+# below start from them (a config value in seconds or days, a component's a timedelta).
 ENV_PREFIX = "KAIJU_TASKS_"
-DEFAULT_POOL_MIN = 2
-DEFAULT_POOL_MAX = 10
+DEFAULT_POOL_MIN = postgres.DEFAULT_POOL_MIN
+DEFAULT_POOL_MAX = postgres.DEFAULT_POOL_MAX
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+_DAY = timedelta(days=1)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -65,26 +76,26 @@ class LoggingSettings:
 class ServerSettings:
     """``[server]``."""
 
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     """Address the HTTP API listens on (0.0.0.0 for every interface)."""
-    port: int = 8080
+    port: int = DEFAULT_PORT
     """TCP port of the HTTP API."""
-    max_body: int = 1024 * 1024
+    max_body: int = rpc_server.DEFAULT_MAX_BODY
     """Largest request body accepted, in bytes; larger ones get HTTP 413."""
-    max_batch: int = 100
+    max_batch: int = rpc_server.DEFAULT_MAX_BATCH
     """Most calls in one JSON-RPC batch."""
-    request_timeout: int = 30
+    request_timeout: int = int(rpc_server.DEFAULT_REQUEST_TIMEOUT)
     """Seconds one call may take before it is answered with a timeout error."""
-    header_timeout: float = 10.0
+    header_timeout: float = rpc_server.DEFAULT_HEADER_TIMEOUT
     """Seconds a connection has to send a complete request head, from when it connects or from
     its previous response; also how long an idle keep-alive connection is kept."""
-    body_timeout: float = 30.0
+    body_timeout: float = rpc_server.DEFAULT_BODY_TIMEOUT
     """Seconds a request has to send its whole body once its head arrived (HTTP 408 beyond)."""
-    auth_failures: int = 20
+    auth_failures: int = rpc_server.DEFAULT_AUTH_FAILURES
     """Failed authentications one client address may make at once (HTTP 429 beyond)."""
-    auth_window: float = 60.0
+    auth_window: float = rpc_server.DEFAULT_AUTH_WINDOW
     """Seconds in which an address earns back ``auth_failures`` tries."""
-    auth_clients: int = 10_000
+    auth_clients: int = rpc_server.DEFAULT_AUTH_CLIENTS
     """Most client addresses whose failures are remembered at once."""
     trusted_proxies: str | None = None
     """Comma-separated addresses or networks (CIDR) of proxies whose ``X-Forwarded-For`` is
@@ -95,17 +106,18 @@ class ServerSettings:
 class ExecutorSettings:
     """``[executor]``."""
 
-    apps: str = "default"
+    apps: str = models.DEFAULT_APP
     """Comma-separated app names whose tasks the executor claims."""
-    concurrency: int = 10
+    concurrency: int = executor_.DEFAULT_CONCURRENCY
     """Tasks run at once."""
-    prefetch: int = 10
-    """Tasks claimed ahead of free slots (0: none; lower it for long stages on many hosts)."""
-    heartbeat_interval: float = 5.0
+    prefetch: int = executor_.DEFAULT_CONCURRENCY
+    """Tasks claimed ahead of free slots (0: none; lower it for long stages on many hosts).
+    Its default is the default concurrency, not the configured one."""
+    heartbeat_interval: float = executor_.DEFAULT_HEARTBEAT_INTERVAL.total_seconds()
     """Seconds between liveness records (keep it well under [manager] stale_after)."""
-    poll_interval: float = 1.0
+    poll_interval: float = executor_.DEFAULT_POLL_INTERVAL.total_seconds()
     """Longest seconds between claims when no notification arrives."""
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = executor_.DEFAULT_SHUTDOWN_GRACE.total_seconds()
     """Seconds running stages get to finish on stop before their tasks are handed back."""
     token: str | None = None
     """Bearer token sent with stage calls to app URLs (e.g. another kaiju-tasks server)."""
@@ -115,20 +127,25 @@ class ExecutorSettings:
 class ManagerSettings:
     """``[manager]``."""
 
-    interval: float = 1.0
+    interval: float = manager_loop.DEFAULT_INTERVAL.total_seconds()
     """Seconds between ticks (timers, deadlines, cron, rescues)."""
-    stale_after: float = 30.0
+    stale_after: float = steps.DEFAULT_STALE_AFTER.total_seconds()
     """Seconds of executor silence after which its tasks are re-queued."""
-    standby_interval: float = 2.0
+    standby_interval: float = manager_loop.DEFAULT_STANDBY_INTERVAL.total_seconds()
     """Seconds between a standby's attempts to take the leadership."""
-    gc_interval: float = 300.0
+    gc_interval: float = manager_loop.DEFAULT_GC_INTERVAL.total_seconds()
     """Seconds between garbage collections."""
-    task_retention: float = 7.0
+    task_retention: float = steps.DEFAULT_TASK_RETENTION / _DAY
     """Days ended tasks (not cron, not system, not chained to) are kept."""
-    notification_retention: float = 30.0
+    notification_retention: float = steps.DEFAULT_NOTIFICATION_RETENTION / _DAY
     """Days notifications are kept."""
-    event_retention: float = 7.0
+    event_retention: float = steps.DEFAULT_EVENT_RETENTION / _DAY
     """Days events are kept."""
+    executor_retention: float = steps.DEFAULT_EXECUTOR_RETENTION / _DAY
+    """Days an executor silent this long is kept before its row is deleted."""
+    batch: int = steps.DEFAULT_BATCH
+    """Most rows one duty handles per tick (garbage collection deletes ten times as many per
+    round)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,6 +389,8 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
         raise errors.ConfigError(
             f"[server] trusted_proxies: {exc}" + where("server.trusted_proxies")
         ) from None
+    if settings.manager.batch < 1:
+        raise errors.ConfigError("[manager] batch must be at least 1" + where("manager.batch"))
     executor = settings.executor
     if executor.concurrency < 1 or executor.prefetch < 0:
         raise errors.ConfigError(

@@ -25,12 +25,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kaiju_tasks import errors
+from kaiju_tasks import config, errors, models, wiring
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager, steps
 from kaiju_tasks.service import NotificationService, TaskService
 from kaiju_tasks.store import embedded, migrate, postgres
+
+POOL_MIN = 1
+"""Connections the runtime's pool keeps open: it shares the application's process."""
 
 
 class TaskRuntime:
@@ -57,7 +60,7 @@ class TaskRuntime:
         dsn: str | None = None,
         *,
         direct_dsn: str | None = None,
-        apps: Sequence[str] = ("default",),
+        apps: Sequence[str] = (models.DEFAULT_APP,),
         methods: methods_.Methods | None = None,
         app_urls: Mapping[str, str] | None = None,
         executor: bool = True,
@@ -65,7 +68,7 @@ class TaskRuntime:
         debug: bool = False,
         apply_migrations: bool = True,
         embedded_dir: Path | None = None,
-        pool_size: int = 10,
+        pool_size: int = config.DEFAULT_POOL_MAX,
         executor_options: Mapping[str, Any] | None = None,
         manager_options: Mapping[str, Any] | None = None,
         manager_settings: steps.Settings | None = None,
@@ -109,35 +112,25 @@ class TaskRuntime:
         dsn = self.direct_dsn or self.dsn  # for LISTEN, the leadership and migrations
         if self.apply_migrations:
             await migrate.migrate(dsn)
-        self._pool = await postgres.create_pool(
-            self.dsn,
-            min_size=1,
-            max_size=self.pool_size,
-            application_name="kaiju-tasks-app",
-            pooler=self.direct_dsn is not None,
+        database = config.DatabaseSettings(
+            dsn=self.dsn, direct_dsn=self.direct_dsn, pool_min=POOL_MIN, pool_max=self.pool_size
         )
+        self._pool = await wiring.open_pool(database, dsn, "kaiju-tasks-app")
         self.store = postgres.PostgresEngineStore(self._pool)
         self.tasks = TaskService(self.store)
         self.notifications = NotificationService(self.store)
         if self.run_manager:
-            scheduler = self.manager_options.get("scheduler", True)
-            self.manager = Manager(
-                self.store,
-                leadership=postgres.AdvisoryLeadership(
-                    dsn, postgres.LEADER_LOCK_KEY if scheduler else postgres.GC_LOCK_KEY
-                ),
-                dsn=dsn,
-                settings=self.manager_settings,
-                **self.manager_options,
+            self.manager = wiring.build_manager(
+                self.store, dsn, settings=self.manager_settings, **self.manager_options
             )
             await self.manager.start()
         if self.run_executor:
-            self.executor = Executor(
+            self.executor = wiring.build_executor(
                 self.store,
+                dsn,
                 apps=self.apps,
                 methods=self.methods,
                 app_urls=self.app_urls,
-                dsn=dsn,
                 debug=self.debug,
                 **self.executor_options,
             )
