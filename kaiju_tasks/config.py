@@ -110,9 +110,9 @@ class ExecutorSettings:
     """Comma-separated app names whose tasks the executor claims."""
     concurrency: int = executor_.DEFAULT_CONCURRENCY
     """Tasks run at once."""
-    prefetch: int = executor_.DEFAULT_CONCURRENCY
-    """Tasks claimed ahead of free slots (0: none; lower it for long stages on many hosts).
-    Its default is the default concurrency, not the configured one."""
+    prefetch: int = executor_.DEFAULT_PREFETCH
+    """The most tasks claimed ahead of free slots (0: none). The executor claims ahead only as
+    many as its slots free during one claim, by the call and claim times it measures."""
     heartbeat_interval: float = executor_.DEFAULT_HEARTBEAT_INTERVAL.total_seconds()
     """Seconds between liveness records (keep it well under [manager] stale_after)."""
     poll_interval: float = executor_.DEFAULT_POLL_INTERVAL.total_seconds()

@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -50,6 +52,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 10
+DEFAULT_PREFETCH = 40
+"""The most tasks claimed ahead of free slots; see :meth:`Executor._ahead` for how many are."""
 DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
@@ -78,9 +82,12 @@ class Executor:
         executor_id: this executor's id (default: ``host-pid-random``).
         concurrency: tasks run at once.
         app_token: bearer token sent with stage calls over HTTP (for apps behind auth).
-        prefetch: tasks claimed ahead of free slots (default: ``concurrency``; 0 for none).
-            Prefetched tasks are held by this executor (rescued if it dies) but their stages
-            have not started.
+        prefetch: the most tasks claimed ahead of free slots (0 for none). The executor claims
+            ahead only as many as its slots free during one claim, by the call and claim times
+            it measures: short stages get the whole allowance, long ones one or two (so that
+            executors sharing a queue do not hold tasks they cannot start soon). Prefetched
+            tasks are held by this executor (rescued if it dies) but their stages have not
+            started.
         data: the ``executor`` part of the template data.
         poll_interval: longest idle wait between claims when no notification arrives.
         heartbeat_interval: how often liveness is recorded (the manager rescues tasks of
@@ -107,7 +114,7 @@ class Executor:
         clock: clock_.Clock | None = None,
         executor_id: str | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
-        prefetch: int | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
         app_token: str | None = None,
         data: Mapping[str, Any] | None = None,
         poll_interval: timedelta = DEFAULT_POLL_INTERVAL,
@@ -140,7 +147,12 @@ class Executor:
         self.clock: clock_.Clock = clock or clock_.SystemClock()
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = concurrency
-        self.prefetch = concurrency if prefetch is None else prefetch
+        if prefetch < 0:
+            raise errors.ConfigError("prefetch must be at least 0")
+        self.prefetch = prefetch
+        # Moving averages (seconds) of a stage call and of a claim, for _ahead; None until seen.
+        self._call_s: float | None = None
+        self._claim_s: float | None = None
         # Stage calls run in at most `concurrency` slots; up to `prefetch` more tasks are claimed
         # ahead so that the next claim overlaps the running stages instead of following them.
         self._slots = asyncio.Semaphore(concurrency)
@@ -160,6 +172,9 @@ class Executor:
         }
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
+        # Runs past their last call, committing how they ended (claim ids): they need no slot,
+        # so they leave room for a claim (see _room).
+        self._settling: set[str] = set()
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
         self._record = batch.Batcher(self._record_stages, batch.applied_ids)
         self._finish_batch = batch.Batcher(self._finish_tasks, batch.applied_ids)
@@ -307,6 +322,23 @@ class Executor:
     def _stop_asked(self) -> bool:
         return self._stopping
 
+    def _room(self) -> int:
+        """How many tasks a claim may take now.
+
+        The runs that still have a call to make (running one, or waiting for a slot) are kept
+        to ``concurrency + prefetch``; the runs committing how they ended do not count, since
+        their writes need no slot, but all the runs held stay under twice that, should those
+        writes be slow.
+        """
+        window = self.concurrency + self._ahead()
+        held = len(self._running)
+        calling = held - len(self._settling)
+        return max(0, min(window - calling, 2 * window - held))
+
+    def _ahead(self) -> int:
+        """How many tasks to claim ahead of free slots now (see :func:`claim_ahead`)."""
+        return claim_ahead(self.prefetch, self.concurrency, self._claim_s, self._call_s)
+
     @property
     def active(self) -> int:
         """Tasks this executor holds now: running, and claimed ahead (prefetched)."""
@@ -346,7 +378,7 @@ class Executor:
                     "Claim failed", extra={"event": "claim_failed", "executor_id": self.id}
                 )
                 claimed = 0
-            if claimed and self.active < self.concurrency + self.prefetch:
+            if claimed and self._room() > 0:
                 continue
             with contextlib.suppress(TimeoutError):  # asyncio.timeout never loses a cancel
                 async with asyncio.timeout(self.poll_interval.total_seconds()):
@@ -426,11 +458,13 @@ class Executor:
 
     async def tick(self) -> int:
         """Claim as many tasks as there are free slots and start them; return how many."""
-        free = self.concurrency + self.prefetch - len(self._running)
+        free = self._room()
         if free <= 0 or self._stopping:
             return 0
         async with self._claim_lock:
+            started = time.monotonic()
             rows = await self.store.claim(self.apps, self.id, limit=free, now=self.clock.now())
+            self._claim_s = _averaged(self._claim_s, time.monotonic() - started)
             self._outage.ok()
             if self._stop_asked():  # stop() began during the claim: these go back, unstarted
                 self._unstarted += [row["claim_id"] for row in rows]
@@ -447,9 +481,10 @@ class Executor:
         self._claims[row["id"]] = row["claim_id"]
         runner = asyncio.create_task(self._run_task(row, previous), name=f"kaiju-task-{row['id']}")
         self._running[row["id"]] = runner
-        runner.add_done_callback(functools.partial(self._done, row["id"]))
+        runner.add_done_callback(functools.partial(self._done, row["id"], row["claim_id"]))
 
-    def _done(self, task_id: str, runner: asyncio.Task[None]) -> None:
+    def _done(self, task_id: str, claim_id: str, runner: asyncio.Task[None]) -> None:
+        self._settling.discard(claim_id)
         if self._running.get(task_id) is runner:
             del self._running[task_id]
             self._claims.pop(task_id, None)
@@ -535,6 +570,7 @@ class Executor:
         stage: int = row["stage"]
         stages = len(commands)
         if stage >= stages:  # a Timer or Message was the last stage
+            self._settle(row)
             await self._finish(row, stage, None, append=False)
             return
         while True:
@@ -576,7 +612,13 @@ class Executor:
                     else:
                         with tracing.stage_span(row, self.id, stage, command["method"]) as span:
                             try:
-                                result = await self._call(row, stage, command, data, now, meter)
+                                try:
+                                    result = await self._call(row, stage, command, data, now, meter)
+                                finally:
+                                    self._call_s = _averaged(
+                                        self._call_s,
+                                        asyncio.get_running_loop().time() - meter["started"],
+                                    )
                                 stored += _json_checked(result, stored)
                             except (errors.StageError, errors.ValidationError) as exc:
                                 tracing.failed(span, exc.message)
@@ -588,13 +630,16 @@ class Executor:
                 finally:
                     context.current_task.reset(token)
             if failure is not None:
+                self._settle(row)
                 await self._fail(row, stage, failure, _measured(meter))
                 return
             if parked is not None:
+                self._settle(row)
                 await self._wait(row, stage, parked)
                 return
             results.append(result)
             if stage + 1 == stages:
+                self._settle(row)
                 await self._finish(row, stage, result, append=True, timing=_measured(meter))
                 return
             item = {
@@ -607,6 +652,11 @@ class Executor:
             if not await self._write(functools.partial(self._record.submit, item)):
                 raise _Revoked
             stage += 1
+
+    def _settle(self, row: Mapping[str, Any]) -> None:
+        """The run has made its last call: room for a claim while its outcome is written."""
+        self._settling.add(row["claim_id"])
+        self._wake.set()
 
     def _template_data(self, row: Mapping[str, Any], results: Sequence[Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"id": row["id"], "kws": row["kws"], "executor": self.data}
@@ -623,13 +673,20 @@ class Executor:
         now: datetime,
         meter: dict[str, Any],
     ) -> Any:
-        method = templates.render(command["method"], data, now=now)
-        meter["method"] = command["method"]  # as written: a template's source, never user data
+        written = command["method"]
+        method = (  # most methods are plain names: nothing to render
+            templates.render(written, data, now=now)
+            if templates.is_template(written) or templates.is_literal(written)
+            else written
+        )
+        meter["method"] = written  # as written: a template's source, never user data
         if not isinstance(method, str) or not method:
             raise errors.StageError(
                 f"method template rendered to {method!r}, not a method name", retryable=False
             )
-        params = templates.render(command.get("params"), data, now=now)
+        params = command.get("params")
+        if params is not None:
+            params = templates.render(params, data, now=now)
         deadline, limit_name = _stage_deadline(row, command, now)
         timeout = (deadline - now).total_seconds()
         if timeout <= 0:
@@ -950,6 +1007,26 @@ def _storable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_storable(v) for v in value]
     return value
+
+
+def claim_ahead(
+    prefetch: int, concurrency: int, claim_s: float | None, call_s: float | None
+) -> int:
+    """How many tasks an executor claims ahead of free slots, at most ``prefetch``.
+
+    As many as its slots are expected to free while one claim is out (``concurrency`` x claim
+    time / call time), plus one: enough that a freed slot finds a task waiting, not more, so
+    that executors sharing a queue do not hold tasks they cannot start soon. Until both times
+    (seconds, moving averages) are measured, ``min(prefetch, concurrency)``.
+    """
+    if claim_s is None or call_s is None:
+        return min(prefetch, concurrency)
+    return min(prefetch, 1 + math.ceil(concurrency * claim_s / max(call_s, 1e-6)))
+
+
+def _averaged(average: float | None, sample: float) -> float:
+    """An exponential moving average that follows a change within a few dozen samples."""
+    return sample if average is None else average + (sample - average) / 16
 
 
 def _measured(meter: Mapping[str, Any]) -> dict[str, Any]:

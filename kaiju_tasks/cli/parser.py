@@ -41,7 +41,7 @@ def build() -> argparse.ArgumentParser:
         help="import a kaiju_tasks.methods.Methods registry to run stages in-process",
     )
     executor.add_argument("--concurrency", type=int, help="tasks run at once ([executor])")
-    executor.add_argument("--prefetch", type=int, help="tasks claimed ahead of free slots")
+    executor.add_argument("--prefetch", type=int, help="the most tasks claimed ahead of free slots")
     executor.add_argument("--id", help="executor id (default: host-pid-random)")
     executor.add_argument("--shutdown-grace", type=float, help="seconds to finish stages on stop")
     executor.add_argument("--heartbeat", type=float, help="seconds between liveness records")

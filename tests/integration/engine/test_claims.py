@@ -171,3 +171,37 @@ async def test_claims_take_tasks_of_one_priority_and_time_in_the_order_they_were
     assert taken[0] == {"hi0", "hi1", "hi2", ids[0], ids[1], ids[2], ids[3]}
     rest = [ids[4:][i : i + 7] for i in range(0, len(ids) - 4, 7)]
     assert taken[1:] == [set(chunk) for chunk in rest]
+
+
+async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
+    task_service, store, clock, dsn
+):
+    # Prefetch is an allowance, not a quota: an executor claims ahead only as many tasks as its
+    # slots free during one claim. With stages far longer than a claim that is one or two, so a
+    # second executor started later still finds most of the queue waiting for it.
+    ran: dict[str, list[int]] = {"a": [], "b": []}
+
+    def methods_for(name: str) -> Methods:
+        methods = Methods()
+
+        @methods.register("long")
+        async def long(i):
+            await asyncio.sleep(0.3)
+            ran[name].append(i)
+
+        return methods
+
+    created = await task_service.create(
+        [Task(commands=[TaskCommand(method="long", params={"i": i})]) for i in range(20)]
+    )
+    async with Executor(
+        store, methods=methods_for("a"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
+    ):
+        await eventually(lambda: len(ran["a"]) >= 2, what="the first executor's first calls")
+        async with Executor(
+            store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
+        ):
+            for task in created:
+                await wait_for(store, task["id"], "FINISHED", within=60)
+    assert sorted(ran["a"] + ran["b"]) == list(range(20))
+    assert len(ran["b"]) >= 5, ran

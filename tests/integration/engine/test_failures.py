@@ -266,8 +266,9 @@ async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
             "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{other['id']} {other_row['claim_id']}"
         )
         await eventually(lambda: "o" in stopped, what="the other task's cancel")
+        # Its run ends once the cancel has unwound it (the done callback runs a moment later).
+        await eventually(lambda: ex.active == 1, what="the other task's run to end")
         assert stopped == ["o"]
-        assert ex.active == 1
         await pool.execute(
             "SELECT pg_notify('kaiju_tasks_cancel', $1)", f"{current['id']} {row['claim_id']}"
         )

@@ -1,0 +1,39 @@
+"""How many tasks an executor claims ahead of its free slots (executor.claim_ahead)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kaiju_tasks.executor import claim_ahead
+
+
+def test_until_both_times_are_measured_it_claims_up_to_one_round_of_slots() -> None:
+    assert claim_ahead(40, 10, None, None) == 10
+    assert claim_ahead(40, 10, 0.005, None) == 10
+    assert claim_ahead(40, 10, None, 0.001) == 10
+    assert claim_ahead(4, 10, None, None) == 4
+
+
+def test_short_stages_get_the_whole_allowance() -> None:
+    # 10 slots freeing every 20 µs while a 5 ms claim is out: far more than 40 would do.
+    assert claim_ahead(40, 10, 0.005, 0.00002) == 40
+
+
+def test_long_stages_get_one_or_two() -> None:
+    assert claim_ahead(40, 10, 0.005, 1.0) == 2  # 10 x 5 ms / 1 s = 0.05 -> 1, plus one
+    assert claim_ahead(40, 2, 0.005, 30.0) == 2
+
+
+def test_in_between_it_follows_the_ratio_of_claim_to_call_time() -> None:
+    # 10 slots, calls of 10 ms, claims of 5 ms: 5 slots free per claim, plus one.
+    assert claim_ahead(40, 10, 0.005, 0.010) == 6
+
+
+@pytest.mark.parametrize("call_s", [0.0, 1e-9])
+def test_a_zero_call_time_is_the_whole_allowance_not_an_error(call_s: float) -> None:
+    assert claim_ahead(40, 10, 0.005, call_s) == 40
+
+
+def test_prefetch_zero_claims_nothing_ahead() -> None:
+    assert claim_ahead(0, 10, None, None) == 0
+    assert claim_ahead(0, 10, 0.005, 0.00001) == 0
