@@ -136,6 +136,10 @@ def main() -> None:
         import uvloop  # what `pgq run` runs its worker on when uvloop is installed
 
         uvloop.run(_main(args))
+    elif args.system.startswith("kaiju") and os.environ.get("BENCH_KAIJU_UVLOOP") == "1":
+        import uvloop
+
+        uvloop.run(_main(args))
     else:
         asyncio.run(_main(args))
 

@@ -37,6 +37,7 @@ from kaiju_tasks import (
     models,
     notifications,
     redact,
+    task_error,
     templates,
     tracing,
 )
@@ -788,12 +789,9 @@ class Executor:
             and exc.requeue
             and row["requeues"] < models.MAX_REQUEUES
         ):
-            reject_error = {
-                "code": protocol.REJECTED,
-                "message": _cut(exc.message),
-                "stage": stage,
-                "reason": "rejected",
-            }
+            reject_error = task_error.build(
+                protocol.REJECTED, _cut(exc.message), stage=stage, reason="rejected"
+            )
             rejected_item = {
                 "id": row["id"],
                 "stage": stage,
@@ -813,14 +811,13 @@ class Executor:
             code = exc.code
         else:
             code = protocol.TIMEOUT if timeout else protocol.INTERNAL_ERROR
-        error: dict[str, Any] = {
-            "code": code,
-            "message": _cut(exc.message),
-            "stage": stage,
-            "reason": "timeout" if timeout else "rejected" if rejected else "error",
-        }
-        if isinstance(exc, errors.RemoteCallError) and exc.remote_data is not None:
-            error["data"] = exc.remote_data
+        error = task_error.build(
+            code,
+            _cut(exc.message),
+            stage=stage,
+            reason="timeout" if timeout else "rejected" if rejected else "error",
+            data=exc.remote_data if isinstance(exc, errors.RemoteCallError) else None,
+        )
         error = _storable(error)
         tracing.failed(tracing.current_span(), error["message"])  # the run's span
         failed = await self._write(

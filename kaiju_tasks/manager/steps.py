@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import cron
+from kaiju_tasks import cron, task_error
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
@@ -84,12 +84,7 @@ def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         "status": row["status"],
         "executor_id": row["executor_id"],
         "stage": row["stage"],
-        "error": {
-            "code": protocol.TIMEOUT,
-            "message": message,
-            "stage": row["stage"],
-            "reason": reason,
-        },
+        "error": task_error.build(protocol.TIMEOUT, message, stage=row["stage"], reason=reason),
         "exit_code": 130,
         "retryable": retryable,
         "due": due,
@@ -166,15 +161,13 @@ async def fail_debug_orphans(
             "status": row["status"],
             "executor_id": row["executor_id"],
             "stage": row["stage"],
-            "error": {
-                "code": protocol.CANCELLED,
-                "message": (
-                    f"the debug executor serving {row['app_name'][:300]!r} is gone: nothing"
-                    " will run this task"
-                ),
-                "stage": row["stage"],
-                "reason": DEBUG_GONE,
-            },
+            "error": task_error.build(
+                protocol.CANCELLED,
+                f"the debug executor serving {row['app_name'][:300]!r} is gone: nothing"
+                " will run this task",
+                stage=row["stage"],
+                reason=DEBUG_GONE,
+            ),
             "exit_code": 130,
             "retryable": False,
             "next_run": None,
