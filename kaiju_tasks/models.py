@@ -1,5 +1,7 @@
 """Task, TaskCommand, Timer, Message, the status enums and Limit.
 
+The stage models (TaskCommand, Timer, Message) are defined with their kinds in
+:mod:`kaiju_tasks.stages` and ``Limit`` in :mod:`kaiju_tasks.validation`; both are importable here.
 Pydantic v2 models that validate at the boundary and do no I/O. A validation failure is raised as
 :class:`kaiju_tasks.errors.ValidationError` naming the offending field (dotted path, e.g.
 ``commands.1.max_timeout``) and the rule it broke.
@@ -11,7 +13,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, TypeAlias
 
 import pydantic
 from pydantic import (
@@ -19,16 +21,14 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     field_validator,
     model_validator,
 )
 
-from kaiju_tasks import conditions, cron, errors, templates
+from kaiju_tasks import cron, errors, stages, templates, validation
 
-JSONValue: TypeAlias = pydantic.JsonValue
+JSONValue: TypeAlias = validation.JSONValue
 """Any JSON value: dict, list, str, int, float, bool or None (recursively)."""
 
 
@@ -83,15 +83,7 @@ class Priority(enum.IntEnum):
     HIGH = 10
 
 
-class Limit(enum.IntEnum):
-    """Hard limits, checked at create and update (seconds for the ``*_T`` members)."""
-
-    MAX_STAGES = 100
-    MAX_RETRIES = 10
-    MIN_T = 10
-    DEFAULT_T = 300
-    MAX_T = 14400
-
+Limit = validation.Limit
 
 MAX_ID_LENGTH = 256
 MAX_RETRY_DELAY = 86400  # seconds
@@ -157,156 +149,15 @@ SYSTEM = Caller(user_id=None, permissions=frozenset({Permission.SYSTEM}))
 
 # -- commands ---------------------------------------------------------------------------------
 
+# The stage kinds and their models live in kaiju_tasks.stages, one entry per kind.
+StageCommand = stages.StageCommand
+TaskCommand = stages.TaskCommand
+Timer = stages.Timer
+Message = stages.Message
+Command = stages.Command
+LEGACY_METHODS: Final = stages.LEGACY_METHODS
 
-def _condition_spec(value: Any) -> Any:
-    if isinstance(value, conditions.Condition):
-        return value.spec
-    if value is not None:
-        try:
-            conditions.validate(value, field="condition")
-        except errors.ValidationError as exc:
-            raise ValueError(_located(exc, "condition")) from None
-    return value
-
-
-def _located(exc: errors.ValidationError, top: str) -> str:
-    """Return the message of ``exc``, saying where below ``top`` the problem is."""
-    if exc.field and exc.field != top:
-        return f"{exc.message} (at {exc.field})"
-    return exc.message
-
-
-ConditionSpec = Annotated[JSONValue, BeforeValidator(_condition_spec)]
-_Timeout = Annotated[int | float, Field(gt=0, le=Limit.MAX_T)]  # int stays int
-
-
-class _Model(BaseModel):
-    """Raises :class:`errors.ValidationError` (naming the field) when built from bad data."""
-
-    def __init__(self, /, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            raise validation_error(exc) from None
-
-    # Tell pydantic this __init__ only wraps its own: models nested in another are then
-    # validated inside pydantic-core, without a Python call each (bulk creates validate tens
-    # of thousands), and only the outermost model translates, with full error locations.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
-
-class _Command(_Model):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    condition: ConditionSpec = Field(
-        None, description="Run the stage only if this condition holds; else its result is None."
-    )
-
-    def to_json(self) -> dict[str, JSONValue]:
-        """Return the command as stored in the ``commands`` column."""
-        # Fields hold JSON values already, and pydantic keeps exactly the fields, in declaration
-        # order, in the instance dict (extra="forbid"): a copy is much faster than model_dump.
-        return dict(self.__dict__)
-
-
-class TaskCommand(_Command):
-    """A stage that makes one JSON-RPC call; ``method`` and ``params`` may hold templates."""
-
-    kind: Literal["call"] = "call"
-    method: str = Field(min_length=1, max_length=512)
-    params: JSONValue = None
-    max_timeout: _Timeout | None = Field(
-        None, description="Seconds this stage may take; never extends the task deadline."
-    )
-
-    @field_validator("method")
-    @classmethod
-    def _method_template(cls, value: str) -> str:
-        _check_template(value, "method")
-        return value
-
-    @field_validator("params")
-    @classmethod
-    def _params_templates(cls, value: JSONValue) -> JSONValue:
-        _check_template(value, "params")
-        return value
-
-
-class Timer(_Command):
-    """A stage that sleeps durably: the task waits ``seconds`` with no executor busy."""
-
-    kind: Literal["timer"] = "timer"
-    seconds: _Timeout
-
-    def __init__(self, seconds: float | None = None, /, **data: Any) -> None:
-        if seconds is not None:
-            data["seconds"] = seconds
-        super().__init__(**data)
-
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]  # see _Model
-
-
-class Message(_Command):
-    """A stage that waits for ``write_message``; the message data becomes its result."""
-
-    kind: Literal["message"] = "message"
-    max_timeout: _Timeout | None = Field(
-        None, description="Seconds to wait for the message; None waits until the task deadline."
-    )
-
-
-LEGACY_METHODS: Final = {"_TIMER_": "timer", "_MESSAGE_": "message"}
-"""How the original kaiju-tasks wrote Timer and Message stages: ``{"method": "_TIMER_",
-"params": {"timer": n}}`` and ``{"method": "_MESSAGE_"}``; accepted as those stages."""
-
-
-def _command_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        kind = value.get("kind")
-        if kind is None:
-            legacy = LEGACY_METHODS.get(value.get("method"))  # type: ignore[arg-type]
-            return "call" if legacy is None else f"legacy_{legacy}"
-        return kind if isinstance(kind, str) else None
-    return getattr(value, "kind", None)
-
-
-def _from_legacy(value: Any) -> Any:
-    """Rewrite an original-format Timer or Message stage into this format's fields."""
-    if not isinstance(value, dict):
-        return value
-    rest = {k: v for k, v in value.items() if k not in ("method", "params")}
-    params = value.get("params")
-    if value.get("method") == "_TIMER_":
-        if not isinstance(params, dict) or "timer" not in params:
-            raise ValueError("a _TIMER_ stage needs params {'timer': seconds}")
-        return {"kind": "timer", "seconds": params["timer"], **rest}
-    if params not in (None, {}, []):
-        raise ValueError("a _MESSAGE_ stage takes no params")
-    return {"kind": "message", **rest}
-
-
-Command = Annotated[
-    Annotated[TaskCommand, Tag("call")]
-    | Annotated[Timer, Tag("timer")]
-    | Annotated[Message, Tag("message")]
-    | Annotated[Timer, BeforeValidator(_from_legacy), Tag("legacy_timer")]
-    | Annotated[Message, BeforeValidator(_from_legacy), Tag("legacy_message")],
-    Discriminator(
-        _command_kind,
-        custom_error_type="invalid_command",
-        custom_error_message="a command is a TaskCommand, Timer, Message or a dict with 'method'",
-    ),
-]
-"""A stage: TaskCommand, Timer, Message, or a dict (``kind`` 'call' by default)."""
-
-
-def _check_template(value: JSONValue, field: str) -> None:
-    if value is None or (type(value) is str and value[:1] != "["):
-        return  # no template here (most methods and many params): skip the walk
-    try:
-        templates.validate(value, field=field)
-    except errors.ValidationError as exc:
-        raise ValueError(_located(exc, field)) from None
+_Model = validation.Model
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -424,17 +275,19 @@ SYSTEM_ONLY_FIELDS = frozenset({"system", "user_id", "parent_id", "root_id"})
 
 
 def _check_consistency(
-    commands: list[TaskCommand | Timer | Message],
+    commands: list[StageCommand],
     max_exec_timeout: int,
     task_id: str | None,
     next_task: str | None,
 ) -> None:
     # ``kind``, not isinstance: pydantic's metaclass makes isinstance slow, and bulk creates
     # check every command of every task.
+    kinds = stages.KINDS
     waited: float = 0
     for command in commands:
-        if command.kind == "timer":
-            waited += command.seconds
+        waits = kinds[command.kind].waits
+        if waits is not None:
+            waited += waits(command)
     if waited > max_exec_timeout:
         raise ValueError(
             f"max_exec_timeout: timers total {waited:g} s, more than the task's "
@@ -443,13 +296,15 @@ def _check_consistency(
     if task_id is not None and next_task == task_id:
         raise ValueError("next_task: a task cannot chain to itself")
     for index, command in enumerate(commands):
-        if command.kind == "call":
-            _check_stage_references(index, command)
+        templated = kinds[command.kind].templated
+        if templated:
+            _check_stage_references(index, command, templated)
 
 
-def _check_stage_references(index: int, command: TaskCommand) -> None:
+def _check_stage_references(index: int, command: StageCommand, fields: Sequence[str]) -> None:
     """Refuse a template that reads the result of its own stage or of a later one."""
-    for field, value in (("method", command.method), ("params", command.params)):
+    for field in fields:
+        value = getattr(command, field)
         if value is None or (type(value) is str and value[:1] != "[") or not _may_hold(value):
             continue  # no template here: skip the walk (most commands of a bulk create)
         for stage, template in templates.stage_references(value):
@@ -485,7 +340,7 @@ def check_merged(current: Mapping[str, Any], changes: Mapping[str, Any]) -> None
 _COMMANDS = pydantic.TypeAdapter(list[Command])
 
 
-def parse_commands(value: Any, field: str = "commands") -> list[TaskCommand | Timer | Message]:
+def parse_commands(value: Any, field: str = "commands") -> list[StageCommand]:
     """Parse stored or user-given commands into models."""
     try:
         return _COMMANDS.validate_python(value)
@@ -503,7 +358,7 @@ class NotificationUpdate(BaseModel):
 
 # -- errors -----------------------------------------------------------------------------------
 
-_TAGS = frozenset({"call", "timer", "message", "legacy_timer", "legacy_message"})
+_TAGS = stages.TAGS
 
 
 def _field_path(loc: tuple[int | str, ...], prefix: str) -> str:
