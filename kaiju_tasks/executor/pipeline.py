@@ -1,0 +1,334 @@
+"""One task's run: its stages in order, as a pipeline.
+
+For each stage: evaluate its condition, then do what its kind says (:mod:`kaiju_tasks.stages`):
+park the task until a moment (Timer, Message: no slot taken), or render the method and params
+from ``{id, kws, executor, "0", "1", ...}`` and call it, in-process or over HTTP, within the
+stage's ``max_timeout`` and the task's ``exec_deadline``, in one of the executor's slots. Each
+result is committed before the next stage starts (see :mod:`kaiju_tasks.executor.outcome`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from kaiju_tasks import conditions, context, errors, limits, redact, templates, tracing
+from kaiju_tasks import methods as methods_
+from kaiju_tasks import stages as stage_kinds
+from kaiju_tasks.executor import outcome
+from kaiju_tasks.rpc import client as rpc_client
+from kaiju_tasks.rpc import protocol
+
+logger = outcome.logger
+
+_NO_SLOT = contextlib.nullcontext()
+
+
+class Pipeline(outcome.Outcomes):
+    """How :class:`kaiju_tasks.executor.Executor` runs one claimed task."""
+
+    # Set by Executor.__init__.
+    methods: methods_.Methods
+    app_urls: dict[str, str]
+    client: rpc_client.Client
+    data: dict[str, Any]
+    _call_batches: dict[str, rpc_client.CallBatches]
+    _slots: asyncio.Semaphore
+    _call_s: float | None
+    _settling: set[str]
+    _revoked: set[str]
+    _wake: asyncio.Event
+
+    # -- one task -----------------------------------------------------------------------------
+
+    async def _run_task(
+        self, row: dict[str, Any], previous: asyncio.Task[None] | None = None
+    ) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        # The run's span covers its outcome too: a failure recorded below marks it.
+        with tracing.run_span(row, self.id):
+            await self._run_claimed(row)
+
+    async def _run_claimed(self, row: dict[str, Any]) -> None:
+        task_id = row["id"]
+        stage = row["stage"]
+        try:
+            await self._pipeline(row)
+        except errors.StoreError as exc:
+            # The outcome of the last write is unknown: hand the task back so that the
+            # manager re-queues it at the last committed stage (at-least-once per stage).
+            logger.warning(
+                "Database error, handing the task back",
+                extra={
+                    "event": "task_handed_back",
+                    "task_id": task_id,
+                    "job_id": row["job_id"],
+                    "error": str(exc),
+                },
+            )
+            await self._hand_back(row["claim_id"])
+        except outcome.Revoked:
+            logger.info(
+                "Task taken away",
+                extra={
+                    "event": "task_abandoned",
+                    "task_id": task_id,
+                    "job_id": row["job_id"],
+                    "stage": stage,
+                },
+            )
+        except asyncio.CancelledError:
+            if task_id in self._revoked:
+                logger.info(
+                    "Stage abandoned",
+                    extra={"event": "stage_abandoned", "task_id": task_id, "job_id": row["job_id"]},
+                )
+                return  # cancelled on purpose: the store already says what happened
+            raise  # shutdown: stop() hands the task back
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback in _log_failure
+            # Fail it rather than leave it EXECUTED: a hand-back would run it again, forever.
+            # The failure is logged once, as an ERROR with this traceback (see _log_failure).
+            failure = errors.StageError(
+                f"internal error: {type(exc).__name__}: {redact.text(str(exc))}", retryable=False
+            )
+            failure.__cause__ = exc
+            failure.pipeline = True  # type: ignore[attr-defined]  # not a method's: see _log_failure
+            try:
+                await self._fail(row, row.get("_stage", stage), failure)
+            except (errors.KaijuTasksError, outcome.Revoked):
+                logger.exception(
+                    "Task crashed the executor pipeline",
+                    extra={
+                        "event": "task_crashed",
+                        "task_id": task_id,
+                        "job_id": row["job_id"],
+                        "app": row["app_name"],
+                        "stage": row.get("_stage", stage),
+                    },
+                )
+                await self._hand_back(row["claim_id"])
+
+    async def _pipeline(self, row: dict[str, Any]) -> None:
+        task_id = row["id"]
+        commands: list[dict[str, Any]] = row["commands"]
+        results: list[Any] = list(row["result"])
+        # What the stored results already take, toward [limits] task_result_bytes.
+        stored = len(orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS)) if results else 2
+        stage: int = row["stage"]
+        stages = len(commands)
+        if stage >= stages:  # a Timer or Message was the last stage
+            self._settle(row)
+            await self._finish(row, stage, None, append=False)
+            return
+        while True:
+            row["_stage"] = stage  # where a crash of this pipeline happened
+            command = commands[stage]
+            kind = stage_kinds.of_stored(command)
+            # What the stage called and how long it took, for the stage's event (metrics).
+            meter: dict[str, Any] = {"method": None, "started": 0.0}
+            result: Any = None
+            parked: datetime | None = None  # a parking kind (Timer, Message): until then
+            failure: errors.StageError | None = None
+            # A slot is a stage call in flight, from the clock reading its deadline counts from
+            # to its return. The writes that commit its outcome come after: the next call does
+            # not wait for them (the next stage of this task does).
+            async with _NO_SLOT if kind.park is not None else self._slots:
+                now = self.clock.now()
+                meter["started"] = asyncio.get_running_loop().time()
+                data = self._template_data(row, results)
+                token = context.current_task.set(
+                    {
+                        "task_id": task_id,
+                        "job_id": row["job_id"],
+                        "stage": stage,
+                        "app_name": row["app_name"],
+                        "executor_id": self.id,
+                        "deadline": row["exec_deadline"],
+                        "root_id": row["root_id"] or task_id,
+                        "priority": row["priority"],
+                    }
+                )
+                try:
+                    condition = command.get("condition")
+                    if condition is not None and not conditions.evaluate(condition, data, now=now):
+                        pass  # skipped: its result is null
+                    elif kind.park is not None:
+                        parked = kind.park(row, command, now)
+                    else:
+                        with tracing.stage_span(row, self.id, stage, command["method"]) as span:
+                            try:
+                                try:
+                                    result = await self._call(row, stage, command, data, now, meter)
+                                finally:
+                                    self._call_s = _averaged(
+                                        self._call_s,
+                                        asyncio.get_running_loop().time() - meter["started"],
+                                    )
+                                stored += _json_checked(result, stored)
+                            except (errors.StageError, errors.ValidationError) as exc:
+                                tracing.failed(span, exc.message)
+                                raise
+                except errors.StageError as exc:
+                    failure = exc
+                except errors.ValidationError as exc:  # a template or condition that cannot apply
+                    failure = errors.StageError(exc.message, retryable=False)
+                finally:
+                    context.current_task.reset(token)
+            if failure is not None:
+                self._settle(row)
+                await self._fail(row, stage, failure, _measured(meter))
+                return
+            if parked is not None:
+                self._settle(row)
+                await self._wait(row, stage, parked)
+                return
+            results.append(result)
+            if stage + 1 == stages:
+                self._settle(row)
+                await self._finish(row, stage, result, append=True, timing=_measured(meter))
+                return
+            item = {
+                "id": task_id,
+                "stage": stage,
+                "result": result,
+                "claim_id": row["claim_id"],
+                **_measured(meter),
+            }
+            if not await self._write(functools.partial(self._record.submit, item)):
+                raise outcome.Revoked
+            stage += 1
+
+    def _settle(self, row: Mapping[str, Any]) -> None:
+        """The run has made its last call: room for a claim while its outcome is written."""
+        self._settling.add(row["claim_id"])
+        self._wake.set()
+
+    def _template_data(self, row: Mapping[str, Any], results: Sequence[Any]) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": row["id"], "kws": row["kws"], "executor": self.data}
+        for index, value in enumerate(results):
+            data[str(index)] = value
+        return data
+
+    async def _call(
+        self,
+        row: Mapping[str, Any],
+        stage: int,
+        command: Mapping[str, Any],
+        data: Mapping[str, Any],
+        now: datetime,
+        meter: dict[str, Any],
+    ) -> Any:
+        written = command["method"]
+        method = (  # most methods are plain names: nothing to render
+            templates.render(written, data, now=now)
+            if templates.is_template(written) or templates.is_literal(written)
+            else written
+        )
+        meter["method"] = written  # as written: a template's source, never user data
+        if not isinstance(method, str) or not method:
+            raise errors.StageError(
+                f"method template rendered to {method!r}, not a method name", retryable=False
+            )
+        params = command.get("params")
+        if params is not None:
+            params = templates.render(params, data, now=now)
+        deadline, limit_name = stage_kinds.stage_deadline(row, command, now)
+        timeout = (deadline - now).total_seconds()
+        if timeout <= 0:
+            raise errors.StageTimeout(f"{limit_name} exceeded before stage {stage} started")
+        request_id = f"{row['id']}:{row['job_id']}:{stage}:{row['retries']}"
+        try:
+            async with asyncio.timeout(timeout):
+                if method in self.methods:
+                    return await self.methods.call(method, params)
+                url = self.app_urls.get(row["app_name"])
+                if url is None:
+                    raise errors.RemoteCallError(
+                        f"method {method!r} not found: it is not registered here and app "
+                        f"{row['app_name']!r} has no URL",
+                        code=protocol.METHOD_NOT_FOUND,
+                        retryable=False,
+                    )
+                batches = self._call_batches.get(row["app_name"])
+                if batches is not None:
+                    return await batches.call(
+                        method,
+                        params,
+                        request_id=request_id,
+                        deadline=deadline,
+                        seconds_left=timeout,
+                    )
+                return await self.client.call(
+                    url,
+                    method,
+                    params,
+                    request_id=request_id,
+                    correlation_id=row["job_id"],
+                    deadline=deadline,
+                    seconds_left=timeout,
+                )
+        except TimeoutError:
+            raise errors.StageTimeout(f"{limit_name} exceeded") from None
+        except errors.StageError:
+            raise
+        except Exception as exc:
+            # Logged once, with its traceback, when the failure is recorded (see _fail).
+            raise errors.RemoteCallError(
+                f"{type(exc).__name__}: {redact.text(str(exc))}", code=protocol.INTERNAL_ERROR
+            ) from exc
+
+
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash
+
+
+def _json_checked(result: Any, stored: int) -> int:
+    """Refuse a stage result that is not storable JSON or is too large; return its size.
+
+    The size is in bytes of JSON; a result that is not JSON would fail every write.
+
+    ``stored`` is the size of the task's results so far, toward ``[limits] task_result_bytes``.
+    """
+    try:
+        dumped = orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise errors.StageError(
+            f"the stage returned a value that is not JSON: {exc}", retryable=False
+        ) from None
+    bounds = limits.active()
+    if len(dumped) > bounds.stage_result_bytes:
+        raise errors.StageError(
+            f"the stage result is {len(dumped):,} bytes of JSON, more than stage_result_bytes"
+            f" ({limits.describe(bounds.stage_result_bytes)})",
+            retryable=False,
+        )
+    if stored + len(dumped) + 1 > bounds.task_result_bytes:
+        raise errors.StageError(
+            f"the task's results would take {stored + len(dumped) + 1:,} bytes of JSON, more"
+            f" than task_result_bytes ({limits.describe(bounds.task_result_bytes)})",
+            retryable=False,
+        )
+    if _NUL.search(dumped):  # PostgreSQL jsonb cannot hold NUL characters
+        raise errors.StageError(
+            "the stage returned text with NUL characters, which cannot be stored",
+            retryable=False,
+        )
+    return len(dumped) + 1
+
+
+def _averaged(average: float | None, sample: float) -> float:
+    """An exponential moving average that follows a change within a few dozen samples."""
+    return sample if average is None else average + (sample - average) / 16
+
+
+def _measured(meter: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``method`` and ``duration_s`` of a stage that just ended."""
+    elapsed = asyncio.get_running_loop().time() - meter["started"]
+    return {"method": meter["method"], "duration_s": round(elapsed, 6)}
