@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator
-from datetime import timedelta
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,10 +29,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import monitor
-from kaiju_tasks.store import postgres
+from kaiju_tasks import insights, monitor
+from kaiju_tasks.store import base
 
-ALIVE_WITHIN = timedelta(seconds=60)
+ALIVE_WITHIN = insights.ALIVE_WITHIN
 """An executor heard from within this long counts as alive (metrics, /health, ``top``)."""
 STAGE_EVENTS = frozenset(
     {"task-stage-succeeded", "task-succeeded", "task-failed", "task-retried", "task-rejected"}
@@ -142,9 +141,10 @@ class Metrics:
     """The /metrics registry; ``start()`` follows events for the stage duration histogram."""
 
     def __init__(
-        self, store: postgres.PostgresTaskStore, dsn: str, clock: clock_.Clock | None = None
+        self, store: base.InsightsStore, dsn: str, clock: clock_.Clock | None = None
     ) -> None:
         self.store = store
+        self.insights = insights.Insights(store)
         self.dsn = dsn
         self.clock: clock_.Clock = clock or clock_.SystemClock()
         self.registry = CollectorRegistry()
@@ -201,24 +201,5 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        now = self.clock.now()
-        row = await self.store.metrics(now=now, alive_since=now - ALIVE_WITHIN)
-        unserved = await self.store.unserved_apps(
-            now=now, alive_since=now - ALIVE_WITHIN, limit=None
-        )
-        self._snapshot.data = {
-            "tasks": _json(row["tasks"]),
-            "lag": _json(row["lag"]),
-            "unserved": unserved,
-            "executors": row["executors"],
-            "debug_executors": row["debug_executors"],
-            "leader": row["leader"],
-            "events": row["events"],
-        }
+        self._snapshot.data = await self.insights.metrics(self.clock.now())
         return generate_latest(self.registry)
-
-
-def _json(value: Any) -> Any:
-    import orjson
-
-    return orjson.loads(value) if isinstance(value, str | bytes) else value

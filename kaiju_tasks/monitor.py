@@ -19,16 +19,16 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import models, notifications, redact
-from kaiju_tasks.store import postgres
+from kaiju_tasks import insights, notifications, redact
+from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
 
-Event = dict[str, Any]
+Event = insights.Event
 Handler = Callable[[Event], Any]
 
 DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
@@ -67,40 +67,40 @@ class EventReceiver:
         self._wake = asyncio.Event()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        pool = await postgres.create_pool(
-            self.dsn, min_size=1, max_size=2, application_name="kaiju-tasks-receiver"
-        )
-        listener = notifications.Listener(self.dsn, {notifications.EVENTS: self._poke})
-        store = postgres.PostgresTaskStore(pool)
-        try:
-            await listener.start()
-            if self.cursor is None and self.after_id != 0:
-                self.cursor = await store.event_cursor(self.after_id)
-            self.ready.set()  # listening and placed: every later event will be read
-            while True:
-                self._wake.clear()
-                try:
-                    events = await store.events_after(self.cursor, limit=self.batch)
-                except Exception as exc:  # noqa: BLE001 - a lost connection: retry, catch up
-                    logger.warning(
-                        "Reading events failed",
-                        extra={"event": "receiver_read_failed", "error": redact.text(str(exc))},
-                    )
-                    events = []
-                for event in events:
-                    self.cursor = (event.pop("xid"), event["id"])
-                    self.last_id = event["id"]
-                    yield event
-                if len(events) == self.batch:
-                    continue
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-                # cancellation that lands as the wait ends, and the loop would go on.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_interval.total_seconds()):
-                        await self._wake.wait()
-        finally:
-            await listener.stop()
-            await pool.close()
+        async with insights.connect(self.dsn, application_name="kaiju-tasks-receiver") as store:
+            reads = insights.Insights(store)
+            listener = notifications.Listener(self.dsn, {notifications.EVENTS: self._poke})
+            try:
+                await listener.start()
+                if self.cursor is None and self.after_id != 0:
+                    self.cursor = await reads.event_cursor(self.after_id)
+                self.ready.set()  # listening and placed: every later event will be read
+                while True:
+                    self._wake.clear()
+                    try:
+                        events = await reads.events_after(self.cursor, limit=self.batch)
+                    except Exception as exc:  # noqa: BLE001 - a lost connection: retry, catch up
+                        logger.warning(
+                            "Reading events failed",
+                            extra={
+                                "event": "receiver_read_failed",
+                                "error": redact.text(str(exc)),
+                            },
+                        )
+                        events = []
+                    for cursor, event in events:
+                        self.cursor = cursor
+                        self.last_id = event["id"]
+                        yield event
+                    if len(events) == self.batch:
+                        continue
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                    # cancellation that lands as the wait ends, and the loop would go on.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.poll_interval.total_seconds()):
+                            await self._wake.wait()
+            finally:
+                await listener.stop()
 
     def _poke(self, _payload: str) -> None:
         self._wake.set()
@@ -259,23 +259,20 @@ class State:
 
     async def rebuild(self, dsn: str) -> int:
         """Replay every kept event from the oldest; return how many were applied."""
-        pool = await postgres.create_pool(
-            dsn, min_size=1, max_size=1, application_name="kaiju-tasks-receiver"
-        )
-        try:
-            store = postgres.PostgresTaskStore(pool)
-            cursor: tuple[str, int] | None = None
+        async with insights.connect(
+            dsn, application_name="kaiju-tasks-receiver", max_size=1
+        ) as store:
+            reads = insights.Insights(store)
+            cursor: base.EventCursor | None = None
             count = 0
             while True:
-                events = await store.events_after(cursor, limit=DEFAULT_BATCH, snapshot=True)
-                for event in events:
-                    cursor = (event.pop("xid"), event["id"])
+                events = await reads.events_after(cursor, limit=DEFAULT_BATCH, snapshot=True)
+                for _, event in events:
                     self.event(event)
                     count += 1
                 if len(events) < DEFAULT_BATCH:
                     return count
-        finally:
-            await pool.close()
+                cursor = events[-1][0]
 
 
 # -- apps nobody serves ------------------------------------------------------------------------
@@ -284,35 +281,13 @@ UNSERVED_LIMIT = 100
 """Most apps :func:`unserved_apps` returns (the longest waiting first)."""
 
 
-def alive(worker: Mapping[str, Any], *, alive_since: datetime) -> bool:
-    """Whether an executor row (``stopped_at``, ``heartbeat_at``) counts as live."""
-    heartbeat = worker.get("heartbeat_at")
-    if isinstance(heartbeat, str):
-        heartbeat = datetime.fromisoformat(heartbeat)
-    return worker.get("stopped_at") is None and heartbeat is not None and heartbeat > alive_since
-
-
-def unserved(
-    queued: Mapping[str, int], workers: Iterable[Mapping[str, Any]], *, alive_since: datetime
-) -> list[str]:
-    """Apps with queued tasks (``app -> count``) that no live executor among ``workers`` serves.
-
-    The pure form of :func:`unserved_apps`, for views that read the queue and the executors
-    already (``kaiju-tasks top``, the dashboard's overview). Sorted by name.
-    """
-    served = {
-        app for w in workers if alive(w, alive_since=alive_since) for app in w.get("apps") or ()
-    }
-    return sorted(
-        app
-        for app, count in queued.items()
-        if count and app not in served and models.DEBUG_MARK not in app
-    )
+alive = insights.alive
+unserved = insights.unserved
 
 
 async def unserved_apps(
     pool: Any, *, now: datetime, alive_since: datetime, limit: int | None = UNSERVED_LIMIT
-) -> list[dict[str, Any]]:
+) -> list[base.UnservedApp]:
     """Apps whose tasks are QUEUED while no live executor serves them.
 
     Such tasks wait until an executor for their app starts, and fail when their deadline
@@ -325,13 +300,14 @@ async def unserved_apps(
         alive_since: an executor heard from after this (and not stopped) is live.
         limit: most apps returned (None: all).
     """
-    store = postgres.PostgresTaskStore(pool)
-    return await store.unserved_apps(now=now, alive_since=alive_since, limit=limit)
+    reads = insights.Insights(insights.postgres_store(pool))
+    return await reads.unserved_apps(now=now, alive_since=alive_since, limit=limit)
 
 
 async def served_apps(pool: Any, *, alive_since: datetime) -> set[str]:
     """The apps live executors serve (heard from after ``alive_since`` and not stopped)."""
-    return await postgres.PostgresTaskStore(pool).served_apps(alive_since=alive_since)
+    reads = insights.Insights(insights.postgres_store(pool))
+    return await reads.served_apps(alive_since=alive_since)
 
 
 def format_event(event: Event, *, verbose: bool = False) -> str:

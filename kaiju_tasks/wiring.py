@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import config, errors, methods
+from kaiju_tasks import config, errors, insights, methods
 from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager, steps
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
@@ -240,7 +240,7 @@ class HttpServer:
             await self.metrics.stop()
 
 
-HEALTH_UNSERVED = 20
+HEALTH_UNSERVED = insights.HEALTH_UNSERVED
 """Most apps ``/health`` lists under ``unserved_apps``."""
 
 
@@ -248,20 +248,12 @@ def api(
     store: Any, registry: methods.Methods, conf: config.ServerSettings, metrics: Any = None
 ) -> Any:
     """The :class:`kaiju_tasks.rpc.server.Api` of ``[server]`` over ``store``."""
-    from kaiju_tasks.metrics import ALIVE_WITHIN
     from kaiju_tasks.rpc import server as rpc_server
 
+    reads = insights.Insights(store)
+
     async def health() -> dict[str, Any]:
-        now = clock_.SystemClock().now()
-        result: dict[str, Any] = await store.health(alive_since=now - ALIVE_WITHIN)
-        result["status"] = "ok" if result["leader"] else "degraded"
-        result["unserved_apps"] = [
-            {"app": u["app"], "queued": u["queued"], "waiting_s": round(u["waiting_s"], 1)}
-            for u in await store.unserved_apps(
-                now=now, alive_since=now - ALIVE_WITHIN, limit=HEALTH_UNSERVED
-            )
-        ]
-        return result
+        return await reads.health(clock_.SystemClock().now())
 
     return rpc_server.Api(
         tasks=TaskService(store),

@@ -66,28 +66,24 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from kaiju_tasks import monitor
-    from kaiju_tasks.metrics import ALIVE_WITHIN
+    from kaiju_tasks.insights import ALIVE_WITHIN
 
-    def ago(value: str | None) -> str:
+    def ago(value: datetime | None) -> str:
         if not value:
             return ""
-        seconds = (now - datetime.fromisoformat(value)).total_seconds()
+        seconds = (now - value).total_seconds()
         return f"{seconds:.0f}s ago" if seconds >= 0 else "now"
 
     workers = Table(title="executors", title_justify="left")
     for column in ("executor", "host", "apps", "running", "heartbeat", "state"):
         workers.add_column(column)
     for w in snapshot["workers"]:
-        alive = (
-            w["stopped_at"] is None
-            and now - datetime.fromisoformat(w["heartbeat_at"]) < ALIVE_WITHIN
-        )
+        alive = w["stopped_at"] is None and now - w["heartbeat_at"] < ALIVE_WITHIN
         workers.add_row(
             w["id"],
             w["host"],
             ",".join(w["apps"]),
-            f"{w['running']}/{w['concurrency']}",
+            f"{len(w['running'])}/{w['concurrency']}",
             ago(w["heartbeat_at"]),
             ("online" if alive else "offline") + (" (debug)" if w.get("debug") else ""),
         )
@@ -107,9 +103,9 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     for column in ("app", "status", "count"):
         counts.add_column(column)
     for c in snapshot["counts"]:
-        counts.add_row(c["app_name"], c["status"], str(c["n"]))
-    queued = {c["app_name"]: c["n"] for c in snapshot["counts"] if c["status"] == "QUEUED"}
-    lost = monitor.unserved(queued, snapshot["workers"], alive_since=now - ALIVE_WITHIN)
+        counts.add_row(c["app"], c["status"], str(c["count"]))
+    queued = snapshot["queued"]
+    lost = snapshot["unserved"]
     if not lost:
         return Group(workers, tasks, counts)
     named = ", ".join(f"{app} ({queued[app]} queued)" for app in lost[:TOP_UNSERVED])
@@ -130,12 +126,15 @@ def top(settings: config.Settings, args: argparse.Namespace) -> int:
     clock = SystemClock()
 
     async def watch(dsn: str) -> None:
+        from kaiju_tasks import insights
+
         async with wiring.engine_store(settings, dsn, "kaiju-tasks-cli") as store:
+            reads = insights.Insights(store)
 
             async def view() -> Any:
                 now = clock.now()
-                snapshot = await store.top(
-                    heard_since=now - timedelta(minutes=10), limit=args.limit
+                snapshot = await reads.top(
+                    now, heard_since=now - timedelta(minutes=10), limit=args.limit
                 )
                 return _top_view(snapshot, now)
 

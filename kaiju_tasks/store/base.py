@@ -1,15 +1,17 @@
-"""TaskStore Protocol: the only persistence seam.
+"""The persistence seams: TaskStore, EngineStore, InsightsStore, SessionStore, Leadership.
 
-Services, the manager and executors depend on this protocol; ``postgres.PostgresTaskStore`` is the
-implementation. Rows are plain dicts of columns.
+Services, the manager and executors depend on these protocols; ``postgres.PostgresTaskStore`` and
+``postgres.PostgresEngineStore`` implement them (the read side's queries in ``insights.py``, the
+leadership lock in ``leadership.py``). Rows are dicts of columns; those the engine and the
+monitors read are typed below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypedDict
 
 Row = dict[str, Any]
 
@@ -40,6 +42,230 @@ TIME_COLUMNS = frozenset(
 NewTasks = Collection[NewTask]
 """New task rows: their number is known up front; they may be built while they are read, so
 they are iterated once."""
+
+
+# -- typed rows ---------------------------------------------------------------------------------
+
+
+class TaskRow(TypedDict):
+    """A whole ``tasks`` row: what ``get_task`` and ``claim`` return (see ``store/tables.py``)."""
+
+    id: str
+    app_name: str
+    commands: list[dict[str, Any]]
+    kws: dict[str, Any]
+    enabled: bool
+    cron: str | None
+    max_exec_timeout: int
+    max_retries: int
+    retries: int
+    restart_policy: str
+    retry_delay: int
+    next_task: str | None
+    notify: bool
+    system: bool
+    description: str | None
+    meta: dict[str, Any]
+    priority: int
+    status: str
+    stage: int
+    stages: int
+    result: list[Any]
+    error: Any
+    exit_code: int | None
+    job_id: str | None
+    user_id: str | None
+    executor_id: str | None
+    created: datetime
+    queued_at: datetime | None
+    exec_deadline: datetime | None
+    wait_deadline: datetime | None
+    next_run: datetime | None
+    status_change: datetime
+    expires_at: datetime | None
+    parent_id: str | None
+    root_id: str | None
+    requeues: int
+    claim_id: str | None
+    trace: dict[str, str] | None
+
+
+class FailedRow(TypedDict):
+    """A failure :meth:`EngineStore.fail_tasks` applied: the task's new status, the run's ids."""
+
+    id: str
+    status: str
+    executor_id: str | None
+    claim_id: str | None
+
+
+class TaskStatusRow(TypedDict):
+    """Where a task is now (:meth:`EngineStore.task_status`)."""
+
+    id: str
+    status: str
+    stage: int
+    executor_id: str | None
+    claim_id: str | None
+
+
+class OverdueRow(TypedDict):
+    """A task past a deadline (:meth:`EngineStore.overdue`).
+
+    ``expired``: its ``expires_at`` passed before it started; ``run_expired``: its run's
+    ``exec_deadline`` passed (else a Message stage's wait deadline did).
+    """
+
+    id: str
+    status: str
+    executor_id: str | None
+    stage: int
+    cron: str | None
+    max_exec_timeout: int
+    expires_at: datetime | None
+    expired: bool
+    run_expired: bool | None
+
+
+class DebugOrphanRow(TypedDict):
+    """A task in a debug queue no live debug executor serves (:meth:`EngineStore.debug_orphans`)."""
+
+    id: str
+    status: str
+    executor_id: str | None
+    stage: int
+    app_name: str
+
+
+class UnservedApp(TypedDict):
+    """An app with QUEUED tasks that no live executor serves; ``waiting_s``: the oldest's age."""
+
+    app: str
+    queued: int
+    waiting_s: float
+
+
+class ExecutorRow(TypedDict):
+    """An ``executors`` row with the ids of the tasks it runs now (oldest claim first)."""
+
+    id: str
+    host: str
+    pid: int
+    apps: list[str]
+    concurrency: int
+    started: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    debug: bool
+    running: list[str]
+
+
+class TaskCount(TypedDict):
+    """How many tasks of an app are in a status."""
+
+    app: str
+    status: str
+    count: int
+
+
+class QueueLag(TypedDict):
+    """The age of an app's oldest QUEUED task, in seconds (negative if queued after ``now``)."""
+
+    app: str
+    lag: float
+
+
+class Cluster(TypedDict):
+    """Whether a manager leads, how many executors (debug ones among them) live, events written.
+
+    ``events``: the last event id ever given out, which never goes back when old events are
+    pruned.
+    """
+
+    leader: bool
+    executors: int
+    debug_executors: int
+    events: int
+
+
+class ActiveTask(TypedDict):
+    """A task running or waiting, as ``kaiju-tasks top`` lists it."""
+
+    id: str
+    app_name: str
+    status: str
+    stage: int
+    stages: int
+    executor_id: str | None
+    job_id: str | None
+    status_change: datetime
+    wait_deadline: datetime | None
+
+
+class TopSnapshot(TypedDict):
+    """What ``kaiju-tasks top`` shows, read in one snapshot of the database."""
+
+    workers: list[ExecutorRow]
+    tasks: list[ActiveTask]
+    counts: list[TaskCount]
+
+
+class MinuteCount(TypedDict):
+    """Tasks that finished and that failed (revoked and rejected included) in one minute."""
+
+    minute: datetime
+    finished: int
+    failed: int
+
+
+class EventRow(TypedDict, total=False):
+    """A lifecycle event; ``events_after`` adds ``xid``, ``app_name`` and ``stages``."""
+
+    id: int
+    xid: str
+    type: str
+    task_id: str | None
+    job_id: str | None
+    status: str | None
+    stage: int | None
+    executor_id: str | None
+    created: datetime
+    data: Any
+    app_name: str | None
+    stages: int | None
+
+
+EventCursor = tuple[str, int]
+"""Where an event receiver stands: the transaction id (as text) and id of the last event read."""
+
+
+class RawTask(TypedDict):
+    """A task's facts and its JSON columns as stored text, each cut to a length."""
+
+    id: str
+    app_name: str
+    status: str
+    stage: int
+    stages: int
+    user_id: str | None
+    created: datetime
+    status_change: datetime
+    commands: str
+    commands_chars: int
+    kws: str
+    kws_chars: int
+    result: str
+    result_chars: int
+    error: str | None
+    error_chars: int | None
+
+
+class SessionRow(TypedDict):
+    """The caller a dashboard session stands for."""
+
+    token_id: int
+    user_id: str
+    permissions: list[str]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -226,12 +452,8 @@ class EngineStore(TaskStore, Protocol):
 
     async def unserved_apps(
         self, *, now: datetime, alive_since: datetime, limit: int | None
-    ) -> list[Row]:
-        """Apps with QUEUED tasks that no live executor serves, the longest waiting first.
-
-        Each row is ``{app, queued, waiting_s}``; a live executor is one heard from after
-        ``alive_since`` that has not stopped.
-        """
+    ) -> list[UnservedApp]:
+        """Apps with QUEUED tasks that no live executor serves (see :class:`InsightsStore`)."""
         ...
 
     async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
@@ -245,7 +467,10 @@ class EngineStore(TaskStore, Protocol):
     async def claim(
         self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
     ) -> list[Row]:
-        """Claim QUEUED tasks of ``apps``, highest priority then oldest first."""
+        """Claim QUEUED tasks of ``apps``, highest priority then oldest first.
+
+        Each row is a whole task (the columns of :class:`TaskRow`).
+        """
         ...
 
     async def record_stages(
@@ -261,7 +486,10 @@ class EngineStore(TaskStore, Protocol):
         ...
 
     async def fail_tasks(self, items: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Row]:
-        """Fail or retry tasks ``[{id, status, executor_id, stage, error, exit_code, ...}]``."""
+        """Fail or retry tasks ``[{id, status, executor_id, stage, error, exit_code, ...}]``.
+
+        Return those that applied, each a :class:`FailedRow`.
+        """
         ...
 
     async def requeue_rejected(
@@ -282,7 +510,7 @@ class EngineStore(TaskStore, Protocol):
         """Hand back the runs (claim ids) an executor holds, and wake the manager."""
         ...
 
-    async def task_status(self, ids: Sequence[str]) -> dict[str, Row]:
+    async def task_status(self, ids: Sequence[str]) -> dict[str, TaskStatusRow]:
         """Return status, stage and executor of tasks."""
         ...
 
@@ -299,7 +527,7 @@ class EngineStore(TaskStore, Protocol):
         ...
 
     async def overdue(self, *, now: datetime, limit: int) -> list[Row]:
-        """Return tasks past a deadline."""
+        """Return tasks past a deadline, each an :class:`OverdueRow`."""
         ...
 
     async def suspend_stale(
@@ -314,7 +542,7 @@ class EngineStore(TaskStore, Protocol):
 
     async def debug_orphans(
         self, *, silent_since: datetime | None, limit: int, apps: Sequence[str] | None = None
-    ) -> list[Row]:
+    ) -> list[DebugOrphanRow]:
         """Tasks waiting in debug queues whose executor is gone."""
         ...
 
@@ -324,6 +552,111 @@ class EngineStore(TaskStore, Protocol):
 
     async def notify_cancel(self, runs: Sequence[str]) -> None:
         """Tell executors to abandon these runs (``"task_id claim_id"``)."""
+        ...
+
+
+class InsightsStore(Protocol):
+    """The monitoring reads: what the dashboard, /metrics, /health, top and receivers show.
+
+    Each is one named query; :class:`kaiju_tasks.insights.Insights` combines them.
+    """
+
+    async def task_counts(self) -> list[TaskCount]:
+        """Tasks by app and status, ordered by app then status."""
+        ...
+
+    async def queue_lag(self, *, now: datetime) -> list[QueueLag]:
+        """Per app with QUEUED tasks, the age at ``now`` of the oldest, ordered by app."""
+        ...
+
+    async def cluster(self, *, alive_since: datetime) -> Cluster:
+        """Leader, live executors (heard from after ``alive_since``, not stopped), events."""
+        ...
+
+    async def workers(self, *, heard_since: datetime, limit: int | None) -> list[ExecutorRow]:
+        """Executors heard from (or stopped) since ``heard_since``, live then newest first."""
+        ...
+
+    async def active_tasks(self, *, limit: int) -> list[ActiveTask]:
+        """Tasks running or waiting, the longest in their status first."""
+        ...
+
+    async def top(self, *, heard_since: datetime, limit: int) -> TopSnapshot:
+        """:meth:`workers` (by id), :meth:`active_tasks` and :meth:`task_counts`, one snapshot."""
+        ...
+
+    async def throughput(self, *, now: datetime, minutes: int) -> list[MinuteCount]:
+        """Per minute of the ``minutes`` up to ``now`` that saw any: tasks finished and failed."""
+        ...
+
+    async def timeline(self, task_id: str, *, since: datetime, limit: int) -> list[EventRow]:
+        """The newest ``limit`` events of a task written since ``since``, oldest first."""
+        ...
+
+    async def raw_task(self, task_id: str, *, chars: int) -> RawTask | None:
+        """A task's facts and its JSON columns as stored text (each cut to ``chars``)."""
+        ...
+
+    async def unserved_apps(
+        self, *, now: datetime, alive_since: datetime, limit: int | None
+    ) -> list[UnservedApp]:
+        """Apps with QUEUED tasks that no live executor serves, the longest waiting first.
+
+        A live executor is one heard from after ``alive_since`` that has not stopped; debug
+        queues are left out (the manager empties those whose executor is gone).
+        """
+        ...
+
+    async def served_apps(self, *, alive_since: datetime) -> set[str]:
+        """The apps live executors serve."""
+        ...
+
+    async def events_after(
+        self, cursor: EventCursor | None, *, limit: int, snapshot: bool = False
+    ) -> list[EventRow]:
+        """Events after ``cursor`` (None: from the oldest kept), none missed, none repeated.
+
+        ``snapshot=True`` reads every committed event, for a one-off replay that is not
+        followed afterwards.
+        """
+        ...
+
+    async def event_cursor(self, event_id: int | None) -> EventCursor | None:
+        """The cursor after event ``event_id``, or after the newest event when None."""
+        ...
+
+
+class SessionStore(Protocol):
+    """Dashboard sessions, stored by the SHA-256 of their id."""
+
+    async def start_session(
+        self,
+        id_hash: str,
+        token_hash: str,
+        *,
+        now: datetime,
+        expires: datetime,
+        keep: int,
+        lifetime: timedelta,
+    ) -> bool:
+        """Start a session for an active token; False if the token is unknown or revoked.
+
+        Also ends the token's sessions beyond its newest ``keep``, and every ended session
+        (expired, older than ``lifetime``, or of a revoked token).
+        """
+        ...
+
+    async def find_session(
+        self, id_hash: str, *, now: datetime, idle: timedelta, lifetime: timedelta, touch: timedelta
+    ) -> SessionRow | None:
+        """The caller a live session stands for at ``now``.
+
+        A session used after more than ``touch`` of quiet is extended to ``now + idle``.
+        """
+        ...
+
+    async def end_session(self, id_hash: str) -> None:
+        """End a session."""
         ...
 
 

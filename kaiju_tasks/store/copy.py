@@ -15,7 +15,7 @@ signature and two zero int32s, then per row an int16 field count and per field a
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -226,3 +226,92 @@ async def chunks(data: Iterable[bytes]) -> AsyncIterator[bytes]:
     """``data`` as the asynchronous iterable COPY reads (each chunk built when asked for)."""
     for chunk in data:
         yield chunk
+
+
+# -- the rows as stored ---------------------------------------------------------------------------
+
+
+class Reread(Exception):
+    """A JSON value whose stored form is left to PostgreSQL to say."""
+
+
+def _jsonb_key(key: str) -> tuple[int, bytes]:
+    encoded = key.encode()
+    return len(encoded), encoded
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+"""jsonb's order of the keys of objects seen, by their order in the Python dict."""
+_KEY_ORDERS_MAX = 4096
+
+
+def _as_jsonb(value: Any) -> Any:
+    """Return ``value`` as jsonb gives it back: object keys shortest first, then bytewise.
+
+    Numbers other than integers (floats are rewritten by jsonb's ``numeric``) and any type that
+    is not plain JSON raise :class:`Reread`.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        if len(value) < 2:
+            return {k: v if type(v) in _SCALARS else _as_jsonb(v) for k, v in value.items()}
+        keys = tuple(value)
+        order = _KEY_ORDERS.get(keys)
+        if order is None:
+            order = tuple(sorted(keys, key=_jsonb_key))
+            if len(_KEY_ORDERS) < _KEY_ORDERS_MAX:
+                _KEY_ORDERS[keys] = order
+        return {k: v if type(v := value[k]) in _SCALARS else _as_jsonb(v) for k in order}
+    if kind is list:
+        return [v if type(v) in _SCALARS else _as_jsonb(v) for v in value]
+    raise Reread
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)
+
+
+_NEW = {name: i for i, name in enumerate(base.NEW_TASK_COLUMNS)}
+JSON_COLUMNS = frozenset({"commands", "kws", "meta"})
+_STARTING_VALUES: dict[str, Any] = {
+    "retries": 0,
+    "stage": 0,
+    "result": None,  # a new list per row, see _stored_task
+    "error": None,
+    "exit_code": None,
+    "executor_id": None,
+    "wait_deadline": None,
+    "requeues": 0,
+    "claim_id": None,
+    "trace": None,
+}
+"""The columns a new row does not give, as the table's defaults set them."""
+
+
+def stored_task(row: base.NewTask, columns: Sequence[str]) -> tuple[dict[str, Any], bool]:
+    """Return ``columns`` of the row ``RETURNING *`` would give for a new task.
+
+    With it, whether its JSON is to be read back from the table (see :class:`Reread`).
+    """
+    stored: dict[str, Any] = {}
+    reread = False
+    for name in columns:
+        index = _NEW.get(name)
+        if index is None:
+            stored[name] = [] if name == "result" else _STARTING_VALUES[name]
+            continue
+        value = row[index]
+        if name in JSON_COLUMNS:
+            try:
+                value = _as_jsonb(value)
+            except Reread:
+                reread = True
+        elif name in base.TIME_COLUMNS:
+            value = _utc(value)
+        stored[name] = value
+    return stored, reread

@@ -639,17 +639,6 @@ SELECT id, user_id, permissions, name, created, revoked_at FROM tokens ORDER BY 
 UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, user_id, permissions, name, created, revoked_at;
 
--- name: health
--- Is a manager leading (holding the leadership lock in this database), how many executors live.
-SELECT EXISTS (
-           SELECT 1 FROM pg_locks
-           WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2
-             AND objsubid = 1
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-       ) AS leader,
-       (SELECT count(*) FROM executors
-        WHERE stopped_at IS NULL AND heartbeat_at > $3) AS executors;
-
 -- name: requeue_rejected
 -- A stage rejected its task with requeue: back in the queue at its stage, no retry counted.
 -- Items: [{id, stage, error, claim_id}]; returns the ids that applied (the caller checked the
@@ -702,45 +691,37 @@ WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY xid DESC, id DESC
 LIMIT 1;
 
--- name: metrics
--- What /metrics reports, in one round trip: tasks by app and status, the age of the oldest
--- QUEUED task by app ($1 = now), executors heard from since $2, events written so far, and
--- whether a manager holds the leadership lock ($3, $4: its key's halves).
-SELECT
-    (SELECT coalesce(json_agg(json_build_object('app', app_name, 'status', status, 'count', n)),
-                     '[]')
-     FROM (SELECT app_name, status, count(*) AS n FROM tasks GROUP BY 1, 2) c) AS tasks,
-    (SELECT coalesce(json_agg(json_build_object('app', app_name, 'lag', lag)), '[]')
-     FROM (SELECT app_name, extract(epoch FROM $1::timestamptz - min(queued_at))::float8 AS lag
-           FROM tasks WHERE status = 'QUEUED' GROUP BY 1) q) AS lag,
-    (SELECT count(*) FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $2) AS executors,
-    (SELECT count(*) FROM executors
-     WHERE stopped_at IS NULL AND heartbeat_at > $2 AND debug) AS debug_executors,
-    EXISTS (SELECT 1 FROM pg_locks
-            WHERE locktype = 'advisory' AND granted AND classid = $3 AND objid = $4
-              AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-        AS leader,
-    -- the identity's last value: unlike max(id), it never goes back when old events are pruned
-    (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
-        AS events;
+-- ==== the read side (store/insights.py) =======================================================
+-- What the dashboard, /metrics, /health and `kaiju-tasks top` show, each figure read by one query.
 
--- name: top
--- What `kaiju-tasks top` shows: executors heard from since $1, tasks running or waiting
--- (oldest first, at most $2), and task counts by app and status.
-SELECT
-    (SELECT coalesce(json_agg(w ORDER BY w.id), '[]') FROM (
-        SELECT e.id, e.host, e.apps, e.concurrency, e.heartbeat_at, e.stopped_at, e.debug,
-               (SELECT count(*) FROM tasks t
-                WHERE t.status = 'EXECUTED' AND t.executor_id = e.id) AS running
-        FROM executors e WHERE e.heartbeat_at > $1) w) AS workers,
-    (SELECT coalesce(json_agg(r ORDER BY r.status_change), '[]') FROM (
-        SELECT id, app_name, status, stage, stages, executor_id, job_id, status_change,
-               wait_deadline
-        FROM tasks WHERE status IN ('EXECUTED', 'WAITING')
-        ORDER BY status_change LIMIT $2) r) AS tasks,
-    (SELECT coalesce(json_agg(c), '[]') FROM (
-        SELECT app_name, status, count(*) AS n FROM tasks GROUP BY 1, 2 ORDER BY 1, 2) c)
-        AS counts;
+-- name: task_counts
+-- Tasks by app and status.
+SELECT app_name AS app, status, count(*) AS count FROM tasks GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- name: queue_lag
+-- Per app with QUEUED tasks, the age in seconds of the oldest at $1.
+SELECT app_name AS app, extract(epoch FROM $1::timestamptz - min(queued_at))::float8 AS lag
+FROM tasks WHERE status = 'QUEUED'
+GROUP BY 1
+ORDER BY 1;
+
+-- name: cluster
+-- Whether a manager leads (holds the leadership lock of this database: $2, $3 are its key's
+-- halves as pg_locks shows a bigint key), how many executors were heard from after $1 and have
+-- not stopped (debug ones among them), and the last event id given out (the identity's last
+-- value: unlike max(id), it never goes back when old events are pruned).
+SELECT EXISTS (
+           SELECT 1 FROM pg_locks
+           WHERE locktype = 'advisory' AND granted AND classid = $2 AND objid = $3
+             AND objsubid = 1
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       ) AS leader,
+       count(*) AS executors,
+       count(*) FILTER (WHERE debug) AS debug_executors,
+       (SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0))
+           AS events
+FROM executors
+WHERE stopped_at IS NULL AND heartbeat_at > $1;
 
 -- name: unserved_apps
 -- Apps whose tasks are QUEUED while no live executor serves them ($2: heard from after this and
@@ -764,3 +745,105 @@ LIMIT $3;
 -- name: served_apps
 -- The apps live executors serve (heard from after $1 and not stopped).
 SELECT DISTINCT unnest(apps) AS app FROM executors WHERE stopped_at IS NULL AND heartbeat_at > $1;
+
+-- name: workers
+-- Executors heard from since $1 (live ones first, then the newest), each with the tasks it runs
+-- now; at most $2 (NULL: all).
+SELECT e.id, e.host, e.pid, e.apps, e.concurrency, e.started, e.heartbeat_at, e.stopped_at,
+       e.debug,
+       coalesce((SELECT array_agg(t.id ORDER BY t.status_change) FROM tasks t
+                 WHERE t.status = 'EXECUTED' AND t.executor_id = e.id), '{}') AS running
+FROM executors e
+WHERE e.heartbeat_at > $1 OR e.stopped_at > $1
+ORDER BY e.stopped_at IS NOT NULL, e.started DESC
+LIMIT $2;
+
+-- name: active_tasks
+-- Tasks running or waiting, the longest in their status first; at most $1.
+SELECT id, app_name, status, stage, stages, executor_id, job_id, status_change, wait_deadline
+FROM tasks WHERE status IN ('EXECUTED', 'WAITING')
+ORDER BY status_change
+LIMIT $1;
+
+-- name: throughput
+-- Finished and failed tasks per minute over the $2 minutes up to $1, from the events table.
+SELECT date_trunc('minute', created) AS minute,
+       count(*) FILTER (WHERE type = 'task-succeeded') AS finished,
+       count(*) FILTER (WHERE type IN ('task-failed', 'task-revoked', 'task-rejected')) AS failed
+FROM events
+WHERE created > date_trunc('minute', $1::timestamptz) - make_interval(mins => $2 - 1)
+  AND created <= $1::timestamptz
+  AND type IN ('task-succeeded', 'task-failed', 'task-revoked', 'task-rejected')
+GROUP BY 1
+ORDER BY 1;
+
+-- name: timeline
+-- The newest $2 events of task $1 written since $3, oldest first (a cron task's early runs drop
+-- off first).
+SELECT * FROM (
+    SELECT e.id, e.type, e.status, e.stage, e.executor_id, e.created, e.data
+    FROM events e
+    WHERE e.task_id = $1 AND e.created >= $3
+    ORDER BY e.id DESC
+    LIMIT $2
+) newest
+ORDER BY id;
+
+-- name: raw_task
+-- The stored JSON of one task as text, each column cut to $2 characters: what the dashboard
+-- shows of a task it cannot format.
+SELECT id, app_name, status, stage, stages, user_id, created, status_change,
+       left(commands::text, $2) AS commands, length(commands::text) AS commands_chars,
+       left(kws::text, $2) AS kws, length(kws::text) AS kws_chars,
+       left(result::text, $2) AS result, length(result::text) AS result_chars,
+       left(error::text, $2) AS error, length(error::text) AS error_chars
+FROM tasks
+WHERE id = $1;
+
+-- ==== dashboard sessions =======================================================================
+
+-- name: session_start
+-- A new session ($1: hash of its id) for the active token whose hash is $2, created at $3 and
+-- idle-expiring at $4; nothing if the token is unknown or revoked.
+INSERT INTO dashboard_sessions (id_hash, token_id, created, expires)
+SELECT $1, t.id, $3, $4 FROM tokens t WHERE t.token_hash = $2 AND t.revoked_at IS NULL
+RETURNING token_id;
+
+-- name: session_trim
+-- Keep the newest $2 sessions of token $1; the older ones end.
+DELETE FROM dashboard_sessions
+WHERE id_hash IN (
+    SELECT id_hash FROM dashboard_sessions WHERE token_id = $1
+    ORDER BY created DESC, id_hash
+    OFFSET $2
+);
+
+-- name: session_prune
+-- Sessions that have ended ($1 = now, $2 = the longest a session may last): idle too long, too
+-- old, or of a revoked token.
+DELETE FROM dashboard_sessions s
+WHERE s.expires <= $1
+   OR s.created <= $1 - $2::interval
+   OR EXISTS (SELECT 1 FROM tokens t WHERE t.id = s.token_id AND t.revoked_at IS NOT NULL);
+
+-- name: session_find
+-- The caller a live session ($1: hash of its id) stands for at $2; a session used again after
+-- more than $5 of quiet is extended to $2 + $3 (idle expiry). $4: the longest a session lasts.
+WITH found AS (
+    SELECT s.id_hash, s.token_id, s.expires, t.user_id, t.permissions
+    FROM dashboard_sessions s
+    JOIN tokens t ON t.id = s.token_id
+    WHERE s.id_hash = $1
+      AND s.expires > $2
+      AND s.created > $2 - $4::interval
+      AND t.revoked_at IS NULL
+), touched AS (
+    UPDATE dashboard_sessions s SET expires = $2 + $3::interval
+    FROM found
+    WHERE s.id_hash = found.id_hash AND found.expires < $2 + $3::interval - $5::interval
+)
+SELECT token_id, user_id, permissions FROM found;
+
+-- name: session_end
+-- End a session (log out).
+DELETE FROM dashboard_sessions WHERE id_hash = $1;
