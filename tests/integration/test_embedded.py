@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from kaiju_tasks.store import embedded
 if len(sys.argv) > 2:
-    embedded.ROOT_STATE_DIR = Path(sys.argv[2])
+    embedded.settings.ROOT_STATE_DIR = Path(sys.argv[2])  # where the server module reads it
 pg = embedded.EmbeddedPostgres(Path(sys.argv[1]))
 print(pg.start(), pg.pid, flush=True)
 sys.stdin.read()
