@@ -156,6 +156,7 @@ class Executor(pipeline.Pipeline):
         # Runs past their last call, committing how they ended (claim ids): they need no slot,
         # so they leave room for a claim (see _room).
         self._settling: set[str] = set()
+        self._backlog = True  # whether the last claim took all it asked for (more may wait)
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
         self._record = batch.Batcher(self._record_stages, batch.applied_ids)
         self._finish_batch = batch.Batcher(self._finish_tasks, batch.applied_ids)
@@ -359,7 +360,7 @@ class Executor(pipeline.Pipeline):
                     "Claim failed", extra={"event": "claim_failed", "executor_id": self.id}
                 )
                 claimed = 0
-            if claimed and self._room() > 0:
+            if claimed and self._backlog and self._room() > 0:
                 continue
             with contextlib.suppress(TimeoutError):  # asyncio.timeout never loses a cancel
                 async with asyncio.timeout(self.poll_interval.total_seconds()):
@@ -438,6 +439,7 @@ class Executor(pipeline.Pipeline):
             if self._stop_asked():  # stop() began during the claim: these go back, unstarted
                 self._unstarted += [row["claim_id"] for row in rows]
                 return 0
+            self._backlog = len(rows) == free
             for row in rows:
                 self._start(row)
         return len(rows)
@@ -458,7 +460,7 @@ class Executor(pipeline.Pipeline):
             del self._running[task_id]
             self._claims.pop(task_id, None)
             self._revoked.discard(task_id)
-        self._wake.set()
+        self._room_freed()
 
 
 def claim_ahead(

@@ -19,7 +19,16 @@ from typing import Any
 
 import orjson
 
-from kaiju_tasks import conditions, context, errors, limits, redact, templates, tracing
+from kaiju_tasks import (
+    conditions,
+    context,
+    errors,
+    limits,
+    notifications,
+    redact,
+    templates,
+    tracing,
+)
 from kaiju_tasks import methods as methods_
 from kaiju_tasks import stages as stage_kinds
 from kaiju_tasks.executor import outcome
@@ -45,6 +54,8 @@ class Pipeline(outcome.Outcomes):
     _settling: set[str]
     _revoked: set[str]
     _wake: asyncio.Event
+    _backlog: bool
+    _listener: notifications.Listener | None
 
     # -- one task -----------------------------------------------------------------------------
 
@@ -209,7 +220,17 @@ class Pipeline(outcome.Outcomes):
     def _settle(self, row: Mapping[str, Any]) -> None:
         """The run has made its last call: room for a claim while its outcome is written."""
         self._settling.add(row["claim_id"])
-        self._wake.set()
+        self._room_freed()
+
+    def _room_freed(self) -> None:
+        """A run needs its slot no more, or has ended: claim again if more may be queued.
+
+        Only if the last claim was full: when it came back short, the queue was empty, and
+        whatever is queued later wakes this executor by notification (without a listener,
+        every freed room wakes it).
+        """
+        if self._backlog or self._listener is None:
+            self._wake.set()
 
     def _template_data(self, row: Mapping[str, Any], results: Sequence[Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"id": row["id"], "kws": row["kws"], "executor": self.data}

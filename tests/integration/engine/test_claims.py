@@ -205,3 +205,36 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
                 await wait_for(store, task["id"], "FINISHED", within=60)
     assert sorted(ran["a"] + ran["b"]) == list(range(20))
     assert len(ran["b"]) >= 5, ran
+
+
+async def test_an_idle_executor_claims_once_per_notified_task(task_service, store, clock, dsn):
+    # A claim that comes back short means the queue is empty: the executor then waits for the
+    # next notification instead of claiming again as each run settles and ends.
+    methods = Methods()
+    done: list[int] = []
+
+    @methods.register("noop")
+    def noop(i):
+        done.append(i)
+
+    claims = 0
+    claim = store.claim
+
+    async def counted(*args, **kwargs):
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    store.claim = counted
+    async with Executor(
+        store, methods=methods, clock=clock, dsn=dsn, poll_interval=timedelta(minutes=5)
+    ):
+        await eventually(lambda: claims >= 1, what="the first claim")
+        for i in range(20):
+            task = await task_service.create(
+                Task(commands=[TaskCommand(method="noop", params={"i": i})])
+            )
+            await wait_for(store, task["id"], "FINISHED")
+    assert done == list(range(20))
+    # One claim at start and one per notification; a few more if notifications coalesce.
+    assert claims <= 1 + 20 + 3, claims
