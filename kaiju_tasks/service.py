@@ -20,6 +20,7 @@ from kaiju_tasks import (
     limits,
     models,
     new_rows,
+    stages,
     task_error,
     tracing,
     update_plan,
@@ -381,7 +382,8 @@ class TaskService:
             waits_for_message = (
                 current["status"] == models.TaskStatus.WAITING
                 and stage < len(commands)
-                and commands[stage].get("kind") == "message"
+                and (kind := stages.kind_of(commands[stage])) is not None
+                and kind.takes_message
             )
             if waits_for_message and access.modifies(current):
                 # Waiting for a message, the caller's to answer: only the size can refuse it.
