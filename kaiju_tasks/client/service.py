@@ -98,12 +98,8 @@ class Tasks:
         columns: Columns = None,
     ) -> dict[str, Any]:
         """Return a page of tasks: ``{count, offset, page, pages, on_page, data}``."""
-        params: dict[str, Any] = {"offset": offset, "limit": limit, "count": count}
-        if conditions is not None:
-            params["conditions"] = conditions
-        if sort is not None:
-            params["sort"] = sort
-        return _dict(await self._client.call("tasks.list", _columns(params, columns)), "tasks.list")
+        params = _list_params(conditions, sort, offset, limit, count, columns)
+        return _dict(await self._client.call("tasks.list", params), "tasks.list")
 
     async def update(
         self,
@@ -174,12 +170,7 @@ class Notifications:
         columns: Columns = None,
     ) -> dict[str, Any]:
         """Return a page of notifications, filtered like ``tasks.list``."""
-        params: dict[str, Any] = {"offset": offset, "limit": limit, "count": count}
-        if conditions is not None:
-            params["conditions"] = conditions
-        if sort is not None:
-            params["sort"] = sort
-        params = _columns(params, columns)
+        params = _list_params(conditions, sort, offset, limit, count, columns)
         return _dict(await self._client.call("notifications.list", params), "notifications.list")
 
     async def update(
@@ -194,3 +185,15 @@ class Notifications:
     async def delete(self, id: int) -> None:
         """Delete a notification."""
         await self._client.call("notifications.delete", {"id": id})
+
+
+def _list_params(
+    conditions: Any, sort: Any, offset: int, limit: int, count: bool, columns: Columns
+) -> dict[str, Any]:
+    """The params of ``tasks.list`` and ``notifications.list``; absent options are left out."""
+    params: dict[str, Any] = {"offset": offset, "limit": limit, "count": count}
+    if conditions is not None:
+        params["conditions"] = conditions
+    if sort is not None:
+        params["sort"] = sort
+    return _columns(params, columns)
