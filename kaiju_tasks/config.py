@@ -30,13 +30,13 @@ from kaiju_tasks import executor as executor_
 from kaiju_tasks.manager import loop as manager_loop
 from kaiju_tasks.manager import steps
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.store import postgres
+from kaiju_tasks.store import driver
 
 # The defaults of the components are written once, next to the code they tune; the settings
 # below start from them (a config value in seconds or days, a component's a timedelta).
 ENV_PREFIX = "KAIJU_TASKS_"
-DEFAULT_POOL_MIN = postgres.DEFAULT_POOL_MIN
-DEFAULT_POOL_MAX = postgres.DEFAULT_POOL_MAX
+DEFAULT_POOL_MIN = driver.DEFAULT_POOL_MIN
+DEFAULT_POOL_MAX = driver.DEFAULT_POOL_MAX
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 _DAY = timedelta(days=1)

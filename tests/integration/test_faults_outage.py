@@ -21,6 +21,7 @@ from kaiju_tasks.manager.steps import Settings
 from kaiju_tasks.service import TaskService
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
+from tests import rpc_fake
 from tests.chaos import cluster as cluster_
 from tests.chaos import harness
 
@@ -132,7 +133,7 @@ async def outage() -> Any:
 
 
 async def test_no_live_executor_is_rescued_and_no_stage_runs_twice_after_an_outage(outage):
-    target: harness.CountingTarget = outage["target"]
+    target: rpc_fake.RpcTarget = outage["target"]
     assert target.twice() == {}
     calls = harness.stage_calls(target, outage["ids"])
     assert set(calls.values()) == {3}
