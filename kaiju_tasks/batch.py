@@ -9,10 +9,11 @@ result is durable before the next stage starts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
+Row = TypeVar("Row", bound=Mapping[str, Any])
 
 DEFAULT_MAX_BATCH = 500
 
@@ -76,8 +77,8 @@ def applied_ids(result: set[str], item: dict[str, Any]) -> bool:
     return item["id"] in result
 
 
-def applied_rows(result: Sequence[dict[str, Any]], item: dict[str, Any]) -> dict[str, Any] | None:
-    """``pick`` for writes that return the rows that applied."""
+def applied_rows(result: Sequence[Row], item: dict[str, Any]) -> Row | None:
+    """``pick`` for writes that return the rows that applied (each with its ``id``)."""
     for row in result:
         if row["id"] == item["id"]:
             return row

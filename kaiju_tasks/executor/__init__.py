@@ -437,22 +437,24 @@ class Executor(pipeline.Pipeline):
             self._claim_s = pipeline._averaged(self._claim_s, time.monotonic() - started)
             self._outage.ok()
             if self._stop_asked():  # stop() began during the claim: these go back, unstarted
-                self._unstarted += [row["claim_id"] for row in rows]
+                self._unstarted += [row["claim_id"] for row in rows if row["claim_id"]]
                 return 0
             self._backlog = len(rows) == free
             for row in rows:
                 self._start(row)
         return len(rows)
 
-    def _start(self, row: dict[str, Any]) -> None:
+    def _start(self, row: base.TaskRow) -> None:
         # A run of this task may still be returning (its last write committed a retry that
         # this executor claimed at once): the new run waits for it, and only the current
         # run's end removes the task from _running.
         previous = self._running.get(row["id"])
-        self._claims[row["id"]] = row["claim_id"]
+        claim_id = row["claim_id"]
+        assert claim_id is not None  # a claim gives every row it returns a claim id
+        self._claims[row["id"]] = claim_id
         runner = asyncio.create_task(self._run_task(row, previous), name=f"kaiju-task-{row['id']}")
         self._running[row["id"]] = runner
-        runner.add_done_callback(functools.partial(self._done, row["id"], row["claim_id"]))
+        runner.add_done_callback(functools.partial(self._done, row["id"], claim_id))
 
     def _done(self, task_id: str, claim_id: str, runner: asyncio.Task[None]) -> None:
         self._settling.discard(claim_id)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from kaiju_tasks import batch, cron, errors, logs, models, task_error, tracing
+from kaiju_tasks import batch, cron, errors, logs, models, retry, task_error, tracing
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.rpc import protocol
@@ -46,7 +46,7 @@ class Outcomes:
     _record: batch.Batcher[set[str]]
     _finish_batch: batch.Batcher[set[str]]
     _wait_batch: batch.Batcher[set[str]]
-    _fail_batch: batch.Batcher[list[dict[str, Any]]]
+    _fail_batch: batch.Batcher[list[base.FailedRow]]
 
     # -- transitions --------------------------------------------------------------------------
 
@@ -147,6 +147,7 @@ class Outcomes:
                     "exit_code": 130 if timeout else 1,
                     "retryable": exc.retryable,
                     "next_run": self._next_run(row),
+                    "retry_at": _retry_at(row, self.clock.now()),
                     "rejected": rejected,
                     "claim_id": row["claim_id"],
                     "run": tracing.current_run(),  # a retry's run links to this one
@@ -191,7 +192,7 @@ class Outcomes:
     async def _wait_tasks(self, items: list[dict[str, Any]]) -> set[str]:
         return await self.store.wait_tasks(self.id, items, now=self.clock.now())
 
-    async def _fail_tasks(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _fail_tasks(self, items: list[dict[str, Any]]) -> list[base.FailedRow]:
         return await self.store.fail_tasks(items, now=self.clock.now())
 
     async def _hand_back(self, claim_id: str) -> None:
@@ -273,3 +274,8 @@ def _storable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_storable(v) for v in value]
     return value
+
+
+def _retry_at(row: Mapping[str, Any], now: datetime) -> str:
+    """When a retry after a delay would run (the store applies it only to such a retry)."""
+    return retry.next_attempt_at(row["retry_delay"], row["retries"], now).isoformat()

@@ -34,6 +34,7 @@ from kaiju_tasks import stages as stage_kinds
 from kaiju_tasks.executor import outcome
 from kaiju_tasks.rpc import client as rpc_client
 from kaiju_tasks.rpc import protocol
+from kaiju_tasks.store import base
 
 logger = outcome.logger
 
@@ -60,7 +61,7 @@ class Pipeline(outcome.Outcomes):
     # -- one task -----------------------------------------------------------------------------
 
     async def _run_task(
-        self, row: dict[str, Any], previous: asyncio.Task[None] | None = None
+        self, row: base.TaskRow, previous: asyncio.Task[None] | None = None
     ) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
@@ -68,11 +69,14 @@ class Pipeline(outcome.Outcomes):
         with tracing.run_span(row, self.id):
             await self._run_claimed(row)
 
-    async def _run_claimed(self, row: dict[str, Any]) -> None:
+    async def _run_claimed(self, row: base.TaskRow) -> None:
         task_id = row["id"]
         stage = row["stage"]
+        at = [stage]  # the stage the pipeline is at: where a crash of it happened
+        claim_id = row["claim_id"]
+        assert claim_id is not None  # a claim gives every row it returns a claim id
         try:
-            await self._pipeline(row)
+            await self._pipeline(row, at)
         except errors.StoreError as exc:
             # The outcome of the last write is unknown: hand the task back so that the
             # manager re-queues it at the last committed stage (at-least-once per stage).
@@ -85,7 +89,7 @@ class Pipeline(outcome.Outcomes):
                     "error": str(exc),
                 },
             )
-            await self._hand_back(row["claim_id"])
+            await self._hand_back(claim_id)
         except outcome.Revoked:
             logger.info(
                 "Task taken away",
@@ -113,7 +117,7 @@ class Pipeline(outcome.Outcomes):
             failure.__cause__ = exc
             failure.pipeline = True  # type: ignore[attr-defined]  # not a method's: see _log_failure
             try:
-                await self._fail(row, row.get("_stage", stage), failure)
+                await self._fail(row, at[0], failure)
             except (errors.KaijuTasksError, outcome.Revoked):
                 logger.exception(
                     "Task crashed the executor pipeline",
@@ -122,12 +126,12 @@ class Pipeline(outcome.Outcomes):
                         "task_id": task_id,
                         "job_id": row["job_id"],
                         "app": row["app_name"],
-                        "stage": row.get("_stage", stage),
+                        "stage": at[0],
                     },
                 )
-                await self._hand_back(row["claim_id"])
+                await self._hand_back(claim_id)
 
-    async def _pipeline(self, row: dict[str, Any]) -> None:
+    async def _pipeline(self, row: base.TaskRow, at: list[int]) -> None:
         task_id = row["id"]
         commands: list[dict[str, Any]] = row["commands"]
         results: list[Any] = list(row["result"])
@@ -140,7 +144,7 @@ class Pipeline(outcome.Outcomes):
             await self._finish(row, stage, None, append=False)
             return
         while True:
-            row["_stage"] = stage  # where a crash of this pipeline happened
+            at[0] = stage
             command = commands[stage]
             kind = stage_kinds.of_stored(command)
             # What the stage called and how long it took, for the stage's event (metrics).

@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import cron, task_error
+from kaiju_tasks import cron, retry, task_error
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
@@ -64,11 +64,11 @@ async def expire_timeouts(store: base.EngineStore, now: datetime, settings: Sett
     return len(applied)
 
 
-def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _timeout_item(row: base.OverdueRow, now: datetime) -> dict[str, Any]:
     retryable = True
     reason = "timeout"
     due = "run" if row["run_expired"] else "wait"
-    if row["expired"]:
+    if row["expired"] and row["expires_at"] is not None:
         due = "expired"
         message = f"task expired at {row['expires_at'].isoformat()} before it started"
         retryable = False
@@ -89,6 +89,7 @@ def _timeout_item(row: dict[str, Any], now: datetime) -> dict[str, Any]:
         "retryable": retryable,
         "due": due,
         "next_run": cron.next_fire(row["cron"], now).isoformat() if row["cron"] else None,
+        "retry_at": retry.next_attempt_at(row["retry_delay"], row["retries"], now).isoformat(),
     }
 
 

@@ -123,6 +123,8 @@ class OverdueRow(TypedDict):
     cron: str | None
     max_exec_timeout: int
     expires_at: datetime | None
+    retry_delay: int
+    retries: int
     expired: bool
     run_expired: bool | None
 
@@ -466,7 +468,7 @@ class EngineStore(TaskStore, Protocol):
 
     async def claim(
         self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
-    ) -> list[Row]:
+    ) -> list[TaskRow]:
         """Claim QUEUED tasks of ``apps``, highest priority then oldest first.
 
         Each row is a whole task (the columns of :class:`TaskRow`).
@@ -485,7 +487,9 @@ class EngineStore(TaskStore, Protocol):
         """Finish tasks ``[{id, stage, result, append, next_run}]``."""
         ...
 
-    async def fail_tasks(self, items: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Row]:
+    async def fail_tasks(
+        self, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> list[FailedRow]:
         """Fail or retry tasks ``[{id, status, executor_id, stage, error, exit_code, ...}]``.
 
         Return those that applied, each a :class:`FailedRow`.
@@ -526,7 +530,7 @@ class EngineStore(TaskStore, Protocol):
         """Resume tasks whose Timer is due."""
         ...
 
-    async def overdue(self, *, now: datetime, limit: int) -> list[Row]:
+    async def overdue(self, *, now: datetime, limit: int) -> list[OverdueRow]:
         """Return tasks past a deadline, each an :class:`OverdueRow`."""
         ...
 

@@ -453,7 +453,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
 
     async def claim(
         self, apps: Sequence[str], executor_id: str, *, limit: int, now: datetime
-    ) -> list[Row]:
+    ) -> list[base.TaskRow]:
         """Claim up to ``limit`` QUEUED tasks of ``apps`` (EXECUTED by ``executor_id``)."""
         if len(apps) == 1:  # the common case, with a plan PostgreSQL keeps
             rows = await self._fetch("claim_one", apps[0], executor_id, limit, now)
@@ -475,7 +475,9 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         rows = await self._fetch("finish_tasks", list(items), executor_id, now)
         return {r["id"] for r in rows}
 
-    async def fail_tasks(self, items: Sequence[Mapping[str, Any]], *, now: datetime) -> list[Row]:
+    async def fail_tasks(
+        self, items: Sequence[Mapping[str, Any]], *, now: datetime
+    ) -> list[base.FailedRow]:
         """Fail or retry tasks; return ``[{id, status, executor_id, claim_id}]`` that applied."""
         return driver.as_rows(await self._fetch("fail_tasks", list(items), now))
 
@@ -523,7 +525,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         """Resume tasks whose Timer is due."""
         return int(await self._fetchval("release_timers", now, limit))
 
-    async def overdue(self, *, now: datetime, limit: int) -> list[Row]:
+    async def overdue(self, *, now: datetime, limit: int) -> list[base.OverdueRow]:
         """Return tasks past their run deadline or Message wait deadline."""
         return driver.as_rows(await self._fetch("overdue", now, limit))
 

@@ -315,19 +315,22 @@ SELECT id FROM done, (SELECT count(*) FROM wake) w;
 
 -- name: fail_tasks
 -- A run failed (stage error, timeout, lost message): retry when retries are left and the failure
--- is retryable — at once, or after `retry_delay * 2^retries` seconds (IDLE until then) — else
--- FAILED with the exit code, a notification when `notify`, and `next_run` for cron. A retry
--- keeps the job_id; restart_policy FIRST starts over at stage 0 with no results.
--- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run, rejected,
--- method, duration_s, due, claim_id, run}] (run: as in wait_tasks); the row
+-- is retryable — at once, or at `retry_at` (IDLE until then; kaiju_tasks.retry computes it) when
+-- the task has a retry_delay or is disabled — else FAILED with the exit code, a notification
+-- when `notify`, and `next_run` for cron. A retry keeps the job_id; restart_policy FIRST starts
+-- over at stage 0 with no results.
+-- Items: [{id, status, executor_id, stage, error, exit_code, retryable, next_run, retry_at,
+-- rejected, method, duration_s, due, claim_id, run}] (run: as in wait_tasks); the row
 -- must still be in that status, stage and executor. Returns [{id, status, executor_id}].
 WITH r AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS r(id text, status text, executor_id text, stage integer, error jsonb,
-             exit_code integer, retryable boolean, next_run timestamptz, rejected boolean,
-             method text, duration_s double precision, due text, claim_id text, run text)),
+             exit_code integer, retryable boolean, next_run timestamptz,
+             retry_at timestamptz, rejected boolean, method text, duration_s double precision,
+             due text, claim_id text, run text)),
 cur AS (
-    SELECT t.id, r.error, r.exit_code, r.next_run, r.run, t.executor_id AS old_executor,
+    SELECT t.id, r.error, r.exit_code, r.next_run, r.retry_at, r.run,
+           t.executor_id AS old_executor,
            t.claim_id AS old_claim,
            r.method, r.duration_s,
            coalesce(r.rejected, false) AS rejected,
@@ -358,8 +361,8 @@ done AS (
         exec_deadline = CASE WHEN c.retry AND NOT c.delayed
                              THEN $2 + make_interval(secs => t.max_exec_timeout)
                              ELSE t.exec_deadline END,
-        next_run = CASE WHEN c.retry AND c.delayed
-                        THEN $2 + make_interval(secs => t.retry_delay * power(2, t.retries))
+        -- an item without retry_at retries at the manager's next tick, never waits forever
+        next_run = CASE WHEN c.retry AND c.delayed THEN coalesce(c.retry_at, $2)
                         WHEN c.retry THEN NULL
                         ELSE c.next_run END,
         status_change = $2,
@@ -506,7 +509,7 @@ SELECT count(*) FROM done, (SELECT count(*) FROM wake) w;
 -- name: overdue
 -- Tasks past a deadline: the run's exec_deadline, a Message stage's wait deadline, or
 -- `expires_at` before the run started (Celery's `expires`).
-SELECT id, status, executor_id, stage, cron, max_exec_timeout, expires_at,
+SELECT id, status, executor_id, stage, cron, max_exec_timeout, expires_at, retry_delay, retries,
        (status IN ('IDLE', 'QUEUED') AND stage = 0 AND result = '[]'::jsonb AND retries = 0
         AND expires_at <= $1) AS expired,
        (exec_deadline <= $1) AS run_expired

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import timedelta
 
 from kaiju_tasks import Task, TaskCommand
@@ -274,3 +275,48 @@ async def test_a_cancel_notice_for_an_earlier_run_does_not_stop_the_current_one(
         )
         await eventually(lambda: ex.active == 0)
     assert stopped == ["o", "c"]
+
+
+async def test_a_retry_after_a_delay_waits_one_then_two_times_the_delay(
+    task_service, store, executor, manager, clock
+):
+    # retry_delay 10 s: the first retry is due 10 s after the failure, the second 20 s after.
+    task = await task_service.create(
+        Task(
+            commands=[TaskCommand(method="flaky", params={"fail_times": 2})],
+            max_retries=3,
+            retry_delay=10,
+        )
+    )
+    for retries, wait in ((1, 10), (2, 20)):
+        row = await eventually(
+            functools.partial(_idle_after, store, task["id"], retries), what=f"retry {retries}"
+        )
+        assert row["next_run"] == clock.now() + timedelta(seconds=wait)
+        clock.advance(wait)
+        await manager.tick(clock.now())  # due: queued again, and the executor runs it
+    row = await wait_for(store, task["id"], "FINISHED")
+    assert row["retries"] == 2
+
+
+async def test_a_run_past_its_deadline_is_retried_after_the_delay(
+    task_service, store, manager, clock, make_task
+):
+    await make_task(
+        id="late",
+        status="QUEUED",
+        exec_deadline=clock.now() - timedelta(seconds=1),
+        max_retries=3,
+        retries=2,
+        retry_delay=5,
+    )
+    await manager.tick(clock.now())
+    row = await store.get_task("late")
+    assert row["status"] == "IDLE"
+    assert row["retries"] == 3
+    assert row["next_run"] == clock.now() + timedelta(seconds=5 * 2**2)
+
+
+async def _idle_after(store, task_id, retries):
+    row = await store.get_task(task_id)
+    return row if row["status"] == "IDLE" and row["retries"] == retries else None
