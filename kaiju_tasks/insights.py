@@ -17,14 +17,13 @@ Time comes in as ``now``; this module reads no clock but the loop's monotonic on
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from kaiju_tasks import models
-from kaiju_tasks.store import base, postgres
+from kaiju_tasks.store import base, opening
 
 Event = dict[str, Any]
 """A lifecycle event as receivers hand it on (see ``events_after`` in ``store/queries.sql``)."""
@@ -41,24 +40,10 @@ WORKERS_LIMIT = 200
 
 # -- opening the store ------------------------------------------------------------------------
 
-
-def postgres_store(pool: Any) -> postgres.PostgresTaskStore:
-    """The PostgreSQL store on an asyncpg pool, for public APIs that are handed a pool."""
-    return postgres.PostgresTaskStore(pool)
-
-
-@contextlib.asynccontextmanager
-async def connect(
-    dsn: str, *, application_name: str, min_size: int = 1, max_size: int = 2
-) -> AsyncIterator[postgres.PostgresTaskStore]:
-    """A store on a pool of its own, for public APIs that are handed a DSN (event receivers)."""
-    pool = await postgres.create_pool(
-        dsn, min_size=min_size, max_size=max_size, application_name=application_name
-    )
-    try:
-        yield postgres.PostgresTaskStore(pool)
-    finally:
-        await pool.close()
+postgres_store = opening.store_on
+"""The PostgreSQL store on an asyncpg pool (see :mod:`kaiju_tasks.store.opening`)."""
+connect = opening.connect
+"""A store on a pool of its own, for public APIs handed a DSN (event receivers)."""
 
 
 # -- pure -------------------------------------------------------------------------------------
