@@ -18,13 +18,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from kaiju_tasks import MethodError, Task, TaskCommand, TaskRuntime, dashboard, methods
 from kaiju_tasks.rpc import server as rpc_server
 from kaiju_tasks.service import NotificationService, TokenService
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+# Assertions wait for what the page shows with a generous bound (Playwright's default is 5 s):
+# on a loaded 2-core machine a navigation beside two test workers took longer.
+expect.set_options(timeout=30_000)
 APP = "shop"
 
 
