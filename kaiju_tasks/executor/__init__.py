@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from kaiju_tasks import batch, errors, logs, models, notifications, stages
+from kaiju_tasks import batch, errors, logs, models, notifications
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.executor import outcome, pipeline
@@ -46,8 +46,6 @@ DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
 RETRY_MAX_DELAY = outcome.RETRY_MAX_DELAY
 """Longest wait, in seconds, between two tries of a write or heartbeat the database failed."""
 DEBUG_MARK = models.DEBUG_MARK
-PARKING_KINDS = stages.PARKING_KINDS
-"""Stage kinds that park the task (WAITING) instead of calling a method: they take no slot."""
 
 
 class Executor(pipeline.Pipeline):
@@ -429,7 +427,12 @@ class Executor(pipeline.Pipeline):
     async def tick(self) -> int:
         """Claim as many tasks as there are free slots and start them; return how many."""
         free = self._room()
-        if free <= 0 or self._stopping:
+        if self._stopping:
+            return 0
+        if free <= 0:
+            # Woken with no room (a notification, the poll): what woke it may be waiting, so
+            # the next freed room claims again even if the last claim came back short.
+            self._backlog = True
             return 0
         async with self._claim_lock:
             started = time.monotonic()

@@ -180,17 +180,14 @@ class Pipeline(outcome.Outcomes):
                     else:
                         with tracing.stage_span(row, self.id, stage, command["method"]) as span:
                             try:
-                                try:
-                                    result = await self._call(row, stage, command, data, now, meter)
-                                finally:
-                                    self._call_s = _averaged(
-                                        self._call_s,
-                                        asyncio.get_running_loop().time() - meter["started"],
-                                    )
+                                result = await self._call(row, stage, command, data, now, meter)
                                 stored += _json_checked(result, stored)
                             except (errors.StageError, errors.ValidationError) as exc:
                                 tracing.failed(span, exc.message)
                                 raise
+                            finally:  # how long calls take, for claim_ahead
+                                elapsed = asyncio.get_running_loop().time() - meter["started"]
+                                self._call_s = _averaged(self._call_s, elapsed)
                 except errors.StageError as exc:
                     failure = exc
                 except errors.ValidationError as exc:  # a template or condition that cannot apply
