@@ -157,7 +157,7 @@ class Outcomes:
         )
         if failed is None:
             raise Revoked
-        _log_failure(row, stage, exc, error["message"], failed["status"], timing)
+        _log_failure(row, stage, exc, error["message"], failed["status"], timing, self.id)
 
     async def _write(self, submit: Callable[[], Awaitable[T]]) -> T:
         """Commit a run's write, trying again while the database is out of reach.
@@ -220,12 +220,17 @@ def _log_failure(
     message: str,
     status: str,
     timing: Mapping[str, Any] | None,
+    executor_id: str,
 ) -> None:
     """Log a stage's failure once, with the task's context as fields.
 
     An exception raised by an in-process method (a bug, not an answer) is an ERROR with its
     traceback; a failure that ends the task is a WARNING; one that will be retried is INFO.
     Error trackers (Sentry's and structlog's logging integrations) group them by these fields.
+
+    Every field docs/monitoring.md lists is set here, ``executor_id`` included: the failure is
+    written after the stage's task context (:mod:`kaiju_tasks.context`) was reset, so
+    ``TaskContextFilter`` would find none, and it never overwrites a field the record has.
     """
     cause = exc.__cause__
     answers = (errors.KaijuTasksError, methods_.MethodError, methods_.Reject)  # not bugs
@@ -241,6 +246,7 @@ def _log_failure(
         "status": status,
         "retries": row.get("retries"),
         "error": message,
+        "executor_id": executor_id,
     }
     if internal:
         message = "Task pipeline failed" if pipeline else "Stage method raised"

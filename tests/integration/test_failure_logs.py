@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
-from kaiju_tasks import Task, TaskCommand, TaskRuntime, methods
+from kaiju_tasks import Task, TaskCommand, TaskRuntime, conditions, logs, methods
+from tests import rpc_fake
 
 pytestmark = pytest.mark.timeout(60)
 
-FIELDS = ("task_id", "job_id", "app", "stage", "method")
+FIELDS = ("task_id", "job_id", "app", "stage", "method", "executor_id")
+EVENTS = ("stage_failed", "stage_error", "pipeline_error", "task_crashed")
 
 
 async def _failed(runtime: TaskRuntime, task_id: str) -> dict[str, Any]:
@@ -38,8 +40,26 @@ def _records(caplog: pytest.LogCaptureFixture, task_id: str) -> list[logging.Log
         for r in caplog.records
         if getattr(r, "task_id", None) == task_id
         and r.levelno >= logging.INFO
-        and getattr(r, "event", None) in ("stage_failed", "stage_error", "task_crashed")
+        and getattr(r, "event", None) in EVENTS
     ]
+
+
+def _loud(caplog: pytest.LogCaptureFixture, task_id: str) -> list[logging.LogRecord]:
+    """Every WARNING or ERROR record about the task, whatever its event."""
+    return [
+        r
+        for r in caplog.records
+        if getattr(r, "task_id", None) == task_id and r.levelno >= logging.WARNING
+    ]
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in FIELDS}
+
+
+def _executor_id(runtime: TaskRuntime) -> str:
+    assert runtime.executor is not None
+    return runtime.executor.id
 
 
 async def test_each_failure_is_one_record_with_the_task_as_fields(
@@ -76,18 +96,19 @@ async def test_each_failure_is_one_record_with_the_task_as_fields(
         assert isinstance(declined, dict)
         bug_task = await _failed(runtime, bug["id"])
         declined_task = await _failed(runtime, declined["id"])
+        executor_id = _executor_id(runtime)
 
     [record] = _records(caplog, bug["id"])  # exactly one
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], ZeroDivisionError)
-    fields = {name: getattr(record, name) for name in FIELDS}
-    assert fields == {
+    assert _fields(record) == {
         "task_id": bug["id"],
         "job_id": bug_task["job_id"],
         "app": "shop",
         "stage": 0,
         "method": "shop.buggy",
+        "executor_id": executor_id,  # without TaskContextFilter: a field of its own
     }
     [record] = _records(caplog, declined["id"])  # not retryable: one failure, final
     assert record.levelno == logging.WARNING
@@ -96,3 +117,141 @@ async def test_each_failure_is_one_record_with_the_task_as_fields(
     assert getattr(record, "method") == "shop.refused"  # noqa: B009 - an extra field
     assert getattr(record, "status") == "FAILED"  # noqa: B009 - an extra field
     assert declined_task["error"]["message"] == "card declined"
+
+
+async def test_an_internal_error_of_the_executor_is_one_pipeline_error_with_the_task_as_fields(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The executor's own code fails, outside any stage call: conditions.evaluate raises what
+    # no condition should (a bug in kaiju-tasks, not in the task or the method).
+    evaluate = conditions.evaluate
+
+    def broken(spec: Any, data: Any, **options: Any) -> bool:
+        if spec == {"kws.crash": True}:
+            raise RuntimeError("a bug in the executor")
+        return evaluate(spec, data, **options)
+
+    monkeypatch.setattr(conditions, "evaluate", broken)
+    registry = methods.Methods()
+    registry.register("shop.first")(lambda: 1)
+    registry.register("shop.second")(lambda: 2)
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        methods=registry,
+        executor_options={"poll_interval": timedelta(milliseconds=50)},
+    ) as runtime:
+        created = await runtime.tasks.create(
+            Task(
+                app="shop",
+                max_retries=2,  # an internal error is not retried
+                kws={"crash": True},
+                commands=[
+                    TaskCommand(method="shop.first"),
+                    TaskCommand(method="shop.second", condition={"kws.crash": True}),
+                ],
+            )
+        )
+        assert isinstance(created, dict)
+        task = await _failed(runtime, created["id"])
+        executor_id = _executor_id(runtime)
+
+    assert task["error"]["message"] == "internal error: RuntimeError: a bug in the executor"
+    assert task["retries"] == 0
+    [record] = _loud(caplog, created["id"])  # nothing else at WARNING or above
+    assert record.levelno == logging.ERROR
+    assert vars(record)["event"] == "pipeline_error"
+    assert record.getMessage() == "Task pipeline failed"
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+    assert _fields(record) == {
+        "task_id": created["id"],
+        "job_id": task["job_id"],
+        "app": "shop",
+        "stage": 1,
+        "method": "shop.second",
+        "executor_id": executor_id,
+    }
+    assert vars(record)["status"] == "FAILED"
+
+
+async def test_a_remote_failure_retried_is_logged_once_per_attempt(
+    dsn: str, caplog: pytest.LogCaptureFixture, rpc_target: Any
+) -> None:
+    def answer(call: rpc_fake.Call) -> Any:
+        raise rpc_fake.Fault(-32000, "out of stock")
+
+    target = await rpc_target(answer)
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        app_urls={"shop": target.url},
+        manager_options={"interval": timedelta(milliseconds=50)},
+        executor_options={"poll_interval": timedelta(milliseconds=50)},
+    ) as runtime:
+        created = await runtime.tasks.create(
+            Task(app="shop", max_retries=2, commands=[TaskCommand(method="shop.reserve")])
+        )
+        assert isinstance(created, dict)
+        task = await _failed(runtime, created["id"])
+        executor_id = _executor_id(runtime)
+
+    assert len(target.called("shop.reserve")) == 3
+    records = _records(caplog, created["id"])
+    assert [(r.levelno, vars(r)["status"], vars(r)["retries"]) for r in records] == [
+        (logging.INFO, "QUEUED", 0),
+        (logging.INFO, "QUEUED", 1),
+        (logging.WARNING, "FAILED", 2),
+    ]
+    for record in records:
+        assert record.getMessage() == "Stage failed"
+        assert vars(record)["event"] == "stage_failed"
+        assert record.exc_info is None  # an answer, not a bug: no traceback
+        assert vars(record)["error"] == "out of stock"
+        fields = _fields(record)
+        # Each attempt has its own job_id (a retry is a new run): only the last is on the task.
+        assert fields.pop("job_id")
+        assert fields == {
+            "task_id": created["id"],
+            "app": "shop",
+            "stage": 0,
+            "method": "shop.reserve",
+            "executor_id": executor_id,
+        }
+    assert vars(records[-1])["job_id"] == task["job_id"]
+    assert _loud(caplog, created["id"]) == records[-1:]
+
+
+async def test_task_context_filter_keeps_the_executor_of_a_failure(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The filter sets what a record lacks from the running stage's context, which is reset
+    # before the failure is written: the record's own executor_id must be the one kept.
+    registry = methods.Methods()
+
+    @registry.register("shop.buggy")
+    async def buggy() -> None:
+        raise KeyError("price")
+
+    caplog.handler.addFilter(logs.TaskContextFilter())
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        methods=registry,
+        executor_options={"poll_interval": timedelta(milliseconds=50)},
+    ) as runtime:
+        created = await runtime.tasks.create(
+            Task(app="shop", commands=[TaskCommand(method="shop.buggy")])
+        )
+        assert isinstance(created, dict)
+        await _failed(runtime, created["id"])
+        executor_id = _executor_id(runtime)
+
+    [record] = _records(caplog, created["id"])
+    assert vars(record)["event"] == "stage_error"
+    assert vars(record)["executor_id"] == executor_id
+    line = logs.JsonFormatter().format(record)
+    assert f'"executor_id": "{executor_id}"' in line
