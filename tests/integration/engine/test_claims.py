@@ -179,32 +179,56 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
     # Prefetch is an allowance, not a quota: an executor claims ahead only as many tasks as its
     # slots free during one claim. With stages far longer than a claim that is one or two, so a
     # second executor started later still finds most of the queue waiting for it.
+    # The stages end only when the test lets them (no race against their length): the first
+    # executor's first two calls are held for at least a second, so it has measured long
+    # stages; then, with all its calls held again, the second executor starts.
+    started: dict[str, list[int]] = {"a": [], "b": []}
     ran: dict[str, list[int]] = {"a": [], "b": []}
+    permits = asyncio.Semaphore(0)  # one per call the test lets end
 
     def methods_for(name: str) -> Methods:
         methods = Methods()
 
         @methods.register("long")
         async def long(i):
-            await asyncio.sleep(0.3)
+            started[name].append(i)
+            await permits.acquire()
             ran[name].append(i)
 
         return methods
 
+    async def queued() -> int:
+        page = await task_service.list(conditions={"status": "QUEUED"}, limit=1)
+        return page["count"]
+
     created = await task_service.create(
         [Task(commands=[TaskCommand(method="long", params={"i": i})]) for i in range(20)]
     )
-    async with Executor(
+    first = Executor(
         store, methods=methods_for("a"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
-    ):
-        await eventually(lambda: len(ran["a"]) >= 2, what="the first executor's first calls")
+    )
+    async with first:
+        await eventually(lambda: len(started["a"]) == 2, what="the first executor's first calls")
+        await asyncio.sleep(1.0)  # a lower bound: these calls last at least a second
+        permits.release()
+        permits.release()
+        # Its next calls start (the tasks it claimed ahead), and are held.
+        await eventually(lambda: len(ran["a"]) == 2 and len(started["a"]) == 4)
+        # Two running, and at most a few claimed ahead: not the 18 its prefetch would allow.
+        assert first.active <= 2 + 3, first.active
+        assert await queued() >= 20 - 2 - 5
         async with Executor(
             store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
         ):
+            # The second executor finds tasks waiting while the first still holds its own.
+            await eventually(lambda: len(started["b"]) == 2, what="the second executor's calls")
+            assert len(ran["a"]) == 2
+            for _ in range(20):
+                permits.release()
             for task in created:
                 await wait_for(store, task["id"], "FINISHED", within=60)
     assert sorted(ran["a"] + ran["b"]) == list(range(20))
-    assert len(ran["b"]) >= 5, ran
+    assert len(ran["b"]) >= 2, ran
 
 
 async def test_an_idle_executor_claims_once_per_notified_task(task_service, store, clock, dsn):
