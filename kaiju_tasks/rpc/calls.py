@@ -3,8 +3,8 @@
 A body is parsed (no NaN or Infinity, no NUL character), a batch bounded by ``max_batch`` and
 run one call after another in array order, each call within ``request_timeout``. Errors become
 JSON-RPC errors through one table (:data:`ERROR_CODES`); anything unexpected is logged (a
-bounded line, a traceback at most once a minute per method) and answered with -32603 and a
-generic message.
+bounded line, a traceback at most once a minute per method, and the task a call is for when it
+comes from an executor) and answered with -32603 and a generic message.
 """
 
 from __future__ import annotations
@@ -82,9 +82,18 @@ _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def respond(
-    api: server.Api, raw: bytes, tokens: TokenService, token: str | None
+    api: server.Api,
+    raw: bytes,
+    tokens: TokenService,
+    token: str | None,
+    *,
+    correlation_id: str | None = None,
 ) -> web.Response:
-    """Answer the request body ``raw``: one call or a batch, authenticated by ``token``."""
+    """Answer the request body ``raw``: one call or a batch, authenticated by ``token``.
+
+    ``correlation_id`` is the request's ``X-Correlation-Id`` header (an executor sends the
+    task's ``job_id`` in it): the log record of an internal error names it.
+    """
     try:
         payload = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -111,11 +120,11 @@ async def respond(
             if replies.full:
                 replies.refuse(call)
                 continue
-            replies.add(call, await _call(api, call, caller, surrogates))
+            replies.add(call, await _call(api, call, caller, surrogates, correlation_id))
         return replies.response(batch=True)
     caller = await auth.caller(tokens, token)
     replies = reply.Reply(limits.active().reply_bytes)
-    replies.add(payload, await _call(api, payload, caller, surrogates))
+    replies.add(payload, await _call(api, payload, caller, surrogates, correlation_id))
     return replies.response(batch=False)
 
 
@@ -191,6 +200,7 @@ async def _call(
     call: Any,
     caller: models.Caller | errors.NotAuthorized,
     surrogates: bool = False,
+    correlation_id: str | None = None,
 ) -> dict[str, Any] | None:
     """Run one call; None for a notification."""
     problem = _invalid(call)
@@ -240,12 +250,12 @@ async def _call(
             error = protocol.error(protocol.TIMEOUT, "request timed out")
         else:
             known = method in api.methods or method in SERVICE_METHODS
-            error = _error(exc, method if known else "")
+            error = _error(exc, method if known else "", _task_of(request_id, correlation_id))
         return None if notification else reply.envelope(request_id, error=error)
     return None if notification else reply.envelope(request_id, result=result)
 
 
-def _error(exc: Exception, method: str) -> dict[str, Any]:
+def _error(exc: Exception, method: str, task: dict[str, Any] | None = None) -> dict[str, Any]:
     if isinstance(exc, _RpcError):
         return protocol.error(exc.code, exc.message, exc.data)
     if isinstance(exc, errors.StageRejected):  # an application method rejected its task
@@ -275,35 +285,81 @@ def _error(exc: Exception, method: str) -> dict[str, Any]:
             "params nested too deeply",
             {"errors": [{"field": None, "message": "nested too deeply"}]},
         )
-    _log_internal(exc, method or "(unknown)")
+    _log_internal(exc, method or "(unknown)", task)
     return protocol.error(protocol.INTERNAL_ERROR, "internal error")
 
 
 _LAST_TRACEBACK: dict[str, float] = {}
 
+# An executor's request id: task id, job_id, stage and retries (see executor/pipeline.py).
+_EXECUTOR_REQUEST_ID: Final = re.compile(
+    r"(?P<task_id>.{1,256}):(?P<job_id>[^:]{1,64}):(?P<stage>[0-9]{1,6}):[0-9]{1,9}"
+)
+MAX_CORRELATION_ID: Final = 64
+"""Longest ``X-Correlation-Id`` copied into a log record (characters; a longer one is cut)."""
 
-def _log_internal(exc: Exception, method: str) -> None:
-    """One bounded line per internal error; a bounded traceback at most once a minute per method.
+
+def _task_of(request_id: Any, correlation_id: str | None) -> dict[str, Any]:
+    """The task a call is for, as log fields: what an executor's request says, else nothing.
+
+    An executor's call has the id ``task_id:job_id:stage:retries`` and the header
+    ``X-Correlation-Id: job_id``. Anyone may send either, so they are only read, bounded, into
+    fields of the record (never into the reply or the message).
+    """
+    fields: dict[str, Any] = {}
+    if correlation_id:
+        fields["job_id"] = correlation_id[:MAX_CORRELATION_ID]
+    found = _EXECUTOR_REQUEST_ID.fullmatch(request_id) if isinstance(request_id, str) else None
+    if found is not None:
+        fields["task_id"] = found["task_id"]
+        fields["job_id"] = found["job_id"]  # per call: a batch's header is per request
+        fields["stage"] = int(found["stage"])
+    return fields
+
+
+def _log_internal(exc: Exception, method: str, task: dict[str, Any] | None = None) -> None:
+    """Log an internal error once, as an error tracker reads it; a traceback once a minute.
+
+    The record is an ERROR with a fixed message (the exception's type and its first
+    :data:`LOG_MESSAGE_CHARS` characters as arguments), the fields ``event`` (``rpc_error``),
+    ``method`` and, for an executor's call, ``task_id``, ``job_id`` and ``stage``. At most
+    once a minute per method it also carries the exception as ``exc_info``, for Sentry's and
+    structlog's logging integrations, with its text rendering (``exc_text``, what a
+    ``logging.Formatter`` writes) bounded to the innermost frames: a method that fails on every
+    call, or a caller sending the same bad input again and again, would otherwise write one
+    traceback per call, each quoting what may be a very long exception text.
 
     ``method`` is a served method's name or ``(unknown)``, so the table stays bounded.
     """
+    if not logger.isEnabledFor(logging.ERROR):
+        return
     now = time.monotonic()
     last = _LAST_TRACEBACK.get(method)
     with_traceback = last is None or now - last >= TRACEBACK_EVERY
     if with_traceback:
         _LAST_TRACEBACK[method] = now
     text = _bounded(str(exc), LOG_MESSAGE_CHARS)
-    stack = ""
-    if with_traceback:  # the innermost frames, never the (unbounded) message again
-        frames = traceback.format_tb(exc.__traceback__, limit=-TRACEBACK_FRAMES)
-        stack = _bounded("\nTraceback (innermost frames):\n" + "".join(frames), TRACEBACK_CHARS)
-    logger.error(
-        "RPC method failed: %s: %s%s",
-        type(exc).__name__,
-        text,
-        stack,
-        extra={"event": "rpc_error", "method": method[:200]},
+    fields = {"event": "rpc_error", "method": method[:200], **(task or {})}
+    record = logger.makeRecord(
+        logger.name,
+        logging.ERROR,
+        __file__,
+        0,
+        "RPC method failed: %s: %s",
+        (type(exc).__name__, text),
+        (type(exc), exc, exc.__traceback__) if with_traceback else None,
+        "_log_internal",
+        fields,
     )
+    if with_traceback:  # the innermost frames, and the message no longer than in the line
+        frames = traceback.format_tb(exc.__traceback__, limit=-TRACEBACK_FRAMES)
+        record.exc_text = (
+            _bounded(
+                "Traceback (innermost frames):\n" + "".join(frames).rstrip("\n"), TRACEBACK_CHARS
+            )
+            + f"\n{type(exc).__name__}: {text}"
+        )
+    logger.handle(record)
 
 
 def _bounded(text: str, most: int) -> str:

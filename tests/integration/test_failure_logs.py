@@ -8,6 +8,7 @@ record, and a failed stage one record without a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from datetime import timedelta
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from kaiju_tasks import Task, TaskCommand, TaskRuntime, conditions, logs, methods
+from kaiju_tasks.rpc import calls, protocol
+from kaiju_tasks.rpc import server as rpc_server
 from tests import rpc_fake
 
 pytestmark = pytest.mark.timeout(60)
@@ -225,7 +228,7 @@ async def test_a_remote_failure_retried_is_logged_once_per_attempt(
 
 
 async def test_task_context_filter_keeps_the_executor_of_a_failure(
-    dsn: str, caplog: pytest.LogCaptureFixture
+    dsn: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     # The filter sets what a record lacks from the running stage's context, which is reset
     # before the failure is written: the record's own executor_id must be the one kept.
@@ -235,7 +238,9 @@ async def test_task_context_filter_keeps_the_executor_of_a_failure(
     async def buggy() -> None:
         raise KeyError("price")
 
-    caplog.handler.addFilter(logs.TaskContextFilter())
+    context_filter = logs.TaskContextFilter()
+    caplog.handler.addFilter(context_filter)
+    request.addfinalizer(lambda: caplog.handler.removeFilter(context_filter))
     caplog.set_level(logging.INFO, logger="kaiju_tasks")
     async with TaskRuntime(
         dsn,
@@ -255,3 +260,91 @@ async def test_task_context_filter_keeps_the_executor_of_a_failure(
     assert vars(record)["executor_id"] == executor_id
     line = logs.JsonFormatter().format(record)
     assert f'"executor_id": "{executor_id}"' in line
+
+
+# -- internal errors of the HTTP server -----------------------------------------------------------
+
+
+@pytest.fixture
+async def served(aiohttp_client: Any, make_api: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The HTTP API serving ``shop.buggy`` (a bug), and a function posting one call to it."""
+    monkeypatch.setattr(calls, "_LAST_TRACEBACK", {})  # no traceback logged yet
+    registry = methods.Methods()
+
+    @registry.register("shop.buggy", public=True)
+    def buggy(text: str = "a bug in the method") -> None:
+        raise KeyError(text)
+
+    api = make_api(methods=registry)
+    client = await aiohttp_client(rpc_server.create_app(api))
+    token = (await api.tokens.create("alice"))["token"]
+
+    async def post(request_id: Any, headers: dict[str, str] | None = None, **params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "id": request_id, "method": "shop.buggy", "params": params}
+        response = await client.post(
+            "/public/rpc",
+            data=json.dumps(body),
+            headers={"Authorization": f"Bearer {token}", **(headers or {})},
+        )
+        return await response.json()
+
+    post.api = api  # type: ignore[attr-defined]
+    post.token = token  # type: ignore[attr-defined]
+    return post
+
+
+def _rpc_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if vars(r).get("event") == "rpc_error"]
+
+
+async def test_an_executors_call_that_fails_inside_the_server_logs_its_task_as_fields(
+    served: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="kaiju_tasks.rpc.server")
+    # What an executor sends: the id task:job:stage:retries, the job_id as correlation id.
+    job = "0b7c4f7e-3b1f-4c1e-9d55-2f0d6f1a9e21"
+    headers = {protocol.CORRELATION_HEADER: job}
+    first = await served(f"orders:sync:{job}:2:1", headers)
+    second = await served(f"orders:sync:{job}:2:2", headers, text="x" * 100_000)
+    assert first["error"] == second["error"] == {"code": -32603, "message": "internal error"}
+
+    records = _rpc_errors(caplog)
+    assert len(records) == 2  # one per call
+    for record in records:
+        assert record.levelno == logging.ERROR
+        assert record.msg == "RPC method failed: %s: %s"  # one template: one group
+        assert {key: vars(record).get(key) for key in ("method", *FIELDS[:4])} == {
+            "method": "shop.buggy",
+            "task_id": "orders:sync",  # a task id may hold colons
+            "job_id": job,
+            "app": None,  # not known to the server
+            "stage": 2,
+        }
+    traced, untraced = records
+    # The exception itself, for error trackers; the text a formatter writes is bounded.
+    assert traced.exc_info is not None
+    assert isinstance(traced.exc_info[1], KeyError)
+    assert "Traceback" not in traced.getMessage()
+    line = caplog.handler.format(traced)
+    assert "in buggy" in line
+    assert line.endswith("KeyError: 'a bug in the method'")
+    # The next traceback of this method waits a minute: the second call's record has none.
+    assert untraced.exc_info is None
+    assert "Traceback" not in caplog.handler.format(untraced)
+    assert len(caplog.handler.format(untraced)) < 1000
+
+
+async def test_other_calls_that_fail_inside_the_server_log_what_they_say_of_their_task(
+    served: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="kaiju_tasks.rpc.server")
+    await served(1)  # not an executor's call: no task fields
+    await served("not:an:executor's")
+    # The X-Correlation-Id header, as the server's handler passes it on: cut to 64 characters.
+    raw = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "shop.buggy"}).encode()
+    await calls.respond(served.api, raw, served.api.tokens, served.token, correlation_id="j" * 500)
+    plain, odd, correlated = _rpc_errors(caplog)
+    for record in (plain, odd):
+        assert [vars(record).get(key) for key in ("task_id", "job_id", "stage")] == [None] * 3
+    assert vars(correlated)["job_id"] == "j" * calls.MAX_CORRELATION_ID
+    assert vars(correlated).get("task_id") is None
