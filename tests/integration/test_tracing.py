@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kaiju_tasks import Message, Task, TaskCommand, TaskRuntime
+from kaiju_tasks import Message, Task, TaskCommand, TaskRuntime, Timer, testing
+from kaiju_tasks.methods import Methods
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,11 +49,16 @@ class Service:
     def __init__(self) -> None:
         self.url = ""
         self.seen: list[tuple[str, str | None]] = []
+        self.flaky_failures = 1  # shop.flaky fails this many times, then answers
 
     async def rpc(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.seen.append((body["method"], request.headers.get("traceparent")))
-        if body["method"] == "shop.broken":
+        broken = body["method"] == "shop.broken"
+        if body["method"] == "shop.flaky" and self.flaky_failures > 0:
+            self.flaky_failures -= 1
+            broken = True
+        if broken:
             error = {"code": -32000, "message": "out of stock"}
             return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {"ok": True}})
@@ -328,3 +334,93 @@ async def test_a_task_created_outside_any_trace_runs_as_a_root_span(
         await runtime.stop()
     run = next(s for s in await _spans(created["id"]) if s.name == "run shop")
     assert run.parent is None  # a root: not a child of the span that started the executor
+
+
+async def test_a_retried_task_starts_a_new_run_linked_to_the_failed_one(
+    runtime: TaskRuntime, service: Service
+) -> None:
+    with trace.get_tracer("the-application").start_as_current_span("order") as order:
+        created = await runtime.tasks.create(
+            Task(app="shop", max_retries=1, commands=[TaskCommand(method="shop.flaky")])
+        )
+    assert isinstance(created, dict)
+    task = await _ended(runtime, created["id"])
+    assert (task["status"], task["retries"]) == ("FINISHED", 1)
+    runs = sorted(
+        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
+        key=lambda s: s.start_time,
+    )
+    assert len(runs) == 2
+    first, second = runs
+    assert first.status.status_code == trace.StatusCode.ERROR
+    assert second.status.is_ok
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    assert [dict(s.attributes or {})["kaiju_tasks.attempt"] for s in runs] == [0, 1]
+    for run in runs:  # both attempts stay in the creator's trace
+        assert run.context.trace_id == order.get_span_context().trace_id
+
+
+async def test_a_task_resumed_after_a_timer_starts_a_new_run_linked_to_the_one_before(
+    runtime: TaskRuntime,
+) -> None:
+    created = await runtime.tasks.create(
+        Task(
+            app="shop",
+            commands=[
+                TaskCommand(method="shop.reserve"),
+                Timer(0.2),
+                TaskCommand(method="shop.ship"),
+            ],
+        )
+    )
+    assert isinstance(created, dict)
+    task = await _ended(runtime, created["id"])
+    assert task["status"] == "FINISHED"
+    runs = sorted(
+        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
+        key=lambda s: s.start_time,
+    )
+    assert len(runs) == 2
+    first, second = runs
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    assert dict(second.attributes or {})["kaiju_tasks.stage"] == 2  # resumed after the timer
+    # No creator's trace: each run is a root, the link is what ties them together.
+    assert first.parent is None
+    assert second.parent is None
+
+
+async def test_an_in_process_methods_own_span_is_a_child_of_its_stage_span(dsn: str) -> None:
+    _provider()
+    EXPORTER.clear()
+    registry = Methods()
+
+    @registry.register("shop.price")
+    async def price() -> int:
+        with trace.get_tracer("the-application").start_as_current_span("price lookup"):
+            return 42
+
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        methods=registry,
+        manager=False,
+        executor_options={"poll_interval": timedelta(milliseconds=100)},
+    ) as runtime:
+        created = await runtime.tasks.create(
+            Task(app="shop", commands=[TaskCommand(method="shop.price")])
+        )
+        assert isinstance(created, dict)
+        assert (await _ended(runtime, created["id"]))["result"] == [42]
+        spans = await _spans(created["id"])
+    stage = next(s for s in spans if s.name == "shop.price")
+    run = next(s for s in spans if s.name == "run shop")
+    lookup = await testing.eventually(
+        lambda: next((s for s in EXPORTER.get_finished_spans() if s.name == "price lookup"), None),
+        within=10,
+        what="the method's span",
+    )
+    assert lookup.parent is not None
+    assert lookup.parent.span_id == stage.context.span_id
+    assert stage.parent is not None
+    assert stage.parent.span_id == run.context.span_id
+    assert lookup.context.trace_id == stage.context.trace_id == run.context.trace_id
