@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from kaiju_tasks import Task, TaskCommand, TaskRuntime, errors, methods
 from kaiju_tasks.clock import SystemClock
 from kaiju_tasks.executor import Executor
-from kaiju_tasks.manager import steps
+from kaiju_tasks.manager import Manager, steps
 from kaiju_tasks.metrics import Metrics
 from kaiju_tasks.models import Caller
 from kaiju_tasks.service import TaskService
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import eventually
+from tests.acceptance.test_cli import Running
 
 FAST = {"poll_interval": timedelta(seconds=0.05), "shutdown_grace": timedelta(seconds=0.2)}
 
@@ -110,6 +114,19 @@ async def test_debug_and_production_executors_never_take_each_others_tasks(dsn: 
         assert prod.executor is not None
         assert flags[debug.executor.id] is True
         assert flags[prod.executor.id] is False
+        connection = await asyncpg.connect(dsn)
+        try:
+            online = await connection.fetch(
+                "SELECT executor_id, data->'debug' AS debug FROM events"
+                " WHERE type = 'worker-online'"
+            )
+        finally:
+            await connection.close()
+        # the worker-online events say which one is the debug executor (kaiju-tasks events)
+        assert {r["executor_id"]: r["debug"] for r in online} == {
+            debug.executor.id: "true",
+            prod.executor.id: "false",
+        }
         scrape = (await Metrics(prod.store, dsn).render()).decode()
         assert "kaiju_tasks_debug_executors_alive 1.0" in scrape
         assert "kaiju_tasks_executors_alive 2.0" in scrape
@@ -192,6 +209,74 @@ async def test_the_manager_fails_tasks_of_debug_executors_that_died_or_never_wer
     assert row["error"]["reason"] == "debug_executor_gone"
     for task in (live, production):
         assert (await task_service.get(task["id"], ["status"]))["status"] == "QUEUED"
+
+
+async def test_the_managers_tick_fails_the_tasks_of_a_sigkilled_debug_executor(
+    dsn: str, store: postgres.PostgresEngineStore, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # A real `kaiju-tasks executor --debug` dies without a word (SIGKILL): no stop() fails its
+    # queue. Its row goes stale, and the manager's own tick fails what it held (EXECUTED) and
+    # what waited in its queue (QUEUED), with the reason, instead of their 5-minute deadline.
+    tasks = TaskService(store, SystemClock())  # the executor's clock: real time
+    debug = Running(
+        "--dsn",
+        dsn,
+        "executor",
+        "--debug",
+        "--methods",
+        "tests.acceptance.methods_for_cli:methods",
+        "--heartbeat",
+        "0.2",
+        "--concurrency",
+        "1",
+        "--prefetch",
+        "0",
+    )
+    try:
+        debug.wait_for("kaiju-tasks executor running")
+        queue = debug.wait_for("debug queue for default:")
+        never = str(tmp_path / "never-created")  # cli.hold runs until this file exists
+        held = await _made(
+            tasks,
+            Task(app=queue, commands=[TaskCommand(method="cli.hold", params={"path": never})]),
+        )
+        running = await eventually(
+            lambda: _row_if(tasks, held["id"], "EXECUTED"), what="the debug executor's call"
+        )
+        queued = await _made(tasks, _work(queue, 1))  # its one slot is taken
+        executor_id = running["executor_id"]
+        online = await pool.fetchval(
+            "SELECT data FROM events WHERE type = 'worker-online' AND executor_id = $1",
+            executor_id,
+        )
+        assert online["debug"] is True  # the worker-online event says so
+        debug.process.kill()
+        assert debug.process.wait(30) == -signal.SIGKILL
+    finally:
+        debug.close()
+    row = await pool.fetchrow(
+        "SELECT heartbeat_at, stopped_at, lease FROM executors WHERE id = $1", executor_id
+    )
+    assert row["stopped_at"] is None  # it never said goodbye
+    silent = max(steps.DEFAULT_STALE_AFTER, row["lease"] or timedelta(0))
+    manager = Manager(store, clock=SystemClock())
+    ids = [held["id"], queued["id"]]
+    # Ticks at chosen times, not after waits: first while its silence is still short...
+    await manager.tick(row["heartbeat_at"] + silent - timedelta(seconds=1))
+    assert await _statuses(tasks, ids) == {held["id"]: "EXECUTED", queued["id"]: "QUEUED"}
+    # ... then once it has been silent for stale_after (and its lease has run out).
+    done = await manager.tick(row["heartbeat_at"] + silent + timedelta(seconds=1))
+    assert done["fail_debug_orphans"] == 2, done
+    for task_id in ids:
+        failed = await tasks.get(task_id, ["status", "exit_code", "error"])
+        assert (failed["status"], failed["exit_code"]) == ("FAILED", 130), failed
+        assert failed["error"]["reason"] == "debug_executor_gone"
+        assert queue in failed["error"]["message"]
+
+
+async def _row_if(tasks: TaskService, task_id: str, status: str) -> dict[str, Any] | None:
+    row = await tasks.get(task_id)
+    return row if row["status"] == status else None
 
 
 async def test_production_executors_refuse_debug_queue_names(
