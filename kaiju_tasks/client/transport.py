@@ -3,7 +3,9 @@
 :meth:`TasksClient.call` posts one JSON-RPC call, sends a call of :data:`RETRIED` again
 when the connection fails, bounds the whole call by ``timeout``, and raises the
 service's exception for a JSON-RPC error (:func:`error_for`) or
-:class:`~kaiju_tasks.errors.Unreachable` for what only HTTP can do wrong.
+:class:`~kaiju_tasks.errors.Unreachable` for what only HTTP can do wrong. Inside an
+OpenTelemetry span, each request carries its ``traceparent`` (:func:`kaiju_tasks.tracing.inject`),
+so a task created through the client joins the caller's trace.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from kaiju_tasks import errors, redact
+from kaiju_tasks import errors, redact, tracing
 from kaiju_tasks.client import codec, error_map, service, settings
 
 # The name docs/client.md documents for the client's log lines, whichever module logs them.
@@ -202,6 +204,8 @@ class TasksClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        # The caller's span, if any (never without the opentelemetry package: nothing imported).
+        tracing.inject(headers)
         failure: errors.Unreachable | None = None
         try:
             async with session.post(

@@ -272,6 +272,7 @@ def test_without_opentelemetry_nothing_is_traced_or_imported() -> None:
         "import sys\n"
         "sys.modules['opentelemetry'] = None  # as if the package were not installed\n"
         "import kaiju_tasks, kaiju_tasks.executor, kaiju_tasks.service, kaiju_tasks.rpc.server\n"
+        "import kaiju_tasks.client\n"
         "from kaiju_tasks import tracing\n"
         "assert tracing.ENABLED is False\n"
         "assert tracing.carrier() is None and tracing.current_run() is None\n"
@@ -424,3 +425,53 @@ async def test_an_in_process_methods_own_span_is_a_child_of_its_stage_span(dsn: 
     assert stage.parent is not None
     assert stage.parent.span_id == run.context.span_id
     assert lookup.context.trace_id == stage.context.trace_id == run.context.trace_id
+
+
+async def test_tasks_created_through_the_client_inside_a_span_join_its_trace(
+    runtime: TaskRuntime, aiohttp_server: Any
+) -> None:
+    from kaiju_tasks.client import SyncTasksClient, TasksClient
+    from kaiju_tasks.rpc import server as rpc_server
+    from kaiju_tasks.service import TokenService
+
+    assert runtime.store is not None
+    tokens = TokenService(runtime.store)
+
+    async def health() -> dict[str, bool]:
+        return {"database": True}
+
+    api = rpc_server.Api(
+        tasks=runtime.tasks,
+        notifications=runtime.notifications,
+        tokens=tokens,
+        methods=Methods(),
+        health=health,
+    )
+    token = (await tokens.create("ops", ["system"]))["token"]
+    server = await aiohttp_server(rpc_server.create_app(api))
+    url = str(server.make_url("/"))
+    task = Task(app="shop", commands=[TaskCommand(method="shop.reserve")])
+    tracer = trace.get_tracer("the-application")
+
+    async with TasksClient(url, token) as client:
+        outside = await client.tasks.create(task)
+        with tracer.start_as_current_span("checkout") as checkout:
+            inside = await client.tasks.create(task)
+    with (
+        SyncTasksClient(url, token) as sync_client,
+        tracer.start_as_current_span("script") as script,
+    ):
+        # A thread of its own, as a script's: the blocking client runs the call in its own
+        # thread and event loop, with the calling thread's context (asyncio copies it).
+        blocking = await asyncio.to_thread(sync_client.tasks.create, task)
+
+    assert outside["trace"] is None  # no span: nothing sent, nothing stored
+    for created, span in ((inside, checkout), (blocking, script)):
+        context = span.get_span_context()
+        _version, trace_id, parent_id, _flags = created["trace"]["traceparent"].split("-")
+        assert (trace_id, parent_id) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+        await _ended(runtime, created["id"])
+        run = next(s for s in await _spans(created["id"]) if s.name == "run shop")
+        assert run.context.trace_id == context.trace_id
+        assert run.parent is not None
+        assert run.parent.span_id == context.span_id
