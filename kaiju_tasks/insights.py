@@ -10,7 +10,9 @@ all read through :class:`Insights`, so each figure is read by one query and comb
 - leader and live executors (``cluster``): /health and /metrics;
 - executors (``workers``): the workers page, the overview and ``top``;
 - apps no live executor serves (``unserved_apps``): /health and /metrics; views that read the
-  queue and the executors already use the pure :func:`unserved`.
+  queue and the executors already use the pure :func:`unserved`;
+- task runs ended by app and status after an event cursor (``ended_after``): /metrics'
+  ``kaiju_tasks_tasks_ended_total``, which adds them up.
 
 Time comes in as ``now``; this module reads no clock but the loop's monotonic one, for its cache.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, TypedDict, cast, runtime_checkable
 
 from kaiju_tasks import models
 from kaiju_tasks.store import base, opening
@@ -36,6 +38,32 @@ CHART_MINUTES = 60
 """Minutes of the overview's throughput chart."""
 WORKERS_LIMIT = 200
 """Most executors a listing of executors returns by default."""
+
+
+class EndedCount(TypedDict):
+    """Task runs of an app that ended in a status (FINISHED or FAILED).
+
+    ``app`` is None for a task deleted since.
+    """
+
+    app: str | None
+    status: str
+    count: int
+
+
+@runtime_checkable
+class EndedReads(Protocol):
+    """The read of ended runs (``PostgresInsights.ended_counts``).
+
+    Not yet part of :class:`~kaiju_tasks.store.base.InsightsStore`: a store without it reports
+    no ended runs.
+    """
+
+    async def ended_counts(
+        self, cursor: base.EventCursor | None
+    ) -> tuple[base.EventCursor | None, list[EndedCount]]:
+        """Runs ended after ``cursor`` by app and status, and the cursor after them."""
+        ...
 
 
 # -- opening the store ------------------------------------------------------------------------
@@ -257,6 +285,19 @@ class Insights:
             "queued": queued,
             "unserved": unserved(queued, snapshot["workers"], alive_since=now - ALIVE_WITHIN),
         }
+
+    async def ended_after(
+        self, cursor: base.EventCursor | None
+    ) -> tuple[base.EventCursor | None, list[EndedCount]]:
+        """Task runs that ended after ``cursor`` (None: every kept event), and the next cursor.
+
+        Counted from the events of ended transactions in the order of :meth:`events_after`, so
+        that passing the returned cursor back counts each run once; the cursor comes back as
+        given when nothing was written since. Never cached.
+        """
+        if not isinstance(self.store, EndedReads):
+            return cursor, []
+        return await self.store.ended_counts(cursor)
 
     # -- events -------------------------------------------------------------------------------
 

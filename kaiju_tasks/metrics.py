@@ -5,10 +5,20 @@ QUEUED task by app, QUEUED tasks of apps no live executor serves, live executors
 written); the stage duration histogram by method is
 fed by an EventReceiver from the events executors write, counted since this process started.
 
+``kaiju_tasks_tasks_ended_total{app,status}`` counts task runs that ended (FINISHED, FAILED),
+from the events table: the first scrape counts every ended run whose event is still kept, each
+later scrape adds the runs whose events were written since (by the cursor of ``events_after``,
+so none is counted twice or missed). Garbage collection deletes old tasks and events without
+lowering it, and a cron task counts once per run. Two processes agree unless events were
+pruned between their first scrapes (the later one then counts those fewer).
+
 Label sets are bounded, so that no number of distinct apps or methods can grow a scrape:
 
 - ``app``: the :data:`MAX_APPS` apps with the most tasks keep their own label; the others are
   added up under :data:`OTHER` (their counts summed, their queue lag the oldest of theirs);
+- ``app`` of ``kaiju_tasks_tasks_ended_total``: the first :data:`MAX_APPS` apps counted keep
+  their own label (the first scrape takes those with the most ended runs); later ones, and runs
+  of tasks deleted before they were counted, count under :data:`OTHER`;
 - ``method``: the first :data:`MAX_METHODS` methods seen since start keep their own label; later
   ones are observed under :data:`OTHER`. A method is the one *as written* in the task (a
   template's source, never what it rendered to), so no user data reaches a label;
@@ -135,6 +145,53 @@ class _Snapshot(Collector):
             "Lifecycle events written",
             value=self.data.get("events", 0),
         )
+        ended = CounterMetricFamily(
+            "kaiju_tasks_tasks_ended",
+            "Task runs that ended, by app and status (FINISHED; FAILED: failed, revoked or"
+            " rejected), from the events table; garbage collection never lowers it",
+            labels=["app", "status"],
+        )
+        for (app, status), count in sorted(self.data.get("ended", {}).items()):
+            ended.add_metric([app, status], count)
+        yield ended
+
+
+class EndedTotals:
+    """Task runs ended by (app label, status), added up from :meth:`Insights.ended_after`.
+
+    Only ever grows: each read adds the runs ended after the cursor of the last one.
+    """
+
+    def __init__(self) -> None:
+        self.cursor: base.EventCursor | None = None
+        self.totals: dict[tuple[str, str], int] = {}
+        self._apps: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    def add(self, rows: Iterable[insights.EndedCount]) -> None:
+        """Add rows of ``{app, status, count}`` (the most first, for the label bound)."""
+        for row in rows:
+            key = (self._app_label(row["app"]), row["status"])
+            self.totals[key] = self.totals.get(key, 0) + int(row["count"])
+
+    def _app_label(self, app: str | None) -> str:
+        if app is None:
+            return OTHER
+        value = label(app)
+        if value == OTHER or value in self._apps:
+            return value
+        if len(self._apps) >= MAX_APPS:
+            return OTHER
+        self._apps.add(value)
+        return value
+
+    async def read(self, reads: insights.Insights) -> dict[tuple[str, str], int]:
+        """Add what ended since the last read; the totals (one read at a time)."""
+        async with self._lock:
+            cursor, rows = await reads.ended_after(self.cursor)
+            self.add(rows)
+            self.cursor = cursor
+            return dict(self.totals)
 
 
 class Metrics:
@@ -165,6 +222,7 @@ class Metrics:
         )
         self._methods: set[str] = set()
         """The method labels given so far (at most :data:`MAX_METHODS`)."""
+        self.ended = EndedTotals()
         self._receiver = monitor.EventReceiver(dsn, {"*": self.event})
         self._task: asyncio.Task[int] | None = None
 
@@ -201,5 +259,7 @@ class Metrics:
 
     async def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        self._snapshot.data = await self.insights.metrics(self.clock.now())
+        data = await self.insights.metrics(self.clock.now())
+        data["ended"] = await self.ended.read(self.insights)
+        self._snapshot.data = data
         return generate_latest(self.registry)

@@ -178,6 +178,7 @@ SAFE_QUERIES = frozenset(
         "events_after",
         "event_cursor",
         "latest_event_cursor",
+        "ended_counts",
         "task_status",
         "orphans",
         "overdue",

@@ -8,7 +8,7 @@ one service over them. Rows come back as the typed dicts of ``base``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from kaiju_tasks import errors
 from kaiju_tasks.store import base, driver, locks
@@ -91,6 +91,25 @@ class PostgresInsights(driver.Queries, base.InsightsStore):
         """
         xid, event_id = cursor if cursor is not None else (None, None)
         return driver.as_rows(await self._fetch("events_after", xid, event_id, limit, snapshot))
+
+    async def ended_counts(
+        self, cursor: base.EventCursor | None
+    ) -> tuple[base.EventCursor | None, list[dict[str, Any]]]:
+        """Task runs ended after ``cursor`` by app and status, and the cursor after them.
+
+        Rows are ``{app, status, count}`` (``app`` None for a task deleted since), the most
+        first; the cursor comes back as given when no event was written since.
+        """
+        xid, event_id = cursor if cursor is not None else (None, None)
+        rows = await self._fetch("ended_counts", xid, event_id)
+        if not rows:
+            return cursor, []
+        ended = [
+            {"app": r["app"], "status": r["status"], "count": r["count"]}
+            for r in rows
+            if r["status"] is not None
+        ]
+        return (rows[0]["xid"], rows[0]["id"]), ended
 
     async def event_cursor(self, event_id: int | None) -> base.EventCursor | None:
         """The cursor after event ``event_id``, or after the newest event when None."""

@@ -850,3 +850,30 @@ SELECT token_id, user_id, permissions FROM found;
 -- name: session_end
 -- End a session (log out).
 DELETE FROM dashboard_sessions WHERE id_hash = $1;
+
+-- ==== /metrics counters (metrics.py) ==========================================================
+
+-- name: ended_counts
+-- Task runs that ended (FINISHED; FAILED by a failure, a revoke or a rejection) by app and
+-- status, counted from the events of ended transactions after the cursor ($1 xid as text, $2 id;
+-- NULLs: from the oldest kept) in events_after's order, so that a caller that passes back the
+-- cursor misses none and counts none twice. Each row carries the cursor after the last event
+-- read (counted or not); no row: no event since. A lone row with NULL status: nothing ended.
+-- The app is the task's, NULL once the task is deleted.
+WITH seen AS (
+    SELECT e.xid, e.id, e.type, e.task_id, e.status FROM events e
+    WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+      AND ($1::text IS NULL OR (e.xid, e.id) > ($1::text::xid8, $2::bigint))),
+last AS (
+    SELECT xid::text AS xid, id FROM seen ORDER BY xid DESC, id DESC LIMIT 1),
+counts AS (
+    SELECT t.app_name AS app, s.status, count(*) AS count
+    FROM seen s
+    LEFT JOIN tasks t ON t.id = s.task_id
+    WHERE s.type IN ('task-succeeded', 'task-failed', 'task-revoked', 'task-rejected')
+      AND s.status IN ('FINISHED', 'FAILED')
+    GROUP BY t.app_name, s.status)
+SELECT c.app, c.status, coalesce(c.count, 0) AS count, last.xid, last.id
+FROM last
+LEFT JOIN counts c ON true
+ORDER BY count DESC, c.app, c.status;

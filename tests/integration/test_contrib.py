@@ -4,16 +4,21 @@ Every metric a panel or a rule queries must be a series of a real scrape taken a
 workload (tasks that succeed, retry, fail, and wait for an app nobody serves), with the type its
 suffix implies. The rules are checked with ``promtool check rules`` when it is installed, and
 by their structure always; the dashboard's queries go through promtool too, as recording rules.
+With ``KAIJU_TASKS_REQUIRE_PROMTOOL=1`` (CI) a missing promtool fails those tests instead of
+skipping them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +141,17 @@ def test_each_alert_rule_has_what_an_alert_needs() -> None:
     )
 
 
+REQUIRE_PROMTOOL = "KAIJU_TASKS_REQUIRE_PROMTOOL"
+"""Set to 1 (CI) to fail, not skip, the promtool checks when promtool is not installed."""
+
+
 def _promtool(rules: Path) -> subprocess.CompletedProcess[str]:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+        why = "promtool is not installed (Debian: apt-get install prometheus)"
+        if os.environ.get(REQUIRE_PROMTOOL) == "1":
+            pytest.fail(f"{why}, and {REQUIRE_PROMTOOL}=1 requires it")
+        pytest.skip(why)
     return subprocess.run(
         [promtool, "check", "rules", str(rules)],
         capture_output=True,
@@ -225,9 +237,35 @@ def _workload_methods() -> methods.Methods:
     return registry
 
 
+@dataclass
+class Live:
+    """The API after the workload: its client, its store and the first full scrape."""
+
+    client: Any
+    store: postgres.PostgresEngineStore
+    dsn: str
+    text: str
+
+    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """GET /metrics now: sample value by (name, sorted labels)."""
+        response = await self.client.get("/metrics")
+        assert response.status == 200
+        return _samples(await response.text())
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 @pytest.fixture
-async def scrape(store: postgres.PostgresEngineStore, dsn: str, aiohttp_client: Any) -> str:
-    """The text of GET /metrics after tasks of app shop ran (one failing, one retried).
+async def live(
+    store: postgres.PostgresEngineStore, dsn: str, aiohttp_client: Any
+) -> AsyncIterator[Live]:
+    """GET /metrics after tasks of app shop ran (one failing, one retried).
 
     The API is built as ``kaiju-tasks server`` builds it, metrics and the refused-token counter
     included; a task of app ``nobody`` stays QUEUED, unserved.
@@ -292,9 +330,15 @@ async def scrape(store: postgres.PostgresEngineStore, dsn: str, aiohttp_client: 
                 return text if sum(counts) >= 9 else None
 
             text: str = await eventually(scraped, what="every stage end in the histogram")
-            return text
+        yield Live(client, store, dsn, text)
     finally:
         await metrics.stop()
+
+
+@pytest.fixture
+def scrape(live: Live) -> str:
+    """The text of GET /metrics after the workload (see :func:`live`)."""
+    return live.text
 
 
 async def test_every_metric_queried_is_in_a_live_scrape(scrape: str) -> None:
@@ -311,7 +355,8 @@ async def test_every_metric_queried_is_in_a_live_scrape(scrape: str) -> None:
     assert not missing, f"queried but absent from the scrape: {missing}"
     # What the issue asks the dashboard and the rules to show, by the metric that shows it.
     for needed in (
-        "kaiju_tasks_tasks",  # queue depth, throughput, failure ratio
+        "kaiju_tasks_tasks",  # queue depth, tasks by status
+        "kaiju_tasks_tasks_ended_total",  # throughput, failed share, failure ratio
         "kaiju_tasks_queue_lag_seconds",
         "kaiju_tasks_stage_duration_seconds_bucket",
         "kaiju_tasks_executors_alive",
@@ -326,11 +371,7 @@ async def test_every_metric_queried_is_in_a_live_scrape(scrape: str) -> None:
 
 
 async def test_the_workload_shows_in_the_series_the_dashboard_reads(scrape: str) -> None:
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(scrape)
-        for sample in family.samples
-    }
+    samples = _samples(scrape)
     assert samples[("kaiju_tasks_tasks", (("app", "shop"), ("status", "FINISHED")))] == 4
     assert samples[("kaiju_tasks_tasks", (("app", "shop"), ("status", "FAILED")))] == 1
     assert samples[("kaiju_tasks_unserved_tasks", (("app", "nobody"),))] == 1
@@ -340,3 +381,57 @@ async def test_the_workload_shows_in_the_series_the_dashboard_reads(scrape: str)
     count = "kaiju_tasks_stage_duration_seconds_count"
     assert samples[(count, (("method", "shop.boom"),))] == 1
     assert samples[(count, (("method", "shop.flaky"),))] == 2
+
+
+ENDED = "kaiju_tasks_tasks_ended_total"
+
+
+def _ended(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: str) -> float:
+    return samples.get((ENDED, (("app", "shop"), ("status", status))), 0.0)
+
+
+def test_throughput_and_failure_ratio_read_the_ended_counter() -> None:
+    """Not the row-count gauge, which garbage collection and cron re-queues move."""
+    panels = {p["title"]: p for p in _panels(_dashboard()["panels"])}
+    for title in ("Tasks ended / s", "Failed share by app (15m)"):
+        exprs = [t["expr"] for t in panels[title]["targets"]]
+        assert all(ENDED in e and "kaiju_tasks_tasks{" not in e for e in exprs), title
+    ratio = next(r for r in _rules() if r["alert"] == "KaijuTasksFailureRatioHigh")
+    assert set(METRIC.findall(ratio["expr"])) == {ENDED}
+    for expr in _dashboard_exprs() + _alert_exprs():
+        assert not re.search(r"(deriv|delta|rate|increase)\(kaiju_tasks_tasks\{", expr), expr
+
+
+async def test_the_ended_counter_counts_the_workload_and_stays_after_gc(live: Live) -> None:
+    first = _samples(live.text)
+    assert _ended(first, "FINISHED") == 4  # 3 tasks, and the retried one once (its retry is no end)
+    assert _ended(first, "FAILED") == 1
+    assert (ENDED, (("app", "nobody"), ("status", "FINISHED"))) not in first  # still QUEUED
+
+    # Garbage collection deletes the ended tasks and every event: the gauge drops, the counter not.
+    later = datetime(2999, 1, 1, tzinfo=UTC)
+    assert await live.store.prune("tasks", before=later, limit=1000) == 5
+    assert await live.store.prune("events", before=later, limit=10_000) > 0
+    collected = await live.scrape()
+    assert ("kaiju_tasks_tasks", (("app", "shop"), ("status", "FINISHED"))) not in collected
+    assert _ended(collected, "FINISHED") == 4
+    assert _ended(collected, "FAILED") == 1
+
+    # Runs ended since are added to what was counted.
+    service = TaskService(live.store)
+    async with Executor(live.store, apps=["shop"], methods=_workload_methods(), dsn=live.dsn):
+        await service.create(
+            [
+                Task(app="shop", commands=[TaskCommand(method="shop.ok")]),
+                Task(app="shop", commands=[TaskCommand(method="shop.boom")]),
+            ]
+        )
+
+        async def counted() -> dict[Any, float] | None:
+            samples = await live.scrape()
+            ended = (_ended(samples, "FINISHED"), _ended(samples, "FAILED"))
+            assert ended[0] <= 5, ended  # never counted twice
+            assert ended[1] <= 2, ended
+            return samples if ended == (5, 2) else None
+
+        await eventually(counted, what="the new runs counted")
