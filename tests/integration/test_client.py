@@ -54,7 +54,7 @@ from kaiju_tasks import (
     testing,
 )
 from kaiju_tasks import client as client_
-from kaiju_tasks.methods import Methods
+from kaiju_tasks.methods import MethodError, Methods
 from kaiju_tasks.models import NotificationUpdate
 from kaiju_tasks.rpc import server as rpc_server
 from kaiju_tasks.service import TokenService
@@ -83,6 +83,19 @@ def guide_methods() -> Methods:
     register("statistics.request_report")(lambda callback_id: {"requested_for": callback_id})
     register("files.download")(lambda url: {"downloaded": url})
     register("do.something")(lambda: 1)
+    register("do.something.else")(lambda: 2)
+    register("orders.delete")(lambda conditions: {"deleted": 3})
+    register("cache.clear")(lambda: True)
+    register("cache.update")(lambda: {"updated": True})
+    busy = [2]  # server.sync fails this many times, then answers
+
+    @register("server.sync")
+    def sync() -> str:
+        if busy[0] > 0:
+            busy[0] -= 1
+            raise MethodError("server busy")
+        return "synced"
+
     return methods
 
 
@@ -852,6 +865,94 @@ async def test_guide_messages_cancel_and_reset_over_http(client: TasksClient):
     ]
     none = await client.tasks.list(conditions={"status": {"not": ["FINISHED"]}})
     assert none["count"] == 0
+
+
+async def test_guide_retries_over_http(client: TasksClient):
+    task = await client.tasks.create(
+        Task(
+            app="orders",
+            id="server.sync",
+            commands=[{"method": "server.sync"}],
+            max_retries=3,
+            restart_policy="CURRENT",
+        )
+    )
+    assert (task["status"], task["max_retries"], task["restart_policy"]) == (
+        "QUEUED",
+        3,
+        "CURRENT",
+    )
+    task = await ended(client, "server.sync")
+    assert (task["status"], task["retries"], task["result"]) == ("FINISHED", 2, ["synced"])
+
+
+async def test_guide_periodic_tasks_over_http(client: TasksClient):
+    task = await client.tasks.create(
+        Task(
+            app="orders",
+            id="cache.update",
+            commands=[TaskCommand(method="cache.update")],
+            cron="* * * * * *",  # every second (croniter's seconds field)
+            notify=True,
+        )
+    )
+    assert (task["status"], task["cron"]) == ("IDLE", "* * * * * *")  # waits for its first fire
+
+    async def two_runs() -> dict[str, Any] | None:
+        page = await client.notifications.list(
+            conditions={"task_id": "cache.update"}, columns=["job_id", "result"]
+        )
+        return page if page["count"] >= 2 else None
+
+    page = await testing.eventually(two_runs, within=WITHIN, what="two runs of the cron task")
+    assert len({n["job_id"] for n in page["data"]}) == page["count"]  # a fresh job_id per run
+    assert all(n["result"] == [{"updated": True}] for n in page["data"])
+    stopped = await client.tasks.update("cache.update", {"enabled": False})
+    assert stopped["enabled"] is False
+
+
+async def test_guide_chaining_over_http(client: TasksClient):
+    next_task = await client.tasks.create(
+        Task(app="orders", commands=[TaskCommand(method="do.something.else")], enabled=False)
+    )
+    assert next_task["status"] == "IDLE"
+    await client.tasks.update(next_task["id"], {"enabled": True, "cron": None})
+    first_job = (await ended(client, next_task["id"]))["job_id"]
+    task = await client.tasks.create(
+        Task(app="orders", commands=[TaskCommand(method="do.something")], next_task=next_task["id"])
+    )
+    assert task["next_task"] == next_task["id"]
+    assert (await ended(client, task["id"]))["result"] == [1]
+
+    async def started_again() -> dict[str, Any] | None:
+        current = await client.tasks.get(next_task["id"])
+        return current if current["job_id"] != first_job else None
+
+    await testing.eventually(started_again, within=WITHIN, what="the next task to start")
+    assert (await ended(client, next_task["id"]))["result"] == [2]
+
+
+async def test_guide_timers_free_the_executor_over_http(client: TasksClient, runtime: TaskRuntime):
+    task = await client.tasks.create(
+        Task(
+            app="orders",
+            id="orders.delete_expired",
+            commands=[
+                TaskCommand(method="orders.delete", params={"conditions": {"expired": True}}),
+                Timer(1),
+                TaskCommand(method="cache.clear", params=None),
+            ],
+        )
+    )
+    waiting = await waiting_at(client, task["id"], 1)
+    # Parked: no executor holds it while the timer runs.
+    assert waiting["executor_id"] is None
+    assert waiting["wait_deadline"] is not None
+    executor = runtime.executor
+    assert executor is not None
+    await testing.eventually(lambda: executor.active == 0, what="the executor to be free")
+    task = await ended(client, task["id"])
+    assert task["result"] == [{"deleted": 3}, None, True]
 
 
 # -- docs/client.md -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from kaiju_tasks import models
 from kaiju_tasks.client import Notifications, SyncNotifications, SyncTasks, Tasks, TasksClient
+from kaiju_tasks.service import NotificationService, TaskService
 
 GROUPS = [(Tasks, SyncTasks), (Notifications, SyncNotifications)]
 
@@ -104,3 +105,33 @@ def test_blocking_calls_are_type_checked_like_the_async_ones():
     created: list[dict[str, Any]] = tasks.create([{"commands": [{"method": "x"}]}])
     assert page == {}
     assert created == [{}]
+
+
+def _service_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(member)
+    }
+
+
+def _shape(signature: inspect.Signature) -> list[tuple[str, Any, Any]]:
+    """Each param's name, kind and default: what a caller can pass (annotations aside)."""
+    return [
+        (p.name, p.kind, p.default)
+        for p in signature.parameters.values()
+        if p.name not in ("self", "caller")  # the server sets the caller from the token
+    ]
+
+
+@pytest.mark.parametrize(
+    ("client_group", "service"), [(Tasks, TaskService), (Notifications, NotificationService)]
+)
+def test_the_clients_methods_have_the_python_services_names_and_params(
+    client_group: type, service: type
+):
+    services = _service_methods(service)
+    clients = _service_methods(client_group)
+    assert set(clients) == set(services)
+    for name, signature in services.items():
+        assert _shape(clients[name]) == _shape(signature), name
