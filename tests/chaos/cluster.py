@@ -4,6 +4,10 @@ The shared test server is never restarted by a test: faults that take the whole 
 (stop, ``pg_ctl restart``, an outage) run against a cluster of the test's own, made with the
 system's ``initdb`` in a temporary directory, listening on a free loopback port, and removed
 afterwards. As root, the server runs as the ``postgres`` operating-system user.
+
+Where a cluster cannot be made (no server binaries, no ``postgres`` user as root), the test is
+skipped, unless ``KAIJU_TASKS_REQUIRE_CHAOS=1`` (as CI should set): then it fails, so a run
+cannot go green without these tests having run. :func:`unavailable` does either.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -24,6 +29,7 @@ BIN_DIRS = tuple(
     Path(p)
     for p in (
         os.environ.get("KAIJU_TASKS_PG_BIN", ""),
+        "/usr/lib/postgresql/18/bin",
         "/usr/lib/postgresql/17/bin",
         "/usr/lib/postgresql/16/bin",
         "/usr/lib/postgresql/15/bin",
@@ -32,6 +38,14 @@ BIN_DIRS = tuple(
     if p
 )
 SERVER_USER = "postgres"
+REQUIRE_ENV = "KAIJU_TASKS_REQUIRE_CHAOS"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``; fail it instead under ``KAIJU_TASKS_REQUIRE_CHAOS=1``."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the chaos tests must run here)")
+    pytest.skip(reason)
 
 
 def find_bin_dir() -> Path | None:
@@ -201,7 +215,7 @@ def private_cluster(settings: dict[str, str] | None = None) -> Iterator[Cluster]
     """A started private cluster, removed on exit; skips the test when none can be made."""
     reason = skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        unavailable(reason)
     root = Path(tempfile.mkdtemp(prefix="kaiju-tasks-pg-"))
     cluster = Cluster(root, settings=settings)
     try:

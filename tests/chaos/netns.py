@@ -3,18 +3,23 @@
 Host ``i`` is a namespace whose only way out is a veth link: its side has ``10.77.i.2``, this
 side ``10.77.i.1``. A process started in it reaches the database and the stage service at
 ``10.77.i.1``; ``cut(i)`` takes this side's end of the link down (nothing is closed: packets
-just stop, as when a cable is pulled), ``heal(i)`` brings it back. Needs root and ``ip``.
+just stop, as when a cable is pulled), ``heal(i)`` brings it back.
+
+Needs root with the capability to make namespaces and veth links (``CAP_SYS_ADMIN`` and
+``CAP_NET_ADMIN``) and ``ip``. A root that lacks them (an unprivileged container) is found by
+a probe, and the test skipped, or failed under ``KAIJU_TASKS_REQUIRE_CHAOS=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 
-import pytest
+from tests.chaos import cluster as cluster_
 
 SUBNET = "10.77"
 
@@ -25,6 +30,24 @@ def skip_reason() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "no `ip` command (Debian's iproute2)"
+    return _probe()
+
+
+@functools.cache
+def _probe() -> str | None:
+    """Make and remove a namespace and a veth pair: why that fails, or None."""
+    tag = os.getpid() % 100000
+    name, link = f"ktprobe{tag}", f"kp{tag}a"
+    try:
+        _ip("netns", "add", name)
+        _ip("link", "add", link, "type", "veth", "peer", "name", f"kp{tag}b")
+    except AssertionError as exc:
+        return f"cannot make network namespaces and veth links here: {exc}"
+    finally:
+        with contextlib.suppress(AssertionError):
+            _ip("link", "del", link)
+        with contextlib.suppress(AssertionError):
+            _ip("netns", "del", name)
     return None
 
 
@@ -89,7 +112,7 @@ def hosts(count: int) -> Iterator[Hosts]:
     """``count`` namespaces, removed on exit; skips the test when none can be made."""
     reason = skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        cluster_.unavailable(reason)
     made = Hosts(count)
     try:
         made.create()
