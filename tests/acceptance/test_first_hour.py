@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -144,6 +145,26 @@ def test_task_create_warns_when_no_live_executor_serves_the_app(dsn):
         executor.close()
 
 
+def test_task_create_warns_when_no_live_debug_executor_serves_the_queue(dsn):
+    queue = "orders@debug-0a1b2c3d"
+    body = json.dumps({"id": "d1", "app": queue, "commands": [{"method": "x"}]})
+    created = cli("--dsn", dsn, "task", "create", body)
+    assert created.returncode == 0, created.stderr
+    assert f"no live debug executor serves queue {queue!r}" in created.stderr
+    assert "reason debug_executor_gone" in created.stderr
+    assert "kaiju-tasks executor --debug" in created.stderr
+    assert "no live executor serves app" not in created.stderr  # not the production advice
+
+
+def test_executor_refuses_a_debug_queue_as_an_app(dsn):
+    refused = cli("--dsn", dsn, "executor", "--app", "orders@debug-12345678")
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    assert "app 'orders@debug-12345678'" in refused.stderr
+    assert "private queues of debug executors (start one with --debug instead)" in refused.stderr
+    assert _query(dsn, "SELECT id FROM executors") == []  # nothing came online
+
+
 def _executor_apps(dsn):
     rows = _query(dsn, "SELECT apps FROM executors WHERE stopped_at IS NULL")
     return [sorted(r["apps"]) for r in rows]
@@ -202,6 +223,35 @@ def test_run_serves_the_apps_configured_with_a_url_unless_executor_apps_is_set(d
         run.close()
 
 
+def test_run_serves_the_apps_of_an_ini_files_apps_section(dsn, tmp_path):
+    config = tmp_path / "kaiju-tasks.ini"
+    config.write_text("[apps]\norders = http://127.0.0.1:9/public/rpc\n")  # nothing listens
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    run = Running("--dsn", dsn, "--config-path", str(config), "run", "--port", "0", env=state)
+    try:
+        url = run.wait_for("kaiju-tasks API on ")
+        token = run.wait_for("system token: ")
+        run.wait_for("kaiju-tasks running")
+        assert _executor_apps(dsn) == [["default", "orders"]]
+        create = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tasks.create",
+            "params": {"data": {"id": "o1", "app": "orders", "commands": [{"method": "o.x"}]}},
+        }
+        assert post(url, create, token)["result"]["status"] == "QUEUED"
+        get = {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": "o1"}}
+        deadline = time.monotonic() + 60
+        while post(url, get, token)["result"]["status"] in ("QUEUED", "EXECUTED"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # taken by run's executor, which called the URL the file gives
+        assert "127.0.0.1:9" in json.dumps(post(url, get, token)["result"]["error"])
+        assert run.interrupt() == 0
+    finally:
+        run.close()
+
+
 @pytest.fixture
 def embedded_env():
     """Settings that make the CLI start its own embedded server in a fresh directory."""
@@ -218,7 +268,14 @@ def test_short_commands_are_quiet_unless_asked(embedded_env, empty_dsn):
     assert migrated.returncode == 0, migrated.stderr
     assert migrated.stderr == ""
     body = json.dumps({"id": "q1", "commands": [{"method": "x"}]})
-    for args in (("task", "list"), ("token", "list"), ("notifications", "list"), ("config",)):
+    short = (
+        ("task", "list"),
+        ("token", "list"),
+        ("notifications", "list"),
+        ("config",),
+        ("top", "--once"),
+    )
+    for args in short:
         quiet = cli(*args, env=env, timeout=120)
         assert quiet.returncode == 0, quiet.stderr
         assert quiet.stderr == "", args
@@ -269,6 +326,77 @@ def test_the_readme_python_example_runs_as_written_and_again(dsn, tmp_path):
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
 
 
+# Runs a script as written, with the default data directories moved under argv[1]: root's by
+# the module setting the server reads, anyone else's by XDG_DATA_HOME (set by the caller).
+AS_WRITTEN = """
+import runpy, sys
+from pathlib import Path
+from kaiju_tasks.store.embedded import settings
+settings.ROOT_STATE_DIR = Path(sys.argv[1])
+runpy.run_path(sys.argv[2], run_name="__main__")
+"""
+
+
+def test_the_first_hour_with_no_configuration_runs_on_the_embedded_server(embedded_env, tmp_path):
+    # No DSN anywhere: the README's script starts the embedded PostgreSQL in the default data
+    # directory; `run` serves the same cluster; a second `run` on the busy port fails without
+    # harming the first.
+    base = Path(embedded_env["KAIJU_TASKS_EMBEDDED_DIR"]).parent  # fresh, traversable
+    default_dir = base / "postgres" if os.geteuid() == 0 else base / "kaiju-tasks" / "postgres"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIJU_TASKS_")}
+    env["XDG_DATA_HOME"] = str(base)
+    script = tmp_path / "orders.py"
+    script.write_text(_readme_python())
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", AS_WRITTEN, str(base), str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == _readme_output()
+        assert (default_dir / "PG_VERSION").exists()  # the script's cluster
+        # `kaiju-tasks` reads KAIJU_TASKS_EMBEDDED_DIR, not the module setting moved above
+        cli_env = {**embedded_env, "KAIJU_TASKS_EMBEDDED_DIR": str(default_dir)}
+        cli_env |= {"XDG_DATA_HOME": str(base), "XDG_STATE_HOME": str(tmp_path / "state")}
+        first = Running("run", "--port", "0", env=cli_env)
+        try:
+            url = first.wait_for("kaiju-tasks API on ", within=120)
+            token = first.wait_for("system token: ")
+            first.wait_for("kaiju-tasks running")
+            port = url.split("//")[1].split("/")[0].rsplit(":", 1)[1]
+            second = cli("run", "--port", port, env=cli_env, timeout=120)
+            assert second.returncode == 1
+            assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+            assert "system token" not in second.stdout
+            assert "Traceback" not in second.stderr
+            # the first still answers its token, over the task the script left in the cluster
+            params = {"conditions": {"app_name": "orders"}, "columns": ["status"]}
+            listed = post(url, {**LIST, "params": params}, token)
+            assert listed["result"]["data"] == [{"status": "FINISHED"}]
+            assert first.interrupt() == 0
+        finally:
+            first.close()
+    finally:
+        _stop_server(default_dir)
+
+
+def _stop_server(data_dir: Path) -> None:
+    """Safety net: fast-shut down a server a failed test left running in ``data_dir``."""
+    import signal
+
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+
+
 def test_the_guide_first_example_migrates_then_creates_a_task(empty_dsn, tmp_path):
     guide = (Path(__file__).resolve().parents[2] / "docs" / "guide.md").read_text()
     section = guide.split("\n## Setup", 1)[1].split("\n## ", 1)[0]
@@ -294,4 +422,16 @@ def test_get_and_list_return_the_columns_rpc_md_lists(dsn):
     assert cli("--dsn", dsn, "task", "create", body).returncode == 0
     got = json.loads(cli("--dsn", dsn, "task", "get", "cols", "--json").stdout)
     assert list(got) == documented
+    # and over the API rpc.md describes: tasks.get and tasks.list without columns
+    secret = cli("--dsn", dsn, "token", "create", "--user", "ops", "--system").stdout.strip()
+    server = Running("--dsn", dsn, "server", "--port", "0")
+    try:
+        url = server.wait_for("kaiju-tasks API on ")
+        get = {"jsonrpc": "2.0", "id": 1, "method": "tasks.get", "params": {"id": "cols"}}
+        assert list(post(url, get, secret)["result"]) == documented
+        listed = post(url, {**LIST, "params": {}}, secret)["result"]
+        assert [list(row) for row in listed["data"]] == [documented]
+    finally:
+        server.interrupt()
+        server.close()
     assert {"requeues", "claim_id"} <= set(documented)
