@@ -56,7 +56,8 @@ OUTAGE = 45.0 if LONG else 15.0  # seconds the server is down in the outage scen
 IDLE = 60.0 if LONG else 20.0  # seconds the idle-in-transaction session holds its locks
 IDLE_BURST = 40  # tasks created at once, some of them still QUEUED when locked
 RECOVERY_BOUND = 60.0  # seconds from a fault's end to full throughput, at most
-REMINDER = re.compile(r"(\S[^\n:]*): database still unreachable after (\d+) s")
+# "<date> <time> WARNING <logger>: <component>: database still unreachable after N s ..."
+REMINDER = re.compile(r"(?m)^\S+ \S+ [A-Z]+ \S+: (.+?): database still unreachable after (\d+) s")
 
 
 class Proc:
@@ -371,6 +372,9 @@ async def test_chaos(scenario: str, tmp_path: Path) -> None:
         "fault_details": _details(run.faults),
         "tasks": len(run.ids),
         "baseline_calls_per_s": round(baseline, 1),
+        "calls_per_s_during_faults": [
+            round(run.throughput(f.started, f.ended), 1) for f in run.faults if f.ended > f.started
+        ][:20],
         "recovery_s_each": [round(r, 1) for r in recoveries],
         "recovery_s_worst": round(max(recoveries), 1),
         "recovery_s_median": round(statistics.median(recoveries), 1),
