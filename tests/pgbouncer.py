@@ -2,6 +2,9 @@
 
 Few server connections (``default_pool_size``) for many clients, so that transactions of
 different clients really share server connections, as in production.
+
+Without pgbouncer the tests that use it are skipped; with ``KAIJU_TASKS_REQUIRE_PGBOUNCER=1``
+(CI) they fail instead.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pytest
 
 SERVER_USER = "postgres"
+REQUIRE = "KAIJU_TASKS_REQUIRE_PGBOUNCER"
+"""Set to 1 to fail, not skip, a test that cannot run PgBouncer."""
+
+
+def unavailable(why: str) -> NoReturn:
+    """Skip the test for ``why``, or fail it when :data:`REQUIRE` is set to 1."""
+    if os.environ.get(REQUIRE) == "1":
+        pytest.fail(f"{why}, and {REQUIRE}=1 requires pgbouncer")
+    pytest.skip(why)
 
 
 def find() -> str | None:
@@ -44,7 +57,7 @@ def pgbouncer(dsn: str, *, pool_size: int = 3) -> Iterator[str]:
     """Run PgBouncer (``pool_mode = transaction``) in front of ``dsn``; yield its DSN."""
     binary = find()
     if binary is None:
-        pytest.skip("no pgbouncer: apt-get install pgbouncer (or set KAIJU_TASKS_PGBOUNCER)")
+        unavailable("no pgbouncer: apt-get install pgbouncer (or set KAIJU_TASKS_PGBOUNCER)")
     parts = urlsplit(dsn)
     database = parts.path.lstrip("/") or "postgres"
     user = unquote(parts.username or "postgres")
@@ -67,7 +80,7 @@ def pgbouncer(dsn: str, *, pool_size: int = 3) -> Iterator[str]:
             timeout=30,
         )
         if reachable.returncode != 0:
-            pytest.skip(f"pgbouncer (as {SERVER_USER}) cannot enter the socket directory {host}")
+            unavailable(f"pgbouncer (as {SERVER_USER}) cannot enter the socket directory {host}")
     root = Path(tempfile.mkdtemp(prefix="kaiju-tasks-pgbouncer-"))
     listen = _free_port()
     (root / "users.txt").write_text(f'"{user}" ""\n')

@@ -70,7 +70,8 @@ class PoolerConnection(asyncpg.Connection):  # type: ignore[misc]
     that is not already in a transaction runs in one of its own, which the pooler keeps on
     one server connection; the pool caches no named prepared statements (PgBouncer before
     1.21 cannot keep them). Overrides asyncpg's ``_execute``, the one path its ``fetch``,
-    ``fetchrow``, ``fetchval`` and ``execute`` with arguments share (asyncpg 0.29 to 0.32).
+    ``fetchrow``, ``fetchval`` and ``execute`` with arguments share (asyncpg 0.29 to 0.32);
+    ``tests/integration/test_driver_pooler.py`` fails if asyncpg stops calling it.
     """
 
     async def _execute(self, query: str, args: Any, *rest: Any, **options: Any) -> Any:
