@@ -197,10 +197,6 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
 
         return methods
 
-    async def queued() -> int:
-        page = await task_service.list(conditions={"status": "QUEUED"}, limit=1)
-        return page["count"]
-
     created = await task_service.create(
         [Task(commands=[TaskCommand(method="long", params={"i": i})]) for i in range(20)]
     )
@@ -214,9 +210,9 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
         permits.release()
         # Its next calls start (the tasks it claimed ahead), and are held.
         await eventually(lambda: len(ran["a"]) == 2 and len(started["a"]) == 4)
-        # Two running, and at most a few claimed ahead: not the 18 its prefetch would allow.
-        assert first.active <= 2 + 3, first.active
-        assert await queued() >= 20 - 2 - 5
+        # Once the ended runs are recorded, it holds its two running calls and one or two
+        # claimed ahead (three if its claims were slow): not the 18 its prefetch would allow.
+        await eventually(lambda: first.active <= 2 + 3, what="the first executor to hold few")
         async with Executor(
             store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
         ):
