@@ -115,6 +115,10 @@ class ExecutorSettings:
     many as its slots free during one claim, by the call and claim times it measures."""
     heartbeat_interval: float = executor_.DEFAULT_HEARTBEAT_INTERVAL.total_seconds()
     """Seconds between liveness records (keep it well under [manager] stale_after)."""
+    lease: float | None = None
+    """Seconds after its last recorded heartbeat the executor may still start stage calls
+    (default: three heartbeat intervals; at least two). The manager rescues its tasks no
+    earlier, whatever its stale_after."""
     poll_interval: float = executor_.DEFAULT_POLL_INTERVAL.total_seconds()
     """Longest seconds between claims when no notification arrives."""
     shutdown_grace: float = executor_.DEFAULT_SHUTDOWN_GRACE.total_seconds()
@@ -396,6 +400,11 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
         raise errors.ConfigError(
             "[executor] needs concurrency >= 1 and prefetch >= 0"
             + (where("executor.concurrency") or where("executor.prefetch"))
+        )
+    if executor.lease is not None and executor.lease < 2 * executor.heartbeat_interval:
+        raise errors.ConfigError(
+            "[executor] lease must be at least twice heartbeat_interval"
+            + (where("executor.lease") or where("executor.heartbeat_interval"))
         )
     for section in (settings.executor, settings.manager):
         for field in dataclasses.fields(section):

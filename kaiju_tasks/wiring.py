@@ -142,6 +142,7 @@ def executor_options(conf: config.ExecutorSettings) -> dict[str, Any]:
         "concurrency": conf.concurrency,
         "prefetch": conf.prefetch,
         "heartbeat_interval": timedelta(seconds=conf.heartbeat_interval),
+        "lease": None if conf.lease is None else timedelta(seconds=conf.lease),
         "poll_interval": timedelta(seconds=conf.poll_interval),
         "shutdown_grace": timedelta(seconds=conf.shutdown_grace),
         "app_token": conf.token,

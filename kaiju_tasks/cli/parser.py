@@ -45,6 +45,12 @@ def build() -> argparse.ArgumentParser:
     executor.add_argument("--id", help="executor id (default: host-pid-random)")
     executor.add_argument("--shutdown-grace", type=float, help="seconds to finish stages on stop")
     executor.add_argument("--heartbeat", type=float, help="seconds between liveness records")
+    executor.add_argument(
+        "--lease",
+        type=float,
+        help="seconds after its last recorded heartbeat the executor may still start stage"
+        " calls (default: 3 heartbeats; the manager rescues its tasks no earlier)",
+    )
     executor.add_argument("--poll", type=float, help="longest seconds between claims when idle")
     executor.add_argument(
         "--debug",

@@ -56,6 +56,7 @@ def _executor(
         prefetch=args.prefetch,
         shutdown_grace=args.shutdown_grace,
         heartbeat_interval=args.heartbeat,
+        lease=args.lease,
         poll_interval=args.poll,
     )
     return wiring.build_executor(

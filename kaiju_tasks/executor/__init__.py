@@ -43,6 +43,11 @@ DEFAULT_PREFETCH = 40
 DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
 DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
 DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
+LEASE_HEARTBEATS = 3
+"""The default lease, in heartbeat intervals (see ``Executor``'s ``lease``)."""
+LEASE_USED = 0.75
+"""The share of its lease after which an executor that has not heartbeated starts no call: the
+rest covers the difference between its clock and the manager's."""
 RETRY_MAX_DELAY = outcome.RETRY_MAX_DELAY
 """Longest wait, in seconds, between two tries of a write or heartbeat the database failed."""
 DEBUG_MARK = models.DEBUG_MARK
@@ -71,6 +76,13 @@ class Executor(pipeline.Pipeline):
         poll_interval: longest idle wait between claims when no notification arrives.
         heartbeat_interval: how often liveness is recorded (the manager rescues tasks of
             executors silent for several intervals).
+        lease: how long after its last heartbeat this executor may still start stage calls
+            (default three heartbeat intervals; at least two). It starts none once three
+            quarters of it have passed without a heartbeat the database took (a cut network,
+            an outage): calls wait for the next heartbeat, and runs the manager rescued
+            meanwhile are abandoned before they call. The lease is recorded with the
+            executor, and the manager rescues its tasks no earlier than the lease's end,
+            whatever its ``stale_after``.
         shutdown_grace: how long ``stop()`` lets running stages finish before handing their
             tasks back (SUSPENDED, re-queued at once).
         app_batch: ``app_name -> N``: stage calls to that app's URL go out as JSON-RPC batch
@@ -101,9 +113,16 @@ class Executor(pipeline.Pipeline):
         shutdown_grace: timedelta = DEFAULT_SHUTDOWN_GRACE,
         app_batch: Mapping[str, int] | None = None,
         debug: bool = False,
+        lease: timedelta | None = None,
     ) -> None:
         if concurrency < 1:
             raise errors.ConfigError("concurrency must be at least 1")
+        lease = LEASE_HEARTBEATS * heartbeat_interval if lease is None else lease
+        if lease < 2 * heartbeat_interval:
+            raise errors.ConfigError(
+                f"lease ({lease.total_seconds():g} s) must be at least twice the heartbeat"
+                f" interval ({heartbeat_interval.total_seconds():g} s)"
+            )
         for app in apps:
             if DEBUG_MARK in app:
                 raise errors.ConfigError(
@@ -138,6 +157,11 @@ class Executor(pipeline.Pipeline):
         self.data = dict(data or {})
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
+        self.lease = lease
+        # Stage calls start only before this (time.monotonic()); renewed by heartbeats.
+        self._lease_until = -math.inf
+        self._lease_renewed = asyncio.Event()
+        self._lease_lapsed = False  # logged once per lapse
         self.shutdown_grace = shutdown_grace
         self.client = rpc_client.Client(token=app_token)
         batch_sizes = dict(app_batch or {})
@@ -189,7 +213,9 @@ class Executor(pipeline.Pipeline):
 
     async def start(self) -> None:
         """Register, start listening, claiming and heartbeating in the background."""
+        sent = time.monotonic()
         await self._register()
+        self._renew_lease(sent)
         logger.info(
             "Executor online",
             extra={"event": "executor_online", "executor_id": self.id, "apps": self.apps},
@@ -221,7 +247,45 @@ class Executor(pipeline.Pipeline):
             concurrency=self.concurrency,
             now=self.clock.now(),
             debug=self.debug,
+            lease=self.lease,
         )
+
+    # -- the lease ----------------------------------------------------------------------------
+
+    def _renew_lease(self, sent: float) -> None:
+        """A heartbeat sent at ``sent`` (monotonic) was recorded: calls may start until then."""
+        until = sent + LEASE_USED * self.lease.total_seconds()
+        if until > self._lease_until:
+            self._lease_until = until
+        if not self._lease_renewed.is_set():
+            self._lease_renewed.set()
+            if self._lease_lapsed:
+                self._lease_lapsed = False
+                logger.info(
+                    "Lease renewed: stage calls start again",
+                    extra={"event": "lease_renewed", "executor_id": self.id},
+                )
+
+    async def _leased(self) -> None:
+        """Wait until this executor's lease allows a stage call to start.
+
+        Past three quarters of the lease without a recorded heartbeat, the manager may be about
+        to rescue this executor's tasks: a call started now could run beside the run that
+        replaces it. The wait ends with the next heartbeat (or with the run cancelled, if the
+        manager rescued it meanwhile: the heartbeat abandons such runs before renewing).
+        """
+        while time.monotonic() >= self._lease_until:
+            if self._lease_renewed.is_set():
+                self._lease_renewed.clear()
+                if not self._lease_lapsed and math.isfinite(self._lease_until):
+                    self._lease_lapsed = True
+                    logger.warning(
+                        "Lease lapsed: no heartbeat recorded for %g s; stage calls wait for"
+                        " the next one",
+                        LEASE_USED * self.lease.total_seconds(),
+                        extra={"event": "lease_lapsed", "executor_id": self.id},
+                    )
+            await self._lease_renewed.wait()
 
     async def run(self) -> None:
         """Run until cancelled, then stop cleanly."""
@@ -370,12 +434,16 @@ class Executor(pipeline.Pipeline):
         while True:
             await asyncio.sleep(delay)
             try:
+                sent = time.monotonic()
                 alive = await self.store.heartbeat(
                     self.id, active=self.active, now=self.clock.now()
                 )
                 if not alive:  # our row was pruned (a long outage): come back online
                     await self._register()
+                # Runs rescued while the lease had lapsed are abandoned first: only then may the
+                # calls that waited for this heartbeat start.
                 await self._check_running()
+                self._renew_lease(sent)
             except errors.StoreError as exc:
                 self._outage.failed(exc)
                 # Tried again soon: once the database is back, the manager must hear from us

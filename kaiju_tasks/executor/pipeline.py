@@ -58,6 +58,9 @@ class Pipeline(outcome.Outcomes):
     _backlog: bool
     _listener: notifications.Listener | None
 
+    async def _leased(self) -> None:  # Executor's: wait until the lease allows a call
+        raise NotImplementedError
+
     # -- one task -----------------------------------------------------------------------------
 
     async def _run_task(
@@ -127,6 +130,8 @@ class Pipeline(outcome.Outcomes):
                         "job_id": row["job_id"],
                         "app": row["app_name"],
                         "stage": at[0],
+                        "method": outcome._method_of(row, at[0]),
+                        "executor_id": self.id,
                     },
                 )
                 await self._hand_back(claim_id)
@@ -156,6 +161,8 @@ class Pipeline(outcome.Outcomes):
             # to its return. The writes that commit its outcome come after: the next call does
             # not wait for them (the next stage of this task does).
             async with _NO_SLOT if kind.park is not None else self._slots:
+                if kind.park is None:
+                    await self._leased()  # no call once the manager may have rescued the task
                 now = self.clock.now()
                 meter["started"] = asyncio.get_running_loop().time()
                 data = self._template_data(row, results)

@@ -107,7 +107,9 @@ async def rescue_stale(
     ``observed_since`` (when this manager last took the leadership or got the database back).
     Until the manager has watched that long, only executors that went offline (or whose row is
     gone) are rescued: after an outage every heartbeat looks old, and the executors that
-    outlived it need a heartbeat interval to show they are alive.
+    outlived it need a heartbeat interval to show they are alive. A silent executor that
+    recorded a lease is lost only once that lease has run out as well (counted the same way):
+    until then it may still start stage calls, and a rescue would run them twice.
 
     Args:
         store: the engine store.
@@ -117,7 +119,10 @@ async def rescue_stale(
             (None: always watched, as in tests that call ``tick`` directly).
     """
     return await store.suspend_stale(
-        now=now, silent_since=_silent_since(now, settings, observed_since), limit=settings.batch
+        now=now,
+        silent_since=_silent_since(now, settings, observed_since),
+        limit=settings.batch,
+        observed_since=observed_since,
     )
 
 

@@ -448,8 +448,9 @@ class EngineStore(TaskStore, Protocol):
         concurrency: int,
         now: datetime,
         debug: bool = False,
+        lease: timedelta | None = None,
     ) -> None:
-        """Record an executor coming online."""
+        """Record an executor coming online, with the lease it keeps to (None: none)."""
         ...
 
     async def unserved_apps(
@@ -535,9 +536,14 @@ class EngineStore(TaskStore, Protocol):
         ...
 
     async def suspend_stale(
-        self, *, now: datetime, silent_since: datetime | None, limit: int
+        self,
+        *,
+        now: datetime,
+        silent_since: datetime | None,
+        limit: int,
+        observed_since: datetime | None = None,
     ) -> int:
-        """Suspend tasks of silent or offline executors."""
+        """Suspend tasks of silent (past ``silent_since`` and their lease) or offline executors."""
         ...
 
     async def requeue_suspended(self, *, now: datetime, limit: int) -> int:

@@ -428,6 +428,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         concurrency: int,
         now: datetime,
         debug: bool = False,
+        lease: timedelta | None = None,
     ) -> None:
         """Record an executor coming online (``worker-online``)."""
         async with self._connection() as connection:
@@ -440,6 +441,7 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
                 concurrency,
                 now,
                 debug,
+                lease,
             )
 
     async def heartbeat(self, executor_id: str, *, active: int, now: datetime) -> bool:
@@ -530,10 +532,19 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         return driver.as_rows(await self._fetch("overdue", now, limit))
 
     async def suspend_stale(
-        self, *, now: datetime, silent_since: datetime | None, limit: int
+        self,
+        *,
+        now: datetime,
+        silent_since: datetime | None,
+        limit: int,
+        observed_since: datetime | None = None,
     ) -> int:
-        """Suspend tasks of executors silent since ``silent_since`` or offline."""
-        return int(await self._fetchval("suspend_stale", now, silent_since, limit))
+        """Suspend tasks of executors silent since ``silent_since`` or offline.
+
+        A silent executor counts as lost only once its lease (if it recorded one) has also run
+        out since its last heartbeat, or since ``observed_since`` if that is later.
+        """
+        return int(await self._fetchval("suspend_stale", now, silent_since, limit, observed_since))
 
     async def requeue_suspended(self, *, now: datetime, limit: int) -> int:
         """Queue SUSPENDED tasks again at their stage."""

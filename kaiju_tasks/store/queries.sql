@@ -153,12 +153,13 @@ DELETE FROM notifications WHERE id = $1 AND ($2::boolean OR user_id = $3) RETURN
 -- name: register_executor
 -- An executor comes online (or back online under the same id).
 WITH e AS (
-    INSERT INTO executors (id, apps, host, pid, concurrency, started, heartbeat_at, debug)
-    VALUES ($1, $2::text[], $3, $4, $5, $6, $6, $7)
+    INSERT INTO executors (id, apps, host, pid, concurrency, started, heartbeat_at, debug, lease)
+    VALUES ($1, $2::text[], $3, $4, $5, $6, $6, $7, $8)
     ON CONFLICT (id) DO UPDATE
     SET apps = excluded.apps, host = excluded.host, pid = excluded.pid,
         concurrency = excluded.concurrency, started = excluded.started,
-        heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, debug = excluded.debug
+        heartbeat_at = excluded.heartbeat_at, stopped_at = NULL, debug = excluded.debug,
+        lease = excluded.lease
     RETURNING id)
 INSERT INTO events (type, executor_id, created, data)
 SELECT 'worker-online', e.id, $6,
@@ -522,7 +523,9 @@ LIMIT $2;
 
 -- name: suspend_stale
 -- Suspend the tasks of executors that stopped heartbeating (before $2; NULL: none counts as
--- silent, only offline or forgotten executors are lost) or went offline.
+-- silent, only offline or forgotten executors are lost) or went offline. A silent executor is
+-- lost only once its lease has run out too, counted from its last heartbeat or from $4 (when the
+-- manager began watching, if later): until then it may still start stage calls (migration 0015).
 -- The lost executors are found first: a join re-checked after locking could pair a task
 -- just claimed by a live executor with the old executor's row. The runs taken are told to stop
 -- ("task_id claim_id" on kaiju_tasks_cancel): an executor that is in fact alive abandons their
@@ -530,7 +533,10 @@ LIMIT $2;
 WITH lost AS MATERIALIZED (
     SELECT DISTINCT t.executor_id AS id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
     WHERE t.status = 'EXECUTED'
-      AND (e.id IS NULL OR e.stopped_at IS NOT NULL OR e.heartbeat_at < $2)),
+      AND (e.id IS NULL OR e.stopped_at IS NOT NULL
+           OR (e.heartbeat_at < $2
+               AND greatest(e.heartbeat_at, $4::timestamptz)
+                   < $1::timestamptz - coalesce(e.lease, interval '0')))),
 stale AS (
     SELECT t.id FROM tasks t
     WHERE t.status = 'EXECUTED' AND t.executor_id IN (SELECT id FROM lost)

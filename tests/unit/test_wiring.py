@@ -70,6 +70,7 @@ def _executor_view(executor: Executor):
         executor.prefetch,
         executor.poll_interval,
         executor.heartbeat_interval,
+        executor.lease,
         executor.shutdown_grace,
         executor.client.token,
     )
@@ -118,7 +119,7 @@ async def test_manager_options_convert_seconds_and_days():
 @pytest.mark.parametrize("name", _fields(config.ExecutorSettings, skip=("apps",)))
 async def test_every_executor_option_reaches_the_executor(name):
     default = config.ExecutorSettings()
-    value: Any = _other(getattr(default, name)) if name != "token" else "kt_token"
+    value: Any = {"token": "kt_token", "lease": 60.0}.get(name, _other(getattr(default, name)))
     changed = dataclasses.replace(default, **{name: value})
     assert _executor_view(_executor(changed)) != _executor_view(_executor(default))
 

@@ -1,0 +1,178 @@
+"""Executor leases: a cut-off executor starts no stage call its rescued tasks' new runs make.
+
+The manager rescues a silent executor's tasks no earlier than the lease the executor recorded;
+the executor, for its part, starts no call once most of its lease has passed without a
+heartbeat the database took. Together: a run the manager rescued never calls its stage beside
+the run that replaced it (only a call already in flight at the cut can be made twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from kaiju_tasks import Task, TaskCommand, context, errors
+from kaiju_tasks.executor import Executor
+from kaiju_tasks.manager import Manager, steps
+from kaiju_tasks.methods import Methods
+from kaiju_tasks.store import driver, postgres
+from kaiju_tasks.testing import eventually
+from tests.integration.engine.support import wait_for
+from tests.integration.test_leadership import FreezableProxy, proxy_dsn
+
+__all__ = ["proxy_dsn"]  # the fixture, used below
+
+
+async def _claimed_by(store, executor_id: str, task_id: str, clock) -> None:
+    rows = await store.claim(["default"], executor_id, limit=1, now=clock.now())
+    assert [r["id"] for r in rows] == [task_id]
+
+
+async def test_the_manager_waits_for_a_silent_executors_lease_to_end(task_service, store, clock):
+    now = clock.now()
+    await store.register_executor(
+        "leased", apps=["default"], host="h", pid=1, concurrency=1, now=now,
+        lease=timedelta(seconds=60),
+    )  # fmt: skip
+    await store.register_executor(
+        "old", apps=["other"], host="h", pid=2, concurrency=1, now=now
+    )  # an executor of an earlier version: no lease recorded
+    leased = await task_service.create(Task(commands=[TaskCommand(method="m")]))
+    await _claimed_by(store, "leased", leased["id"], clock)
+    old = await task_service.create(Task(commands=[TaskCommand(method="m")], app_name="other"))
+    rows = await store.claim(["other"], "old", limit=1, now=now)
+    assert [r["id"] for r in rows] == [old["id"]]
+    settings = steps.Settings(stale_after=timedelta(seconds=30))
+
+    # Past stale_after but inside the lease: only the executor without a lease is lost.
+    at = clock.advance(40)
+    assert await steps.rescue_stale(store, at, settings) == 1
+    assert (await store.get_task(leased["id"]))["status"] == "EXECUTED"
+    assert (await store.get_task(old["id"]))["status"] == "SUSPENDED"
+
+    # Past the lease too.
+    at = clock.advance(21)
+    assert await steps.rescue_stale(store, at, settings) == 1
+    assert (await store.get_task(leased["id"]))["status"] == "SUSPENDED"
+
+
+async def test_the_lease_counts_from_when_the_manager_began_watching(task_service, store, clock):
+    start = clock.now()
+    await store.register_executor(
+        "leased", apps=["default"], host="h", pid=1, concurrency=1, now=start,
+        lease=timedelta(seconds=60),
+    )  # fmt: skip
+    task = await task_service.create(Task(commands=[TaskCommand(method="m")]))
+    await _claimed_by(store, "leased", task["id"], clock)
+    settings = steps.Settings(stale_after=timedelta(seconds=30))
+    watched_from = clock.advance(300)  # the manager got the database back only now
+    at = clock.advance(45)  # watched for stale_after, not yet for the lease
+    assert await steps.rescue_stale(store, at, settings, observed_since=watched_from) == 0
+    at = clock.advance(16)
+    assert await steps.rescue_stale(store, at, settings, observed_since=watched_from) == 1
+
+
+def test_a_lease_shorter_than_two_heartbeats_is_refused(store):
+    with pytest.raises(errors.ConfigError, match="lease"):
+        Executor(
+            store,
+            heartbeat_interval=timedelta(seconds=5),
+            lease=timedelta(seconds=9),
+        )
+    default = Executor(store, heartbeat_interval=timedelta(seconds=2))
+    assert default.lease == timedelta(seconds=6)
+
+
+@pytest.fixture
+async def cut_store(
+    proxy_dsn,
+) -> AsyncIterator[tuple[postgres.PostgresEngineStore, FreezableProxy]]:
+    """An engine store whose connections pass through a proxy the test can freeze."""
+    dsn, proxy = proxy_dsn
+    pool = await driver.create_pool(dsn, min_size=1, max_size=4)
+    try:
+        yield postgres.PostgresEngineStore(pool), proxy
+    finally:
+        proxy.flowing.set()
+        pool.terminate()
+
+
+async def test_a_cut_off_executor_starts_no_call_of_a_task_the_manager_rescued(
+    task_service, store, clock, cut_store, dsn, caplog
+):
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    cut, proxy = cut_store
+    calls: list[tuple[str, str]] = []  # (executor, task)
+    gate = asyncio.Event()
+    methods = Methods()
+
+    @methods.register("gated")
+    async def gated() -> str:
+        current = context.current_task.get()
+        assert current is not None
+        calls.append((current["executor_id"], current["task_id"]))
+        await gate.wait()
+        return "done"
+
+    tasks = [
+        (await task_service.create(Task(id=f"t{i}", commands=[TaskCommand(method="gated")])))["id"]
+        for i in range(2)
+    ]
+    cut_off = Executor(
+        cut,
+        executor_id="cut-off",
+        methods=methods,
+        clock=clock,
+        concurrency=1,
+        prefetch=5,
+        poll_interval=timedelta(milliseconds=50),
+        heartbeat_interval=timedelta(milliseconds=200),
+    )
+    async with cut_off:
+        try:
+            # One task calls (and holds the only slot); the other is claimed ahead.
+            await eventually(lambda: len(calls) == 1 and cut_off.active == 2, within=30)
+            first = calls[0][1]
+            proxy.freeze()  # the executor's host is cut off from the database
+            lapsed = cut_off._lease_until  # when no heartbeat renews it
+            await eventually(lambda: time.monotonic() > lapsed, within=30)
+            # The call in flight returns (its result cannot be written); its slot goes to the
+            # task claimed ahead, which must wait for a heartbeat.
+            gate.set()
+            await eventually(
+                lambda: any(r.getMessage().startswith("Lease lapsed") for r in caplog.records),
+                within=30,
+                interval=0.05,
+            )
+
+            # The manager, which still reaches the database, rescues the silent executor's
+            # tasks, and another executor runs them.
+            clock.advance(steps.DEFAULT_STALE_AFTER + timedelta(seconds=1))
+            done = await Manager(store, clock=clock).tick(clock.now())
+            assert done["rescue_stale"] == 2
+            assert done["requeue_suspended"] == 2
+            async with Executor(
+                store,
+                executor_id="elsewhere",
+                methods=methods,
+                clock=clock,
+                poll_interval=timedelta(milliseconds=50),
+            ):
+                for task_id in tasks:
+                    await wait_for(store, task_id, "FINISHED", within=30)
+        finally:
+            # The network comes back: the cut-off executor learns its runs were taken and
+            # drops them without calling.
+            proxy.flowing.set()
+        await eventually(lambda: cut_off.active == 0, within=30)
+
+    assert sorted(t for e, t in calls if e == "elsewhere") == sorted(tasks)
+    assert [t for e, t in calls if e == "cut-off"] == [first]
+    for task_id in tasks:
+        row = await store.get_task(task_id)
+        assert (row["status"], row["result"]) == ("FINISHED", ["done"])
