@@ -195,7 +195,13 @@ async def _rpc_calls(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     raw = await request.read()  # read within body_timeout and max_body by _guard
     token = auth.bearer_token(request)
-    return await calls.respond(api, raw, request.app[auth.TOKENS_KEY], token)
+    return await calls.respond(
+        api,
+        raw,
+        request.app[auth.TOKENS_KEY],
+        token,
+        correlation_id=request.headers.get(protocol.CORRELATION_HEADER),
+    )
 
 
 async def _health(request: web.Request) -> web.Response:
