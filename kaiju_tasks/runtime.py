@@ -21,6 +21,7 @@ starts the embedded PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class TaskRuntime:
 
     Args:
         dsn: PostgreSQL DSN; None starts the embedded server (data in ``embedded_dir``).
+        embedded_dir: the embedded server's data directory. Default: as the ``kaiju-tasks``
+            command finds it, from ``KAIJU_TASKS_DATABASE_EMBEDDED_DIR``, else
+            ``KAIJU_TASKS_EMBEDDED_DIR``, else the user's data directory; so a script and
+            ``kaiju-tasks run`` on one machine share one server.
         direct_dsn: a direct DSN when ``dsn`` is a transaction pooler (PgBouncer with
             ``pool_mode = transaction``): LISTEN, the leadership lock and its duties and
             migrations use it, the pool uses ``dsn`` without prepared statements.
@@ -107,7 +112,7 @@ class TaskRuntime:
     async def start(self) -> None:
         """Connect (starting the embedded server if needed), migrate, start the components."""
         if self.dsn is None:
-            self._server = embedded.EmbeddedPostgres(self.embedded_dir)
+            self._server = embedded.EmbeddedPostgres(self.embedded_dir or _embedded_dir())
             self.dsn = await asyncio.to_thread(self._server.start)
         dsn = self.direct_dsn or self.dsn  # for LISTEN, the leadership and migrations
         if self.apply_migrations:
@@ -155,3 +160,11 @@ class TaskRuntime:
         if self._server is not None:
             await asyncio.to_thread(self._server.stop)
             self._server = None
+
+
+def _embedded_dir() -> Path | None:
+    """The embedded data directory the environment names, as the CLI reads it (or None)."""
+    for name in (f"{config.ENV_PREFIX}DATABASE_EMBEDDED_DIR", embedded.ENV_DATA_DIR):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    return None

@@ -371,3 +371,19 @@ def test_default_data_dir_prefers_the_override_and_keeps_roots_data_out_of_root_
         assert embedded.default_data_dir() == Path("/var/lib/kaiju-tasks/postgres")
     else:
         assert embedded.default_data_dir().name == "postgres"
+
+
+@pytest.mark.parametrize(
+    "variable", ["KAIJU_TASKS_DATABASE_EMBEDDED_DIR", "KAIJU_TASKS_EMBEDDED_DIR"]
+)
+async def test_task_runtime_finds_the_embedded_dir_the_cli_finds(fresh_dir, monkeypatch, variable):
+    # A script's TaskRuntime() and `kaiju-tasks run` on one machine must share one server.
+    from kaiju_tasks import TaskRuntime
+
+    monkeypatch.delenv("KAIJU_TASKS_DATABASE_EMBEDDED_DIR", raising=False)
+    monkeypatch.delenv("KAIJU_TASKS_EMBEDDED_DIR", raising=False)
+    monkeypatch.setenv(variable, str(fresh_dir))
+    async with TaskRuntime(executor=False, manager=False) as runtime:
+        assert runtime.dsn is not None
+        assert await _select_one(runtime.dsn) == 1
+        assert (fresh_dir / "PG_VERSION").is_file()
