@@ -343,9 +343,7 @@ async def test_stream_ends_when_the_server_stops(
     client: Client = await aiohttp_client(app)
     stream = await client.get("/stream", headers=_cookie(await _session(client, tokens["system"])))
     assert (await stream.content.readline()).startswith(b"retry:")
-    started = asyncio.get_running_loop().time()
-    await client.close()
-    assert asyncio.get_running_loop().time() - started < 5
+    await asyncio.wait_for(client.close(), 30)  # the open stream does not hold the server
 
 
 async def test_partial_returns_only_the_live_part(
