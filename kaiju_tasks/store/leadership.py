@@ -60,7 +60,9 @@ class AdvisoryLeadership(base.Leadership):
             try:
                 await self._connection.fetchval("SELECT 1", timeout=self.check_timeout)
                 return True
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception:  # noqa: BLE001 - whatever it is, the lock is no longer proven
+                # A connection that hangs, was closed, or was left mid-operation by a duty
+                # cancelled during its query ("another operation is in progress").
                 self._connection.terminate()  # no goodbye on a connection that hangs
                 self._connection = None
                 return False  # step down now; the next call competes again
@@ -71,11 +73,12 @@ class AdvisoryLeadership(base.Leadership):
                 server_settings={"application_name": "kaiju-tasks-leader", **self.KEEPALIVE},
             )
         try:
-            got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
-            if got:
-                await driver.init_connection(connection)  # the duties' JSON codecs
+            with driver.translate():  # a server going away now is an outage, not a bug
+                got = await connection.fetchval("SELECT pg_try_advisory_lock($1)", self.key)
+                if got:
+                    await driver.init_connection(connection)  # the duties' JSON codecs
         except BaseException:
-            await connection.close()
+            connection.terminate()  # it may be broken: closing could wait on it
             raise
         if not got:
             await connection.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -143,3 +144,35 @@ async def test_the_leaders_duties_run_in_the_session_that_holds_the_lock(
             await fenced.requeue_suspended(now=now, limit=10)
     finally:
         await leader.release()
+
+
+async def test_a_leader_whose_connection_is_left_mid_operation_steps_down(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in the chaos suite as the server shut down: asyncpg's "cannot switch to state 12;
+    # another operation (2) is in progress" reached the manager as a traceback.
+    import asyncpg
+
+    leader = postgres.AdvisoryLeadership(dsn)
+    standby = postgres.AdvisoryLeadership(dsn)
+    try:
+        assert await leader.hold()
+        broken = leader._connection
+        assert broken is not None
+
+        fetchval = asyncpg.Connection.fetchval
+
+        async def mid_operation(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+            if self is broken:
+                raise asyncpg.InternalClientError(
+                    "cannot switch to state 12; another operation (2) is in progress"
+                )
+            return await fetchval(self, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, "fetchval", mid_operation)
+        assert not await leader.hold()  # stepped down, no exception
+        assert broken.is_closed()  # and the session, with its lock, is gone
+        assert await standby.hold()
+    finally:
+        await leader.release()
+        await standby.release()
