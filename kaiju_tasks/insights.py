@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypedDict, cast, runtime_checkable
+from typing import Any, cast
 
 from kaiju_tasks import models
 from kaiju_tasks.store import base, opening
@@ -40,30 +40,8 @@ WORKERS_LIMIT = 200
 """Most executors a listing of executors returns by default."""
 
 
-class EndedCount(TypedDict):
-    """Task runs of an app that ended in a status (FINISHED or FAILED).
-
-    ``app`` is None for a task deleted since.
-    """
-
-    app: str | None
-    status: str
-    count: int
-
-
-@runtime_checkable
-class EndedReads(Protocol):
-    """The read of ended runs (``PostgresInsights.ended_counts``).
-
-    Not yet part of :class:`~kaiju_tasks.store.base.InsightsStore`: a store without it reports
-    no ended runs.
-    """
-
-    async def ended_counts(
-        self, cursor: base.EventCursor | None
-    ) -> tuple[base.EventCursor | None, list[EndedCount]]:
-        """Runs ended after ``cursor`` by app and status, and the cursor after them."""
-        ...
+EndedCount = base.EndedCount
+"""Task runs of an app that ended in a status (see :class:`kaiju_tasks.store.base.EndedCount`)."""
 
 
 # -- opening the store ------------------------------------------------------------------------
@@ -295,8 +273,6 @@ class Insights:
         that passing the returned cursor back counts each run once; the cursor comes back as
         given when nothing was written since. Never cached.
         """
-        if not isinstance(self.store, EndedReads):
-            return cursor, []
         return await self.store.ended_counts(cursor)
 
     # -- events -------------------------------------------------------------------------------

@@ -241,6 +241,17 @@ EventCursor = tuple[str, int]
 """Where an event receiver stands: the transaction id (as text) and id of the last event read."""
 
 
+class EndedCount(TypedDict):
+    """Task runs of an app that ended in a status (FINISHED or FAILED).
+
+    ``app`` is None for a task deleted since.
+    """
+
+    app: str | None
+    status: str
+    count: int
+
+
 class RawTask(TypedDict):
     """A task's facts and its JSON columns as stored text, each cut to a length."""
 
@@ -619,6 +630,16 @@ class InsightsStore(Protocol):
 
     async def served_apps(self, *, alive_since: datetime) -> set[str]:
         """The apps live executors serve."""
+        ...
+
+    async def ended_counts(
+        self, cursor: EventCursor | None
+    ) -> tuple[EventCursor | None, list[EndedCount]]:
+        """Task runs ended after ``cursor`` (None: every kept event), and the cursor after them.
+
+        By app and status, the most first; the cursor comes back as given when no event was
+        written since.
+        """
         ...
 
     async def events_after(

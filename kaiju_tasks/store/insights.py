@@ -8,7 +8,7 @@ one service over them. Rows come back as the typed dicts of ``base``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
 from kaiju_tasks import errors
 from kaiju_tasks.store import base, driver, locks
@@ -94,7 +94,7 @@ class PostgresInsights(driver.Queries, base.InsightsStore):
 
     async def ended_counts(
         self, cursor: base.EventCursor | None
-    ) -> tuple[base.EventCursor | None, list[dict[str, Any]]]:
+    ) -> tuple[base.EventCursor | None, list[base.EndedCount]]:
         """Task runs ended after ``cursor`` by app and status, and the cursor after them.
 
         Rows are ``{app, status, count}`` (``app`` None for a task deleted since), the most
@@ -104,7 +104,7 @@ class PostgresInsights(driver.Queries, base.InsightsStore):
         rows = await self._fetch("ended_counts", xid, event_id)
         if not rows:
             return cursor, []
-        ended = [
+        ended: list[base.EndedCount] = [
             {"app": r["app"], "status": r["status"], "count": r["count"]}
             for r in rows
             if r["status"] is not None

@@ -43,11 +43,6 @@ async def test_each_read_adds_what_ended_after_the_last_cursor() -> None:
     assert store.asked == [None, ("10", 5), ("10", 5)]
 
 
-async def test_a_store_without_the_read_reports_nothing() -> None:
-    totals = metrics.EndedTotals()
-    assert await totals.read(insights.Insights(object())) == {}  # type: ignore[arg-type]
-
-
 def test_app_labels_are_bounded_and_kept() -> None:
     totals = metrics.EndedTotals()
     totals.add([_row(f"app{i:03}", "FINISHED", 1) for i in range(metrics.MAX_APPS + 5)])
