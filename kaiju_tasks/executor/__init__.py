@@ -162,14 +162,17 @@ class Executor(pipeline.Pipeline):
         self._lease_until = -math.inf
         self._lease_renewed = asyncio.Event()
         self._lease_lapsed = False  # logged once per lapse
+        self._heartbeats_done = asyncio.Event()  # set by stop()
         self.shutdown_grace = shutdown_grace
-        self.client = rpc_client.Client(token=app_token)
+        # As many connections as calls may be in flight, so no call that passed the lease
+        # check then waits for a connection (aiohttp's default is 100).
+        self.client = rpc_client.Client(token=app_token, connections=max(100, concurrency))
         batch_sizes = dict(app_batch or {})
         for app, queue in self.debug_queues.items():
             if app in batch_sizes:
                 batch_sizes[queue] = batch_sizes[app]
         self._call_batches = {
-            app: rpc_client.CallBatches(self.client, self.app_urls[app], size)
+            app: rpc_client.CallBatches(self.client, self.app_urls[app], size, ready=self._leased)
             for app, size in batch_sizes.items()
             if size > 1 and app in self.app_urls
         }
@@ -257,14 +260,31 @@ class Executor(pipeline.Pipeline):
         until = sent + LEASE_USED * self.lease.total_seconds()
         if until > self._lease_until:
             self._lease_until = until
-        if not self._lease_renewed.is_set():
+        if time.monotonic() < self._lease_until and not self._lease_renewed.is_set():
             self._lease_renewed.set()
+            self._wake.set()  # the claim loop, which claims nothing while the lease is out
             if self._lease_lapsed:
                 self._lease_lapsed = False
                 logger.info(
                     "Lease renewed: stage calls start again",
                     extra={"event": "lease_renewed", "executor_id": self.id},
                 )
+
+    def _lease_held(self) -> bool:
+        """Whether a stage call may start now (see :meth:`_leased`); notes a lapse once."""
+        if time.monotonic() < self._lease_until:
+            return True
+        if self._lease_renewed.is_set():
+            self._lease_renewed.clear()
+            if not self._lease_lapsed and math.isfinite(self._lease_until):
+                self._lease_lapsed = True
+                logger.warning(
+                    "Lease lapsed: no heartbeat recorded for %g s; stage calls wait for the"
+                    " next one",
+                    LEASE_USED * self.lease.total_seconds(),
+                    extra={"event": "lease_lapsed", "executor_id": self.id},
+                )
+        return False
 
     async def _leased(self) -> None:
         """Wait until this executor's lease allows a stage call to start.
@@ -274,17 +294,7 @@ class Executor(pipeline.Pipeline):
         replaces it. The wait ends with the next heartbeat (or with the run cancelled, if the
         manager rescued it meanwhile: the heartbeat abandons such runs before renewing).
         """
-        while time.monotonic() >= self._lease_until:
-            if self._lease_renewed.is_set():
-                self._lease_renewed.clear()
-                if not self._lease_lapsed and math.isfinite(self._lease_until):
-                    self._lease_lapsed = True
-                    logger.warning(
-                        "Lease lapsed: no heartbeat recorded for %g s; stage calls wait for"
-                        " the next one",
-                        LEASE_USED * self.lease.total_seconds(),
-                        extra={"event": "lease_lapsed", "executor_id": self.id},
-                    )
+        while not self._lease_held():
             await self._lease_renewed.wait()
 
     async def run(self) -> None:
@@ -304,12 +314,12 @@ class Executor(pipeline.Pipeline):
         # The claim loop ends by itself once the claim in flight returns (its tasks are handed
         # back, see tick): a claim cancelled midway may still commit, leaving tasks EXECUTED by
         # an executor that is gone. Only a claim that hangs past the grace period is cancelled.
-        claim_loops, other_loops = self._loops[:1], self._loops[1:]
-        for loop in other_loops:
-            loop.cancel()
+        # Heartbeats go on until the runs have ended: they keep the lease, without which the
+        # runs could start no more calls during the grace period.
+        claim_loops, heartbeats = self._loops[:1], self._loops[1:]
         if claim_loops:
             await asyncio.wait(claim_loops, timeout=self.shutdown_grace.total_seconds())
-        for loop in self._loops:
+        for loop in claim_loops:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
@@ -322,6 +332,13 @@ class Executor(pipeline.Pipeline):
             self._running[task_id].cancel()
         if left:
             await asyncio.wait([self._running[t] for t in left])
+        # The heartbeat loop ends after the beat in progress: cancelled amid a query, it would
+        # wait for the query's cancellation, which a cut network can hold up for long.
+        self._heartbeats_done.set()
+        if heartbeats:
+            await asyncio.wait(heartbeats, timeout=self.shutdown_grace.total_seconds())
+        for loop in heartbeats:
+            loop.cancel()
         try:
             # Every run has ended: whatever the database still says this executor holds is
             # handed back too (a claim whose reply was lost, one cancelled at the deadline).
@@ -431,10 +448,13 @@ class Executor(pipeline.Pipeline):
     async def _heartbeat_loop(self) -> None:
         interval = self.heartbeat_interval.total_seconds()
         delay = interval
-        while True:
-            await asyncio.sleep(delay)
+        while not self._heartbeats_done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._heartbeats_done.wait()
+                break  # stop() has no more use for heartbeats
+            sent = time.monotonic()
             try:
-                sent = time.monotonic()
                 alive = await self.store.heartbeat(
                     self.id, active=self.active, now=self.clock.now()
                 )
@@ -456,7 +476,8 @@ class Executor(pipeline.Pipeline):
                 )
             else:
                 self._outage.ok()
-            delay = interval
+            # One beat every interval, however long this one took (the lease counts from it).
+            delay = max(0.0, interval - (time.monotonic() - sent))
 
     async def _check_running(self) -> None:
         """Abandon tasks no longer ours, hand back tasks ours in the database but not running.
@@ -496,6 +517,11 @@ class Executor(pipeline.Pipeline):
         """Claim as many tasks as there are free slots and start them; return how many."""
         free = self._room()
         if self._stopping:
+            return 0
+        if not self._lease_held():
+            # Taken for lost, this executor may be rescued: what it claimed now could not
+            # start, and a task it held before could come back to it as a second run.
+            self._backlog = True
             return 0
         if free <= 0:
             # Woken with no room (a notification, the poll): what woke it may be waiting, so

@@ -57,6 +57,7 @@ class Pipeline(outcome.Outcomes):
     _wake: asyncio.Event
     _backlog: bool
     _listener: notifications.Listener | None
+    _claims: dict[str, str]
 
     async def _leased(self) -> None:  # Executor's: wait until the lease allows a call
         raise NotImplementedError
@@ -163,6 +164,8 @@ class Pipeline(outcome.Outcomes):
             async with _NO_SLOT if kind.park is not None else self._slots:
                 if kind.park is None:
                     await self._leased()  # no call once the manager may have rescued the task
+                    if self._claims.get(task_id) != row["claim_id"]:
+                        raise outcome.Revoked  # rescued meanwhile, and claimed here anew
                 now = self.clock.now()
                 meter["started"] = asyncio.get_running_loop().time()
                 data = self._template_data(row, results)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -49,16 +49,24 @@ class Client:
     """Calls JSON-RPC methods over HTTP; the caller bounds each call with asyncio.timeout."""
 
     def __init__(
-        self, session: aiohttp.ClientSession | None = None, *, token: str | None = None
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        token: str | None = None,
+        connections: int = 100,
     ) -> None:
         self._session = session
         self._own = session is None
+        self.connections = connections
+        """Most connections of the session it opens (not of a session given)."""
         self.token = token
         """Sent as ``Authorization: Bearer <token>`` (e.g. to another kaiju-tasks server)."""
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connections)
+            )
             self._own = True
         return self._session
 
@@ -195,11 +203,22 @@ class CallBatches:
     batch.
     """
 
-    def __init__(self, client: Client, url: str, max_batch: int, *, in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        client: Client,
+        url: str,
+        max_batch: int,
+        *,
+        in_flight: int = 2,
+        ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.client = client
         self.url = url
         self.max_batch = max_batch
         self.in_flight = in_flight
+        self.ready = ready
+        """Awaited before each batch goes out (the executor's lease): a call queued while the
+        executor may have lost its runs waits, and is dropped if its caller gave up."""
         self._pending: list[tuple[tuple[str, Any, str], datetime | None, float | None, Any]] = []
         self._flushers: set[asyncio.Task[None]] = set()
 
@@ -227,6 +246,8 @@ class CallBatches:
 
     async def _flush(self) -> None:
         while self._pending:
+            if self.ready is not None:
+                await self.ready()
             batch = [entry for entry in self._pending[: self.max_batch] if not entry[3].done()]
             del self._pending[: self.max_batch]
             if not batch:

@@ -527,16 +527,28 @@ LIMIT $2;
 -- lost only once its lease has run out too, counted from its last heartbeat or from $4 (when the
 -- manager began watching, if later): until then it may still start stage calls (migration 0015).
 -- The lost executors are found first: a join re-checked after locking could pair a task
--- just claimed by a live executor with the old executor's row. The runs taken are told to stop
--- ("task_id claim_id" on kaiju_tasks_cancel): an executor that is in fact alive abandons their
--- calls at once instead of at its next heartbeat.
-WITH lost AS MATERIALIZED (
-    SELECT DISTINCT t.executor_id AS id FROM tasks t LEFT JOIN executors e ON e.id = t.executor_id
-    WHERE t.status = 'EXECUTED'
-      AND (e.id IS NULL OR e.stopped_at IS NOT NULL
+-- just claimed by a live executor with the old executor's row. Their rows are locked (FOR
+-- SHARE) until the rescue commits: a heartbeat committed meanwhile is seen (the row is checked
+-- again, and the executor is not lost), one in progress makes the rescue pass the executor by
+-- for this tick (SKIP LOCKED: never wait on a connection that may be cut), and one that comes
+-- later waits for the rescue, so the executor's look at its runs after that heartbeat sees
+-- them taken. The runs taken are told to stop ("task_id claim_id" on kaiju_tasks_cancel): an
+-- executor that is in fact alive abandons their calls at once instead of at its next
+-- heartbeat.
+WITH silent AS MATERIALIZED (
+    SELECT e.id FROM executors e
+    WHERE (e.stopped_at IS NOT NULL
            OR (e.heartbeat_at < $2
                AND greatest(e.heartbeat_at, $4::timestamptz)
-                   < $1::timestamptz - coalesce(e.lease, interval '0')))),
+                   < $1::timestamptz - coalesce(e.lease, interval '0')))
+      AND EXISTS (SELECT 1 FROM tasks t WHERE t.executor_id = e.id AND t.status = 'EXECUTED')
+    FOR SHARE OF e SKIP LOCKED),
+lost AS MATERIALIZED (
+    SELECT id FROM silent
+    UNION
+    SELECT t.executor_id FROM tasks t
+    WHERE t.status = 'EXECUTED'
+      AND NOT EXISTS (SELECT 1 FROM executors e WHERE e.id = t.executor_id)),
 stale AS (
     SELECT t.id FROM tasks t
     WHERE t.status = 'EXECUTED' AND t.executor_id IN (SELECT id FROM lost)
@@ -615,8 +627,13 @@ DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE create
 DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created < $1 LIMIT $2);
 
 -- name: prune_executors
--- Forget executors that have been silent longer than the retention period.
-DELETE FROM executors WHERE id IN (SELECT id FROM executors WHERE heartbeat_at < $1 LIMIT $2);
+-- Forget executors that have been silent longer than the retention period and hold no task
+-- (those are rescued first, by suspend_stale, which keeps to their lease).
+DELETE FROM executors WHERE id IN (
+    SELECT e.id FROM executors e
+    WHERE e.heartbeat_at < $1
+      AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.executor_id = e.id AND t.status = 'EXECUTED')
+    LIMIT $2);
 
 -- name: notify_cancel
 -- Tell executors to abandon the running stages of these tasks.

@@ -50,6 +50,8 @@ class FreezableProxy:
                 await self.flowing.wait()
                 sink.write(data)
                 await sink.drain()
+            await self.flowing.wait()
+            sink.close()  # one side closed: so does the other (asyncpg's cancel waits for it)
 
     def freeze(self) -> None:
         self.flowing.clear()

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from kaiju_tasks import Task, TaskCommand, context, errors
@@ -77,6 +78,40 @@ async def test_the_lease_counts_from_when_the_manager_began_watching(task_servic
     assert await steps.rescue_stale(store, at, settings, observed_since=watched_from) == 1
 
 
+async def test_a_heartbeat_committed_during_a_rescue_is_seen_by_it(task_service, store, clock, dsn):
+    # The rescue locks the rows of the executors it judges lost: a heartbeat in progress makes
+    # it pass the executor by; one committed first is seen; one that comes later waits for the
+    # rescue (and the executor's look at its runs afterwards sees them taken). Never both: the
+    # heartbeat counted as alive by the executor, its tasks rescued anyway.
+    await store.register_executor(
+        "late", apps=["default"], host="h", pid=1, concurrency=1, now=clock.now()
+    )
+    task = await task_service.create(Task(commands=[TaskCommand(method="m")]))
+    await _claimed_by(store, "late", task["id"], clock)
+    at = clock.advance(steps.DEFAULT_STALE_AFTER + timedelta(seconds=1))
+    beat = await asyncpg.connect(dsn)
+    try:
+        heartbeat = beat.transaction()
+        await heartbeat.start()
+        await beat.execute("UPDATE executors SET heartbeat_at = $1 WHERE id = 'late'", at)
+        rescue = asyncio.create_task(steps.rescue_stale(store, at, steps.Settings()))
+
+        async def rescue_waits_or_ended() -> bool:
+            return rescue.done() or bool(
+                await store.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%WITH silent AS MATERIALIZED%'"
+                )
+            )
+
+        await eventually(rescue_waits_or_ended, within=30)
+        await heartbeat.commit()
+        assert await asyncio.wait_for(rescue, 30) == 0
+    finally:
+        await beat.close()
+    assert (await store.get_task(task["id"]))["status"] == "EXECUTED"
+
+
 def test_a_lease_shorter_than_two_heartbeats_is_refused(store):
     with pytest.raises(errors.ConfigError, match="lease"):
         Executor(
@@ -102,23 +137,36 @@ async def cut_store(
         pool.terminate()
 
 
-async def test_a_cut_off_executor_starts_no_call_of_a_task_the_manager_rescued(
-    task_service, store, clock, cut_store, dsn, caplog
-):
-    caplog.set_level(logging.INFO, logger="kaiju_tasks")
-    cut, proxy = cut_store
-    calls: list[tuple[str, str]] = []  # (executor, task)
-    gate = asyncio.Event()
-    methods = Methods()
+class Gated:
+    """A method ``gated`` that records (executor, task) and returns once the gate opens."""
 
-    @methods.register("gated")
-    async def gated() -> str:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.gate = asyncio.Event()
+        self.methods = Methods()
+        self.methods.register("gated")(self.gated)
+
+    async def gated(self) -> str:
         current = context.current_task.get()
         assert current is not None
-        calls.append((current["executor_id"], current["task_id"]))
-        await gate.wait()
+        self.calls.append((current["executor_id"], current["task_id"]))
+        await self.gate.wait()
         return "done"
 
+    def of(self, executor_id: str) -> list[str]:
+        return [task for executor, task in self.calls if executor == executor_id]
+
+
+async def _cut_off_while_calling(
+    task_service, clock, cut_store, caplog, gated: Gated
+) -> tuple[Executor, list[str], str]:
+    """Start an executor over ``cut_store`` holding two tasks, one calling, then cut it off.
+
+    Returns once its lease has lapsed and the second task, given the slot the first call freed,
+    waits for a heartbeat; the first call has returned, its result unwritten.
+    """
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    cut, proxy = cut_store
     tasks = [
         (await task_service.create(Task(id=f"t{i}", commands=[TaskCommand(method="gated")])))["id"]
         for i in range(2)
@@ -126,53 +174,90 @@ async def test_a_cut_off_executor_starts_no_call_of_a_task_the_manager_rescued(
     cut_off = Executor(
         cut,
         executor_id="cut-off",
-        methods=methods,
+        methods=gated.methods,
         clock=clock,
         concurrency=1,
         prefetch=5,
         poll_interval=timedelta(milliseconds=50),
         heartbeat_interval=timedelta(milliseconds=200),
     )
-    async with cut_off:
-        try:
-            # One task calls (and holds the only slot); the other is claimed ahead.
-            await eventually(lambda: len(calls) == 1 and cut_off.active == 2, within=30)
-            first = calls[0][1]
-            proxy.freeze()  # the executor's host is cut off from the database
-            lapsed = cut_off._lease_until  # when no heartbeat renews it
-            await eventually(lambda: time.monotonic() > lapsed, within=30)
-            # The call in flight returns (its result cannot be written); its slot goes to the
-            # task claimed ahead, which must wait for a heartbeat.
-            gate.set()
-            await eventually(
-                lambda: any(r.getMessage().startswith("Lease lapsed") for r in caplog.records),
-                within=30,
-                interval=0.05,
-            )
+    await cut_off.start()
+    # One task calls (and holds the only slot); the other is claimed ahead.
+    await eventually(lambda: len(gated.calls) == 1 and cut_off.active == 2, within=30)
+    proxy.freeze()  # the executor's host is cut off from the database
+    seen = len(caplog.records)
+    await eventually(lambda: time.monotonic() > cut_off._lease_until, within=30)
+    # The call in flight returns (its result cannot be written); its slot goes to the task
+    # claimed ahead, which must wait for a heartbeat.
+    gated.gate.set()
+    await eventually(
+        lambda: any(r.getMessage().startswith("Lease lapsed") for r in caplog.records[seen:]),
+        within=30,
+        interval=0.05,
+    )
+    return cut_off, tasks, gated.calls[0][1]
 
-            # The manager, which still reaches the database, rescues the silent executor's
-            # tasks, and another executor runs them.
-            clock.advance(steps.DEFAULT_STALE_AFTER + timedelta(seconds=1))
-            done = await Manager(store, clock=clock).tick(clock.now())
-            assert done["rescue_stale"] == 2
-            assert done["requeue_suspended"] == 2
-            async with Executor(
-                store,
-                executor_id="elsewhere",
-                methods=methods,
-                clock=clock,
-                poll_interval=timedelta(milliseconds=50),
-            ):
-                for task_id in tasks:
-                    await wait_for(store, task_id, "FINISHED", within=30)
-        finally:
-            # The network comes back: the cut-off executor learns its runs were taken and
-            # drops them without calling.
-            proxy.flowing.set()
-        await eventually(lambda: cut_off.active == 0, within=30)
 
-    assert sorted(t for e, t in calls if e == "elsewhere") == sorted(tasks)
-    assert [t for e, t in calls if e == "cut-off"] == [first]
+async def _rescue(store, clock) -> None:
+    """The manager, which still reaches the database, rescues the silent executor's tasks."""
+    clock.advance(steps.DEFAULT_STALE_AFTER + timedelta(seconds=1))
+    done = await Manager(store, clock=clock).tick(clock.now())
+    assert done["rescue_stale"] == 2
+    assert done["requeue_suspended"] == 2
+
+
+async def test_a_cut_off_executor_starts_no_call_of_a_task_the_manager_rescued(
+    task_service, store, clock, cut_store, caplog
+):
+    gated = Gated()
+    _, proxy = cut_store
+    cut_off, tasks, first = await _cut_off_while_calling(
+        task_service, clock, cut_store, caplog, gated
+    )
+    try:
+        await _rescue(store, clock)
+        async with Executor(
+            store,
+            executor_id="elsewhere",
+            methods=gated.methods,
+            clock=clock,
+            poll_interval=timedelta(milliseconds=50),
+        ):
+            for task_id in tasks:
+                await wait_for(store, task_id, "FINISHED", within=30)
+    finally:
+        # The network comes back: the cut-off executor learns its runs were taken and drops
+        # them without calling.
+        proxy.flowing.set()
+    await eventually(lambda: cut_off.active == 0, within=30)
+    await cut_off.stop()
+
+    assert sorted(gated.of("elsewhere")) == sorted(tasks)
+    assert gated.of("cut-off") == [first]
     for task_id in tasks:
         row = await store.get_task(task_id)
         assert (row["status"], row["result"]) == ("FINISHED", ["done"])
+
+
+async def test_a_healed_executor_that_claims_its_rescued_tasks_again_calls_each_once_more(
+    task_service, store, clock, cut_store, caplog
+):
+    # No other executor: once healed, the same executor claims the rescued tasks anew. The run
+    # that waited for the lease is not the new run and must not call.
+    gated = Gated()
+    _, proxy = cut_store
+    cut_off, tasks, first = await _cut_off_while_calling(
+        task_service, clock, cut_store, caplog, gated
+    )
+    try:
+        await _rescue(store, clock)
+    finally:
+        proxy.flowing.set()
+    try:
+        for task_id in tasks:
+            await wait_for(store, task_id, "FINISHED", within=30)
+    finally:
+        await cut_off.stop()
+    # The call in flight at the cut is made again by the new run; the waiting one only once.
+    second = next(t for t in tasks if t != first)
+    assert sorted(gated.of("cut-off")) == sorted([first, first, second])
