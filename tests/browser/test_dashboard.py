@@ -137,6 +137,32 @@ async def test_overview_chart_queues_and_counts(page: Page, site: Site) -> None:
     await _assert_not_reloaded(page)
 
 
+async def test_a_live_refresh_between_press_and_release_does_not_lose_the_click(
+    page: Page, site: Site
+) -> None:
+    # A refresh that replaced the link between the press and the release used to send the
+    # click to the table instead: the link was not followed (seen as a flaky paging test).
+    billing = [Task(app="billing", commands=[TaskCommand(method="billing.run")]) for _ in range(51)]
+    await _create_many(site, billing)
+    await page.goto(site.url + "/tasks")
+    table = page.get_by_test_id("tasks")
+    await expect(table.locator("caption")).to_contain_text("page 1 of 2")
+    await expect(page.locator("#live-status")).to_have_text("live")
+    await page.set_viewport_size({"width": 1280, "height": 4000})  # the link in view
+    # Where the link is, read in one step (a refresh may replace it at any moment, in place).
+    x, y = await page.evaluate(
+        "(() => { const r = document.querySelector('a[rel=next]').getBoundingClientRect();"
+        " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+    )
+    await page.mouse.move(x, y)
+    await page.mouse.down()
+    async with page.expect_response(lambda response: "partial=1" in response.url):
+        await _create(site, Task(app="billing", commands=[TaskCommand(method="billing.run")]))
+    await page.evaluate("new Promise(done => setTimeout(done, 200))")  # room for a swap
+    await page.mouse.up()
+    await expect(table.locator("caption")).to_contain_text("page 2 of 2")
+
+
 async def test_tasks_table_filters_and_pages(page: Page, site: Site) -> None:
     await _create_many(
         site,

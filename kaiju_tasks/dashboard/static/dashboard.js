@@ -62,7 +62,23 @@
     return values;
   }
 
+  // A swap between a press and its release would lose the click: the browser sends it to what
+  // the two have in common, not to the link pressed. Swaps wait for the release (and the click
+  // it makes, which may leave the page).
+  var pressed = false, held = null;
+  document.addEventListener("pointerdown", function () { pressed = true; }, true);
+  function released() {
+    pressed = false;
+    window.setTimeout(function () {
+      if (held !== null && !pressed && !leaving) { var html = held; held = null; swap(html); }
+    }, 0);
+  }
+  document.addEventListener("pointerup", released, true);
+  document.addEventListener("pointercancel", released, true);
+  window.addEventListener("blur", released);
+
   function swap(html) {
+    if (pressed) { held = html; return; }
     var open = openDetails();
     var values = typed();
     var focused = document.activeElement;
@@ -83,6 +99,8 @@
       var again = live.querySelector('a[href="' + focusHref.replace(/"/g, '\\"') + '"]');
       if (again) { again.focus(); }
     }
+    updated.textContent = "updated " + new Date().toISOString().substring(11, 19) + " UTC";
+    document.dispatchEvent(new CustomEvent("kaiju:refreshed"));
   }
 
   function refresh() {
@@ -101,11 +119,7 @@
           ? response.text() : null;
       })
       .then(function (html) {
-        if (html !== null && html !== undefined) {
-          swap(html);
-          updated.textContent = "updated " + new Date().toISOString().substring(11, 19) + " UTC";
-          document.dispatchEvent(new CustomEvent("kaiju:refreshed"));
-        }
+        if (html !== null && html !== undefined) { swap(html); }
       })
       .catch(function () { say("live · refresh failed", false); })
       .then(function () {
