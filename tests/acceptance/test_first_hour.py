@@ -177,6 +177,25 @@ def _get(url):
         return response.read().decode()
 
 
+def _orders_task_called_unreachable_url(url: str, token: str, task_id: str) -> dict[str, Any]:
+    """Create an ``orders`` task over HTTP and wait until run's executor has called the app's
+    URL (127.0.0.1:9, where nothing listens) and failed it; return the create request."""
+    create: dict[str, Any] = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tasks.create",
+        "params": {"data": {"id": task_id, "app": "orders", "commands": [{"method": "o.x"}]}},
+    }
+    assert post(url, create, token)["result"]["status"] == "QUEUED"
+    get = {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": task_id}}
+    deadline = time.monotonic() + 60
+    while post(url, get, token)["result"]["status"] in ("QUEUED", "EXECUTED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "127.0.0.1:9" in json.dumps(post(url, get, token)["result"]["error"])
+    return create
+
+
 def test_run_serves_the_apps_configured_with_a_url_unless_executor_apps_is_set(dsn, tmp_path):
     # Nothing listens on port 9: the stage fails to connect, which shows the task was taken.
     env = {
@@ -189,19 +208,7 @@ def test_run_serves_the_apps_configured_with_a_url_unless_executor_apps_is_set(d
         token = run.wait_for("system token: ")
         run.wait_for("kaiju-tasks running")
         assert _executor_apps(dsn) == [["default", "orders"]]
-        create: dict[str, Any] = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "tasks.create",
-            "params": {"data": {"id": "o1", "app": "orders", "commands": [{"method": "o.x"}]}},
-        }
-        assert post(url, create, token)["result"]["status"] == "QUEUED"
-        get = {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": "o1"}}
-        deadline = time.monotonic() + 60
-        while post(url, get, token)["result"]["status"] in ("QUEUED", "EXECUTED"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert "127.0.0.1:9" in json.dumps(post(url, get, token)["result"]["error"])
+        create = _orders_task_called_unreachable_url(url, token, "o1")
         assert run.interrupt() == 0
     finally:
         run.close()
@@ -233,20 +240,7 @@ def test_run_serves_the_apps_of_an_ini_files_apps_section(dsn, tmp_path):
         token = run.wait_for("system token: ")
         run.wait_for("kaiju-tasks running")
         assert _executor_apps(dsn) == [["default", "orders"]]
-        create = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "tasks.create",
-            "params": {"data": {"id": "o1", "app": "orders", "commands": [{"method": "o.x"}]}},
-        }
-        assert post(url, create, token)["result"]["status"] == "QUEUED"
-        get = {"jsonrpc": "2.0", "id": 2, "method": "tasks.get", "params": {"id": "o1"}}
-        deadline = time.monotonic() + 60
-        while post(url, get, token)["result"]["status"] in ("QUEUED", "EXECUTED"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        # taken by run's executor, which called the URL the file gives
-        assert "127.0.0.1:9" in json.dumps(post(url, get, token)["result"]["error"])
+        _orders_task_called_unreachable_url(url, token, "o1")
         assert run.interrupt() == 0
     finally:
         run.close()

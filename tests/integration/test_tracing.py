@@ -222,25 +222,8 @@ async def test_a_resumed_task_starts_a_new_run_linked_to_the_one_before(
 async def test_a_traceparent_header_on_create_over_http_is_the_tasks_parent(
     runtime: TaskRuntime, aiohttp_client: Any
 ) -> None:
-    from kaiju_tasks.methods import Methods
-    from kaiju_tasks.rpc import server as rpc_server
-    from kaiju_tasks.service import TokenService
-
-    assert runtime.store is not None
-    tokens = TokenService(runtime.store)
-
-    async def health() -> dict[str, bool]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=runtime.tasks,
-        notifications=runtime.notifications,
-        tokens=tokens,
-        methods=Methods(),
-        health=health,
-    )
-    token = (await tokens.create("ops", ["system"]))["token"]
-    client = await aiohttp_client(rpc_server.create_app(api))
+    app, token = await _http_api(runtime)
+    client = await aiohttp_client(app)
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     reply = await client.post(
         "/public/rpc",
@@ -431,24 +414,9 @@ async def test_tasks_created_through_the_client_inside_a_span_join_its_trace(
     runtime: TaskRuntime, aiohttp_server: Any
 ) -> None:
     from kaiju_tasks.client import SyncTasksClient, TasksClient
-    from kaiju_tasks.rpc import server as rpc_server
-    from kaiju_tasks.service import TokenService
 
-    assert runtime.store is not None
-    tokens = TokenService(runtime.store)
-
-    async def health() -> dict[str, bool]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=runtime.tasks,
-        notifications=runtime.notifications,
-        tokens=tokens,
-        methods=Methods(),
-        health=health,
-    )
-    token = (await tokens.create("ops", ["system"]))["token"]
-    server = await aiohttp_server(rpc_server.create_app(api))
+    app, token = await _http_api(runtime)
+    server = await aiohttp_server(app)
     url = str(server.make_url("/"))
     task = Task(app="shop", commands=[TaskCommand(method="shop.reserve")])
     tracer = trace.get_tracer("the-application")
@@ -475,3 +443,26 @@ async def test_tasks_created_through_the_client_inside_a_span_join_its_trace(
         assert run.context.trace_id == context.trace_id
         assert run.parent is not None
         assert run.parent.span_id == context.span_id
+
+
+async def _http_api(runtime: TaskRuntime) -> tuple[Any, str]:
+    """The HTTP API over ``runtime``'s services, and a system token for it."""
+    from kaiju_tasks.methods import Methods
+    from kaiju_tasks.rpc import server as rpc_server
+    from kaiju_tasks.service import TokenService
+
+    assert runtime.store is not None
+    tokens = TokenService(runtime.store)
+
+    async def health() -> dict[str, bool]:
+        return {"database": True}
+
+    api = rpc_server.Api(
+        tasks=runtime.tasks,
+        notifications=runtime.notifications,
+        tokens=tokens,
+        methods=Methods(),
+        health=health,
+    )
+    token = (await tokens.create("ops", ["system"]))["token"]
+    return rpc_server.create_app(api), token
