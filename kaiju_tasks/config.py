@@ -25,18 +25,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kaiju_tasks import errors, limits, models, redact
-from kaiju_tasks import executor as executor_
-from kaiju_tasks.manager import loop as manager_loop
-from kaiju_tasks.manager import steps
-from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.store import driver
+from kaiju_tasks import defaults, errors, limits, models, redact
 
 # The defaults of the components are written once, next to the code they tune; the settings
 # below start from them (a config value in seconds or days, a component's a timedelta).
 ENV_PREFIX = "KAIJU_TASKS_"
-DEFAULT_POOL_MIN = driver.DEFAULT_POOL_MIN
-DEFAULT_POOL_MAX = driver.DEFAULT_POOL_MAX
+DEFAULT_POOL_MIN = defaults.POOL_MIN
+DEFAULT_POOL_MAX = defaults.POOL_MAX
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 _DAY = timedelta(days=1)
@@ -80,22 +75,22 @@ class ServerSettings:
     """Address the HTTP API listens on (0.0.0.0 for every interface)."""
     port: int = DEFAULT_PORT
     """TCP port of the HTTP API."""
-    max_body: int = rpc_server.DEFAULT_MAX_BODY
+    max_body: int = defaults.SERVER_MAX_BODY
     """Largest request body accepted, in bytes; larger ones get HTTP 413."""
-    max_batch: int = rpc_server.DEFAULT_MAX_BATCH
+    max_batch: int = defaults.SERVER_MAX_BATCH
     """Most calls in one JSON-RPC batch."""
-    request_timeout: int = int(rpc_server.DEFAULT_REQUEST_TIMEOUT)
+    request_timeout: int = int(defaults.SERVER_REQUEST_TIMEOUT)
     """Seconds one call may take before it is answered with a timeout error."""
-    header_timeout: float = rpc_server.DEFAULT_HEADER_TIMEOUT
+    header_timeout: float = defaults.SERVER_HEADER_TIMEOUT
     """Seconds a connection has to send a complete request head, from when it connects or from
     its previous response; also how long an idle keep-alive connection is kept."""
-    body_timeout: float = rpc_server.DEFAULT_BODY_TIMEOUT
+    body_timeout: float = defaults.SERVER_BODY_TIMEOUT
     """Seconds a request has to send its whole body once its head arrived (HTTP 408 beyond)."""
-    auth_failures: int = rpc_server.DEFAULT_AUTH_FAILURES
+    auth_failures: int = defaults.SERVER_AUTH_FAILURES
     """Failed authentications one client address may make at once (HTTP 429 beyond)."""
-    auth_window: float = rpc_server.DEFAULT_AUTH_WINDOW
+    auth_window: float = defaults.SERVER_AUTH_WINDOW
     """Seconds in which an address earns back ``auth_failures`` tries."""
-    auth_clients: int = rpc_server.DEFAULT_AUTH_CLIENTS
+    auth_clients: int = defaults.SERVER_AUTH_CLIENTS
     """Most client addresses whose failures are remembered at once."""
     trusted_proxies: str | None = None
     """Comma-separated addresses or networks (CIDR) of proxies whose ``X-Forwarded-For`` is
@@ -108,20 +103,20 @@ class ExecutorSettings:
 
     apps: str = models.DEFAULT_APP
     """Comma-separated app names whose tasks the executor claims."""
-    concurrency: int = executor_.DEFAULT_CONCURRENCY
+    concurrency: int = defaults.EXECUTOR_CONCURRENCY
     """Tasks run at once."""
-    prefetch: int = executor_.DEFAULT_PREFETCH
+    prefetch: int = defaults.EXECUTOR_PREFETCH
     """The most tasks claimed ahead of free slots (0: none). The executor claims ahead only as
     many as its slots free during one claim, by the call and claim times it measures."""
-    heartbeat_interval: float = executor_.DEFAULT_HEARTBEAT_INTERVAL.total_seconds()
+    heartbeat_interval: float = defaults.EXECUTOR_HEARTBEAT_INTERVAL.total_seconds()
     """Seconds between liveness records (keep it well under [manager] stale_after)."""
     lease: float | None = None
     """Seconds after its last recorded heartbeat the executor may still start stage calls
     (default: three heartbeat intervals; at least two). The manager rescues its tasks no
     earlier, whatever its stale_after."""
-    poll_interval: float = executor_.DEFAULT_POLL_INTERVAL.total_seconds()
+    poll_interval: float = defaults.EXECUTOR_POLL_INTERVAL.total_seconds()
     """Longest seconds between claims when no notification arrives."""
-    shutdown_grace: float = executor_.DEFAULT_SHUTDOWN_GRACE.total_seconds()
+    shutdown_grace: float = defaults.EXECUTOR_SHUTDOWN_GRACE.total_seconds()
     """Seconds running stages get to finish on stop before their tasks are handed back."""
     token: str | None = None
     """Bearer token sent with stage calls to app URLs (e.g. another kaiju-tasks server)."""
@@ -131,23 +126,23 @@ class ExecutorSettings:
 class ManagerSettings:
     """``[manager]``."""
 
-    interval: float = manager_loop.DEFAULT_INTERVAL.total_seconds()
+    interval: float = defaults.MANAGER_INTERVAL.total_seconds()
     """Seconds between ticks (timers, deadlines, cron, rescues)."""
-    stale_after: float = steps.DEFAULT_STALE_AFTER.total_seconds()
+    stale_after: float = defaults.STALE_AFTER.total_seconds()
     """Seconds of executor silence after which its tasks are re-queued."""
-    standby_interval: float = manager_loop.DEFAULT_STANDBY_INTERVAL.total_seconds()
+    standby_interval: float = defaults.MANAGER_STANDBY_INTERVAL.total_seconds()
     """Seconds between a standby's attempts to take the leadership."""
-    gc_interval: float = manager_loop.DEFAULT_GC_INTERVAL.total_seconds()
+    gc_interval: float = defaults.MANAGER_GC_INTERVAL.total_seconds()
     """Seconds between garbage collections."""
-    task_retention: float = steps.DEFAULT_TASK_RETENTION / _DAY
+    task_retention: float = defaults.TASK_RETENTION / _DAY
     """Days ended tasks (not cron, not system, not chained to) are kept."""
-    notification_retention: float = steps.DEFAULT_NOTIFICATION_RETENTION / _DAY
+    notification_retention: float = defaults.NOTIFICATION_RETENTION / _DAY
     """Days notifications are kept."""
-    event_retention: float = steps.DEFAULT_EVENT_RETENTION / _DAY
+    event_retention: float = defaults.EVENT_RETENTION / _DAY
     """Days events are kept."""
-    executor_retention: float = steps.DEFAULT_EXECUTOR_RETENTION / _DAY
+    executor_retention: float = defaults.EXECUTOR_RETENTION / _DAY
     """Days an executor silent this long is kept before its row is deleted."""
-    batch: int = steps.DEFAULT_BATCH
+    batch: int = defaults.MANAGER_BATCH
     """Most rows one duty handles per tick (garbage collection deletes ten times as many per
     round)."""
 

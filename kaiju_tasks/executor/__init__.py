@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from kaiju_tasks import batch, errors, logs, models, notifications
+from kaiju_tasks import batch, defaults, errors, logs, models, notifications
 from kaiju_tasks import clock as clock_
 from kaiju_tasks import methods as methods_
 from kaiju_tasks.executor import outcome, pipeline
@@ -37,12 +37,12 @@ from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = 10
-DEFAULT_PREFETCH = 40
+DEFAULT_CONCURRENCY = defaults.EXECUTOR_CONCURRENCY
+DEFAULT_PREFETCH = defaults.EXECUTOR_PREFETCH
 """The most tasks claimed ahead of free slots; see :meth:`Executor._ahead` for how many are."""
-DEFAULT_POLL_INTERVAL = timedelta(seconds=1)
-DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=5)
-DEFAULT_SHUTDOWN_GRACE = timedelta(seconds=10)
+DEFAULT_POLL_INTERVAL = defaults.EXECUTOR_POLL_INTERVAL
+DEFAULT_HEARTBEAT_INTERVAL = defaults.EXECUTOR_HEARTBEAT_INTERVAL
+DEFAULT_SHUTDOWN_GRACE = defaults.EXECUTOR_SHUTDOWN_GRACE
 LEASE_HEARTBEATS = 3
 """The default lease, in heartbeat intervals (see ``Executor``'s ``lease``)."""
 LEASE_USED = 0.75

@@ -9,15 +9,15 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from kaiju_tasks import clock as clock_
-from kaiju_tasks import errors, logs, notifications
+from kaiju_tasks import defaults, errors, logs, notifications
 from kaiju_tasks.manager import steps
 from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = timedelta(seconds=1)
-DEFAULT_GC_INTERVAL = timedelta(minutes=5)
-DEFAULT_STANDBY_INTERVAL = timedelta(seconds=2)
+DEFAULT_INTERVAL = defaults.MANAGER_INTERVAL
+DEFAULT_GC_INTERVAL = defaults.MANAGER_GC_INTERVAL
+DEFAULT_STANDBY_INTERVAL = defaults.MANAGER_STANDBY_INTERVAL
 
 Duty = Callable[[base.EngineStore, datetime, steps.Settings], Awaitable[int]]
 

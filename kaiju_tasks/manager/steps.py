@@ -11,18 +11,18 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from kaiju_tasks import cron, retry, task_error
+from kaiju_tasks import cron, defaults, retry, task_error
 from kaiju_tasks.rpc import protocol
 from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 1000
-DEFAULT_STALE_AFTER = timedelta(seconds=30)
-DEFAULT_TASK_RETENTION = timedelta(days=7)
-DEFAULT_NOTIFICATION_RETENTION = timedelta(days=30)
-DEFAULT_EVENT_RETENTION = timedelta(days=7)
-DEFAULT_EXECUTOR_RETENTION = timedelta(days=1)
+DEFAULT_BATCH = defaults.MANAGER_BATCH
+DEFAULT_STALE_AFTER = defaults.STALE_AFTER
+DEFAULT_TASK_RETENTION = defaults.TASK_RETENTION
+DEFAULT_NOTIFICATION_RETENTION = defaults.NOTIFICATION_RETENTION
+DEFAULT_EVENT_RETENTION = defaults.EVENT_RETENTION
+DEFAULT_EXECUTOR_RETENTION = defaults.EXECUTOR_RETENTION
 GC_ROUNDS = 20
 """Most deletions of ``batch * 10`` rows per table in one garbage collection."""
 

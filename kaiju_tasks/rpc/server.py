@@ -29,20 +29,20 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from kaiju_tasks import methods, tracing
+from kaiju_tasks import defaults, methods, tracing
 from kaiju_tasks.rpc import auth, calls, openrpc, protocol, reply
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY = 1024 * 1024  # bytes
-DEFAULT_MAX_BATCH = 100  # calls per batch
-DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds per call
-DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to deliver a request head
-DEFAULT_BODY_TIMEOUT = 30.0  # seconds to deliver a request body
-DEFAULT_AUTH_FAILURES = 20  # failed authentications per address per window
-DEFAULT_AUTH_WINDOW = 60.0  # seconds
-DEFAULT_AUTH_CLIENTS = 10_000  # addresses tracked at once
+DEFAULT_MAX_BODY = defaults.SERVER_MAX_BODY  # bytes
+DEFAULT_MAX_BATCH = defaults.SERVER_MAX_BATCH  # calls per batch
+DEFAULT_REQUEST_TIMEOUT = defaults.SERVER_REQUEST_TIMEOUT  # seconds per call
+DEFAULT_HEADER_TIMEOUT = defaults.SERVER_HEADER_TIMEOUT  # seconds to deliver a request head
+DEFAULT_BODY_TIMEOUT = defaults.SERVER_BODY_TIMEOUT  # seconds to deliver a request body
+DEFAULT_AUTH_FAILURES = defaults.SERVER_AUTH_FAILURES  # per address per window
+DEFAULT_AUTH_WINDOW = defaults.SERVER_AUTH_WINDOW  # seconds
+DEFAULT_AUTH_CLIENTS = defaults.SERVER_AUTH_CLIENTS  # addresses tracked at once
 LINGER_TIME: Final = 2.0
 """Most seconds the rest of a refused body is read and dropped before the connection closes."""
 

@@ -16,14 +16,14 @@ from typing import Any
 import asyncpg
 import orjson
 
-from kaiju_tasks import errors, logs, redact
+from kaiju_tasks import defaults, errors, logs, redact
 from kaiju_tasks.store import copy
 from kaiju_tasks.store.queries import QUERIES
 
 Row = dict[str, Any]
 
-DEFAULT_POOL_MIN = 2
-DEFAULT_POOL_MAX = 10
+DEFAULT_POOL_MIN = defaults.POOL_MIN
+DEFAULT_POOL_MAX = defaults.POOL_MAX
 
 
 def _json_dumps(value: Any) -> str:
