@@ -18,6 +18,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import math
 import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -27,15 +28,20 @@ from urllib.parse import urlsplit
 
 from kaiju_tasks import defaults, errors, limits, models, redact
 
-# The defaults of the components are written once, next to the code they tune; the settings
-# below start from them (a config value in seconds or days, a component's a timedelta).
 ENV_PREFIX = "KAIJU_TASKS_"
+# The defaults are written once, in kaiju_tasks.defaults; the settings below start from them
+# (a config value in seconds or days, a component's a timedelta).
 DEFAULT_POOL_MIN = defaults.POOL_MIN
 DEFAULT_POOL_MAX = defaults.POOL_MAX
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 _DAY = timedelta(days=1)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def env_name(section: str, option: str) -> str:
+    """The environment variable that sets ``[section] option``."""
+    return f"{ENV_PREFIX}{section}_{option}".upper()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -396,17 +402,22 @@ def _check(settings: Settings, sources: Mapping[str, str]) -> None:
             "[executor] needs concurrency >= 1 and prefetch >= 0"
             + (where("executor.concurrency") or where("executor.prefetch"))
         )
-    if executor.lease is not None and executor.lease < 2 * executor.heartbeat_interval:
+    if executor.lease is not None and not (
+        2 * executor.heartbeat_interval <= executor.lease <= defaults.MAX_LEASE.total_seconds()
+    ):
         raise errors.ConfigError(
-            "[executor] lease must be at least twice heartbeat_interval"
+            "[executor] lease must be at least twice heartbeat_interval and at most"
+            f" {defaults.MAX_LEASE.total_seconds():g} seconds"
             + (where("executor.lease") or where("executor.heartbeat_interval"))
         )
     for section in (settings.executor, settings.manager):
         for field in dataclasses.fields(section):
             value = getattr(section, field.name)
-            if isinstance(value, float) and value <= 0:
+            if isinstance(value, float) and not (0 < value < math.inf):
                 name = f"{type(section).__name__.removesuffix('Settings').lower()}.{field.name}"
-                raise errors.ConfigError(f"[{name.replace('.', '] ')} must be > 0" + where(name))
+                raise errors.ConfigError(
+                    f"[{name.replace('.', '] ')} must be > 0 and finite" + where(name)
+                )
     for app, url in settings.apps.items():
         if not str(url).startswith(("http://", "https://")):
             raise errors.ConfigError(

@@ -23,6 +23,11 @@ EXECUTOR_HEARTBEAT_INTERVAL: Final = timedelta(seconds=5)
 """Time between an executor's liveness records."""
 EXECUTOR_SHUTDOWN_GRACE: Final = timedelta(seconds=10)
 """Time running stages get to finish on stop before their tasks are handed back."""
+EXECUTOR_LEASE_HEARTBEATS: Final = 3
+"""An executor's lease, in heartbeat intervals, unless set."""
+MAX_LEASE: Final = timedelta(hours=1)
+"""The longest lease an executor may keep: the manager waits that long before it rescues a silent
+executor's tasks."""
 
 # -- manager ----------------------------------------------------------------------------------
 
@@ -44,6 +49,10 @@ EVENT_RETENTION: Final = timedelta(days=7)
 """How long events are kept."""
 EXECUTOR_RETENTION: Final = timedelta(days=1)
 """How long the row of a silent executor holding no task is kept."""
+
+ALIVE_WITHIN: Final = timedelta(seconds=60)
+"""An executor heard from within this long (and not stopped) counts as live: for /health,
+/metrics, ``top``, the dashboard and the manager's warning about apps nobody serves."""
 
 # -- HTTP server ------------------------------------------------------------------------------
 

@@ -43,8 +43,9 @@ DEFAULT_PREFETCH = defaults.EXECUTOR_PREFETCH
 DEFAULT_POLL_INTERVAL = defaults.EXECUTOR_POLL_INTERVAL
 DEFAULT_HEARTBEAT_INTERVAL = defaults.EXECUTOR_HEARTBEAT_INTERVAL
 DEFAULT_SHUTDOWN_GRACE = defaults.EXECUTOR_SHUTDOWN_GRACE
-LEASE_HEARTBEATS = 3
+LEASE_HEARTBEATS = defaults.EXECUTOR_LEASE_HEARTBEATS
 """The default lease, in heartbeat intervals (see ``Executor``'s ``lease``)."""
+MAX_LEASE = defaults.MAX_LEASE
 LEASE_USED = 0.75
 """The share of its lease after which an executor that has not heartbeated starts no call: the
 rest covers the difference between its clock and the manager's."""
@@ -118,10 +119,11 @@ class Executor(pipeline.Pipeline):
         if concurrency < 1:
             raise errors.ConfigError("concurrency must be at least 1")
         lease = LEASE_HEARTBEATS * heartbeat_interval if lease is None else lease
-        if lease < 2 * heartbeat_interval:
+        if not 2 * heartbeat_interval <= lease <= MAX_LEASE:
             raise errors.ConfigError(
                 f"lease ({lease.total_seconds():g} s) must be at least twice the heartbeat"
-                f" interval ({heartbeat_interval.total_seconds():g} s)"
+                f" interval ({heartbeat_interval.total_seconds():g} s) and at most"
+                f" {MAX_LEASE.total_seconds():g} s"
             )
         for app in apps:
             if DEBUG_MARK in app:
@@ -448,6 +450,7 @@ class Executor(pipeline.Pipeline):
     async def _heartbeat_loop(self) -> None:
         interval = self.heartbeat_interval.total_seconds()
         delay = interval
+        retry: float | None = None  # the wait before the next try after a failed beat
         while not self._heartbeats_done.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -462,13 +465,15 @@ class Executor(pipeline.Pipeline):
                     await self._register()
                 # Runs rescued while the lease had lapsed are abandoned first: only then may the
                 # calls that waited for this heartbeat start.
-                await self._check_running()
+                await self._revoke_taken()
                 self._renew_lease(sent)
+                await self._hand_back_orphans()
             except errors.StoreError as exc:
                 self._outage.failed(exc)
                 # Tried again soon: once the database is back, the manager must hear from us
                 # (and we must learn which runs are no longer ours) well before stale_after.
-                delay = min(interval, 0.25 if delay >= interval else delay * 2, RETRY_MAX_DELAY)
+                retry = 0.25 if retry is None else min(retry * 2, RETRY_MAX_DELAY, interval)
+                delay = retry
                 continue
             except Exception:
                 logger.exception(
@@ -476,28 +481,15 @@ class Executor(pipeline.Pipeline):
                 )
             else:
                 self._outage.ok()
+            retry = None
             # One beat every interval, however long this one took (the lease counts from it).
             delay = max(0.0, interval - (time.monotonic() - sent))
 
-    async def _check_running(self) -> None:
-        """Abandon tasks no longer ours, hand back tasks ours in the database but not running.
+    async def _revoke_taken(self) -> None:
+        """Abandon the runs whose task is no longer this run's (rescued, cancelled, claimed anew).
 
-        A lost cancel notification costs only this delay; a claim or hand-back whose reply was
-        lost leaves an orphan that this sweep returns to the queue.
+        A lost cancel notification costs only this delay.
         """
-        async with self._claim_lock:  # a claim in flight is not an orphan
-            orphans = await self.store.orphans(self.id, list(self._claims.values()))
-        if orphans:
-            logger.warning(
-                "Orphaned tasks handed back",
-                extra={
-                    "event": "orphans_handed_back",
-                    "executor_id": self.id,
-                    "count": len(orphans),
-                    "task_ids": orphans,
-                },
-            )
-            await self.store.suspend_executor_tasks(self.id, orphans, now=self.clock.now())
         if not self._running:
             return
         # Only the runs asked about: those claimed while the query ran are not in its answer.
@@ -512,6 +504,25 @@ class Executor(pipeline.Pipeline):
                 or row["claim_id"] != claim_id  # rescued, then claimed again: a newer run
             ) and self._claims.get(task_id) == claim_id:
                 self._revoke(task_id)
+
+    async def _hand_back_orphans(self) -> None:
+        """Hand back the tasks this executor holds in the database but does not run.
+
+        A claim or hand-back whose reply was lost leaves such an orphan.
+        """
+        async with self._claim_lock:  # a claim in flight is not an orphan
+            orphans = await self.store.orphans(self.id, list(self._claims.values()))
+        if orphans:
+            logger.warning(
+                "Orphaned tasks handed back",
+                extra={
+                    "event": "orphans_handed_back",
+                    "executor_id": self.id,
+                    "count": len(orphans),
+                    "task_ids": orphans,
+                },
+            )
+            await self.store.suspend_executor_tasks(self.id, orphans, now=self.clock.now())
 
     async def tick(self) -> int:
         """Claim as many tasks as there are free slots and start them; return how many."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -58,9 +58,7 @@ class Pipeline(outcome.Outcomes):
     _backlog: bool
     _listener: notifications.Listener | None
     _claims: dict[str, str]
-
-    async def _leased(self) -> None:  # Executor's: wait until the lease allows a call
-        raise NotImplementedError
+    _leased: Callable[[], Awaitable[None]]  # waits until the lease allows a stage call
 
     # -- one task -----------------------------------------------------------------------------
 

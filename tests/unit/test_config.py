@@ -99,6 +99,13 @@ def test_missing_config_path_is_an_error(tmp_path):
         ({"KAIJU_TASKS_DATABASE_POOL_MIN": "0"}, "pool_min <= pool_max"),
         ({"KAIJU_TASKS_DATABASE_POOL_MIN": "20"}, "pool_min <= pool_max"),
         ({"KAIJU_TASKS_APPS_ORDERS": "orders:8080"}, "must be an http"),
+        ({"KAIJU_TASKS_EXECUTOR_LEASE": "9"}, "lease must be at least twice heartbeat"),
+        ({"KAIJU_TASKS_EXECUTOR_LEASE": "1e9"}, "at most 3600 seconds"),
+        ({"KAIJU_TASKS_EXECUTOR_LEASE": "nan"}, r"\[executor\] lease"),
+        (
+            {"KAIJU_TASKS_EXECUTOR_HEARTBEAT_INTERVAL": "inf"},
+            "heartbeat_interval must be > 0 and finite",
+        ),
     ],
 )
 def test_invalid_values_are_refused_with_their_source(environ, message):
