@@ -24,14 +24,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from kaiju_tasks import models
+from kaiju_tasks import defaults, models
 from kaiju_tasks.store import base, opening
 
 Event = dict[str, Any]
 """A lifecycle event as receivers hand it on (see ``events_after`` in ``store/queries.sql``)."""
 
-ALIVE_WITHIN = timedelta(seconds=60)
-"""An executor heard from within this long counts as alive (metrics, /health, ``top``)."""
+ALIVE_WITHIN = defaults.ALIVE_WITHIN
+"""An executor heard from within this long counts as alive (see :data:`defaults.ALIVE_WITHIN`)."""
 HEALTH_UNSERVED = 20
 """Most apps ``/health`` lists under ``unserved_apps``."""
 CHART_MINUTES = 60
@@ -237,12 +237,20 @@ class Insights:
         """The figures of ``/metrics``: tasks, lag, unserved apps, executors, leader, events."""
         alive_since = now - ALIVE_WITHIN
         cluster = await self.store.cluster(alive_since=alive_since)
+        tasks = await self.task_counts()
+        # The QUEUED counts are in the task counts already: only which apps are served is read.
+        served = await self.store.served_apps(alive_since=alive_since)
         return {
-            "tasks": await self.task_counts(),
+            "tasks": tasks,
             "lag": await self.store.queue_lag(now=now),
-            "unserved": await self.store.unserved_apps(
-                now=now, alive_since=alive_since, limit=None
-            ),
+            "unserved": [
+                {"app": row["app"], "queued": row["count"]}
+                for row in tasks
+                if row["status"] == "QUEUED"
+                and row["count"]
+                and row["app"] not in served
+                and models.DEBUG_MARK not in row["app"]
+            ],
             "executors": cluster["executors"],
             "debug_executors": cluster["debug_executors"],
             "leader": cluster["leader"],

@@ -42,8 +42,6 @@ from kaiju_tasks import clock as clock_
 from kaiju_tasks import insights, monitor
 from kaiju_tasks.store import base
 
-ALIVE_WITHIN = insights.ALIVE_WITHIN
-"""An executor heard from within this long counts as alive (metrics, /health, ``top``)."""
 STAGE_EVENTS = frozenset(
     {"task-stage-succeeded", "task-succeeded", "task-failed", "task-retried", "task-rejected"}
 )

@@ -275,41 +275,6 @@ class State:
                 cursor = events[-1][0]
 
 
-# -- apps nobody serves ------------------------------------------------------------------------
-
-UNSERVED_LIMIT = 100
-"""Most apps :func:`unserved_apps` returns (the longest waiting first)."""
-
-
-alive = insights.alive
-unserved = insights.unserved
-
-
-async def unserved_apps(
-    pool: Any, *, now: datetime, alive_since: datetime, limit: int | None = UNSERVED_LIMIT
-) -> list[base.UnservedApp]:
-    """Apps whose tasks are QUEUED while no live executor serves them.
-
-    Such tasks wait until an executor for their app starts, and fail when their deadline
-    passes. Each item is ``{"app", "queued", "waiting_s"}`` (the oldest queued task's age),
-    the longest waiting first.
-
-    Args:
-        pool: an asyncpg pool on the database.
-        now: the time to measure waits from.
-        alive_since: an executor heard from after this (and not stopped) is live.
-        limit: most apps returned (None: all).
-    """
-    reads = insights.Insights(insights.postgres_store(pool))
-    return await reads.unserved_apps(now=now, alive_since=alive_since, limit=limit)
-
-
-async def served_apps(pool: Any, *, alive_since: datetime) -> set[str]:
-    """The apps live executors serve (heard from after ``alive_since`` and not stopped)."""
-    reads = insights.Insights(insights.postgres_store(pool))
-    return await reads.served_apps(alive_since=alive_since)
-
-
 def format_event(event: Event, *, verbose: bool = False) -> str:
     """One line per event, as ``kaiju-tasks events`` prints it."""
     created: datetime = event["created"]

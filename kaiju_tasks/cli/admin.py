@@ -125,7 +125,7 @@ def task(settings: config.Settings, args: argparse.Namespace) -> int:
 
 async def _warn_unserved(store: Any, created: Any) -> None:
     """Warn on stderr about each created task's app that no live executor serves."""
-    from kaiju_tasks.metrics import ALIVE_WITHIN
+    from kaiju_tasks.insights import ALIVE_WITHIN
 
     rows = created if isinstance(created, list) else [created]
     apps = sorted({r["app_name"] for r in rows if isinstance(r, dict) and r.get("app_name")})

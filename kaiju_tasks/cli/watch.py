@@ -66,7 +66,7 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from kaiju_tasks.insights import ALIVE_WITHIN
+    from kaiju_tasks.insights import ALIVE_WITHIN, alive
 
     def ago(value: datetime | None) -> str:
         if not value:
@@ -78,14 +78,14 @@ def _top_view(snapshot: dict[str, Any], now: Any) -> Any:
     for column in ("executor", "host", "apps", "running", "heartbeat", "state"):
         workers.add_column(column)
     for w in snapshot["workers"]:
-        alive = w["stopped_at"] is None and now - w["heartbeat_at"] < ALIVE_WITHIN
+        online = alive(w, alive_since=now - ALIVE_WITHIN)
         workers.add_row(
             w["id"],
             w["host"],
             ",".join(w["apps"]),
             f"{len(w['running'])}/{w['concurrency']}",
             ago(w["heartbeat_at"]),
-            ("online" if alive else "offline") + (" (debug)" if w.get("debug") else ""),
+            ("online" if online else "offline") + (" (debug)" if w.get("debug") else ""),
         )
     tasks = Table(title="running and waiting tasks", title_justify="left")
     for column in ("task", "app", "status", "stage", "executor", "since"):

@@ -60,11 +60,6 @@ class DashboardData:
         self.insights = insights.Insights(self.store, cache_for=cache_for)
         self.dsn = dsn
         self.hub = EventHub(dsn) if dsn else None
-        self.cache_for = cache_for
-
-    @property
-    def _cache(self) -> dict[str, tuple[float, Any]]:
-        return self.insights._cache
 
     async def timeline(self, task_id: str, since: datetime | str) -> list[dict[str, Any]]:
         """The newest ``TIMELINE_LIMIT`` events of one task written since ``since``."""
@@ -90,7 +85,9 @@ class DashboardData:
         """Tasks by status."""
         return await self.insights.status_counts()
 
-    async def workers(self, heard_since: datetime, limit: int = 200) -> list[dict[str, Any]]:
+    async def workers(
+        self, heard_since: datetime, limit: int = insights.WORKERS_LIMIT
+    ) -> list[dict[str, Any]]:
         """Executors heard from (or stopped) since ``heard_since``, live ones first."""
         return cast(list[dict[str, Any]], await self.insights.workers(heard_since, limit))
 

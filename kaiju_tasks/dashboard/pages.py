@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kaiju_tasks import conditions, errors, models, monitor, templates
+from kaiju_tasks import conditions, errors, insights, models, templates
 from kaiju_tasks import stages as stage_kinds
 from kaiju_tasks.dashboard import render, session
 from kaiju_tasks.dashboard.data import TIMELINE_LIMIT
@@ -27,7 +27,7 @@ logger = logging.getLogger("kaiju_tasks.dashboard.views")
 
 PAGE_SIZE = 50
 MAX_PAGE = 100_000
-ALIVE_WITHIN = timedelta(seconds=30)
+ALIVE_WITHIN = insights.ALIVE_WITHIN
 WORKERS_SINCE = timedelta(hours=1)
 STATUSES = tuple(s.value for s in models.TaskStatus)
 LIST_COLUMNS = [
@@ -390,7 +390,7 @@ async def overview_page(request: web.Request, auth: render.Auth) -> web.StreamRe
         series = await dashboard.data.throughput(now)
         queues = await dashboard.data.queues(now)
         workers = await dashboard.data.workers(now - ALIVE_WITHIN)
-        lost = monitor.unserved(
+        lost = insights.unserved(
             {q["app_name"]: q["queued"] for q in queues}, workers, alive_since=now - ALIVE_WITHIN
         )
         context.update(
@@ -450,8 +450,6 @@ async def workers_page(request: web.Request, auth: render.Auth) -> web.StreamRes
     if caller.views_all:  # hosts, pids and what runs where are cluster-wide figures
         workers = await dashboard.data.workers(now - WORKERS_SINCE)
         for worker in workers:
-            worker["online"] = (
-                worker["stopped_at"] is None and now - worker["heartbeat_at"] < ALIVE_WITHIN
-            )
+            worker["online"] = insights.alive(worker, alive_since=now - ALIVE_WITHIN)
         context["workers"] = workers
     return render.render(request, "workers.html", context, auth=auth)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from kaiju_tasks import errors, models
 from kaiju_tasks.dashboard import render
-from kaiju_tasks.rpc.server import bearer_token
+from kaiju_tasks.rpc.auth import bearer_token
 
 logger = logging.getLogger(__name__)
 

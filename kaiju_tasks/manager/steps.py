@@ -231,8 +231,6 @@ UNSERVED_EVERY = timedelta(seconds=30)
 UNSERVED_GRACE = 10.0
 """Seconds an app's oldest queued task must have waited before it is reported (an executor may
 be starting)."""
-UNSERVED_ALIVE_WITHIN = timedelta(seconds=60)
-"""An executor heard from within this long counts as live (as on /health and /metrics)."""
 UNSERVED_LINES = 20
 """Most apps named in the log per look; the rest are counted in one line."""
 UNSERVED_KEPT = 1000
@@ -246,7 +244,7 @@ async def watch_unserved(store: base.EngineStore, now: datetime, reported: set[s
     leaves it with one INFO line. Returns how many apps were newly reported.
     """
     rows = await store.unserved_apps(
-        now=now, alive_since=now - UNSERVED_ALIVE_WITHIN, limit=UNSERVED_KEPT
+        now=now, alive_since=now - defaults.ALIVE_WITHIN, limit=UNSERVED_KEPT
     )
     waiting = {row["app"]: row for row in rows if row["waiting_s"] >= UNSERVED_GRACE}
     for app in sorted(reported - waiting.keys()):

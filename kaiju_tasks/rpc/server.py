@@ -47,21 +47,8 @@ LINGER_TIME: Final = 2.0
 """Most seconds the rest of a refused body is read and dropped before the connection closes."""
 
 # What other modules and tests read from here, wherever it is defined.
-Network = auth.Network
 AuthLimiter = auth.AuthLimiter
-CountedTokens = auth.CountedTokens
-LIMITER_KEY = auth.LIMITER_KEY
-TOKENS_KEY = auth.TOKENS_KEY
-client_address = auth.client_address
-bearer_token = auth.bearer_token
-ERROR_CODES = calls.ERROR_CODES
 SERVICE_METHODS = calls.SERVICE_METHODS
-TRACEBACK_EVERY = calls.TRACEBACK_EVERY
-LOG_MESSAGE_CHARS = calls.LOG_MESSAGE_CHARS
-TRACEBACK_FRAMES = calls.TRACEBACK_FRAMES
-TRACEBACK_CHARS = calls.TRACEBACK_CHARS
-openrpc_document = openrpc.openrpc_document
-_bad_unicode = calls.bad_unicode
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,4 +210,4 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _openrpc(request: web.Request) -> web.Response:
-    return reply.json_response(openrpc_document(request.app[API_KEY]))
+    return reply.json_response(openrpc.openrpc_document(request.app[API_KEY]))

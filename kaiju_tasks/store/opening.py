@@ -1,6 +1,6 @@
 """Opening the PostgreSQL store for the public read APIs that are handed a pool or a DSN.
 
-``DashboardData(pool)``, ``monitor.unserved_apps(pool)``, ``EventReceiver(dsn)`` and
+``DashboardData(pool)``, ``EventReceiver(dsn)`` and
 ``State.rebuild(dsn)`` take a pool or a DSN rather than a store; they open one here, so that
 nothing outside ``store/`` and the composition root names the PostgreSQL store.
 """

@@ -645,7 +645,7 @@ async def test_overview_cache_keeps_only_fresh_entries(
     for minute in range(5):  # a new throughput key every minute
         await data.throughput(clock.now() + timedelta(minutes=minute))
         await asyncio.sleep(0.06)
-    assert len(data._cache) == 1
+    assert len(data.insights._cache) == 1
 
 
 async def test_the_login_hint_names_a_command_that_parses(client: Client) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from kaiju_tasks import Task, TaskCommand, config, methods, monitor
+from kaiju_tasks import Task, TaskCommand, config, insights, methods
 from kaiju_tasks.cli import _api
 from kaiju_tasks.clock import SystemClock
-from kaiju_tasks.metrics import ALIVE_WITHIN, Metrics
+from kaiju_tasks.insights import ALIVE_WITHIN
+from kaiju_tasks.metrics import Metrics
 from kaiju_tasks.service import TaskService
 from kaiju_tasks.store import postgres
 
@@ -27,7 +28,7 @@ def test_unserved_is_what_no_live_executor_serves() -> None:
         {"apps": ["c"], "heartbeat_at": since - timedelta(seconds=1), "stopped_at": None},  # silent
     ]
     queued = {"a": 1, "b": 2, "c": 3, "d": 0}
-    assert monitor.unserved(queued, workers, alive_since=since) == ["b", "c"]
+    assert insights.unserved(queued, workers, alive_since=since) == ["b", "c"]
 
 
 async def test_unserved_apps_and_served_apps_read_the_executors_table(
@@ -37,20 +38,21 @@ async def test_unserved_apps_and_served_apps_read_the_executors_table(
     await _queue(store, "orders")
     now = SystemClock().now()
     since = now - ALIVE_WITHIN
+    reads = insights.Insights(store)
     assert [
         (u["app"], u["queued"])
-        for u in await monitor.unserved_apps(store.pool, now=now, alive_since=since)
+        for u in await reads.unserved_apps(now=now, alive_since=since, limit=None)
     ] == [("billing", 2), ("orders", 1)]
     await store.register_executor(
         "ex", apps=["orders", "other"], host="h", pid=1, concurrency=1, now=now
     )
-    unserved = await monitor.unserved_apps(store.pool, now=now, alive_since=since)
+    unserved = await reads.unserved_apps(now=now, alive_since=since, limit=None)
     assert [u["app"] for u in unserved] == ["billing"]
     assert unserved[0]["waiting_s"] >= 0
-    assert await monitor.served_apps(store.pool, alive_since=since) == {"orders", "other"}
+    assert await reads.served_apps(alive_since=since) == {"orders", "other"}
     await store.executor_stopped("ex", now=now)
-    assert await monitor.served_apps(store.pool, alive_since=since) == set()
-    assert len(await monitor.unserved_apps(store.pool, now=now, alive_since=since, limit=1)) == 1
+    assert await reads.served_apps(alive_since=since) == set()
+    assert len(await reads.unserved_apps(now=now, alive_since=since, limit=1)) == 1
 
 
 async def test_health_and_metrics_show_apps_nobody_serves(

@@ -23,6 +23,7 @@ class FakeReads:
             "active_tasks": [],
             "throughput": [],
             "unserved_apps": [],
+            "served_apps": set(),
             "events_after": [],
         }
         self.figures.update(figures)
@@ -61,6 +62,9 @@ class FakeReads:
         self, *, now: datetime, alive_since: datetime, limit: int | None
     ) -> Any:
         return self._read("unserved_apps", now=now, alive_since=alive_since, limit=limit)
+
+    async def served_apps(self, *, alive_since: datetime) -> Any:
+        return self._read("served_apps", alive_since=alive_since)
 
     async def events_after(self, cursor: Any, *, limit: int, snapshot: bool = False) -> Any:
         return [dict(e) for e in self._read("events_after", cursor=cursor, limit=limit)]
@@ -162,6 +166,24 @@ async def test_metrics_and_health_read_the_leader_through_the_same_query():
         "leader",
         "events",
     }
+
+
+async def test_metrics_count_the_queued_tasks_of_apps_no_live_executor_serves():
+    store = FakeReads(
+        task_counts=[
+            _count("billing", "QUEUED", 3),
+            _count("orders", "QUEUED", 2),
+            _count("orders", "FINISHED", 9),
+            _count("shop@debug-0a1b2c3d", "QUEUED", 1),  # emptied by the manager instead
+            _count("idle", "FINISHED", 4),
+        ],
+        served_apps={"orders"},
+    )
+    metrics = await _service(store).metrics(NOW)
+    assert metrics["unserved"] == [{"app": "billing", "queued": 3}]
+    # The queued counts come from the task counts: no second aggregate of the queue.
+    assert "unserved_apps" not in [name for name, _ in store.reads]
+    assert ("served_apps", {"alive_since": NOW - insights.ALIVE_WITHIN}) in store.reads
 
 
 async def test_top_adds_the_queued_counts_and_the_apps_no_live_executor_serves():

@@ -260,23 +260,23 @@ def _peak_bytes(call, *args) -> int:
 
 
 def test_walking_long_keys_over_long_lists_copies_no_name_per_item():
-    from kaiju_tasks.rpc import server
+    from kaiju_tasks.rpc import calls
 
     deep: object = [0] * 60_000
     for level in range(400):
         deep = {f"{level:03d}" + "k" * 97: deep}
     # The check for lone surrogates, and a list filter's bounds: memory in proportion to the
     # payload (it was gigabytes: every item carried a copy of its whole dotted name).
-    assert _peak_bytes(server._bad_unicode, deep) < 20 * 2**20
+    assert _peak_bytes(calls.bad_unicode, deep) < 20 * 2**20
     wide = {"k" * 200_000: [0] * 9_000}
     assert _peak_bytes(tables.check_bounds, wide) < 20 * 2**20
     assert _peak_bytes(templates.validate, {"k" * 340_000: [0] * 330_000}) < 20 * 2**20
 
 
 def test_a_lone_surrogate_deep_inside_is_named_by_its_path():
-    from kaiju_tasks.rpc import server
+    from kaiju_tasks.rpc import calls
 
-    assert server._bad_unicode({"a": [{"b": "ok"}, {"c\ud800": 1}]}) == "a.1.c\\ud800"
+    assert calls.bad_unicode({"a": [{"b": "ok"}, {"c\ud800": 1}]}) == "a.1.c\\ud800"
 
 
 def test_a_cron_expression_that_never_fires_is_refused():
