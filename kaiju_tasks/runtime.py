@@ -112,7 +112,10 @@ class TaskRuntime:
     async def start(self) -> None:
         """Connect (starting the embedded server if needed), migrate, start the components."""
         if self.dsn is None:
-            self._server = embedded.EmbeddedPostgres(self.embedded_dir or _embedded_dir())
+            configured = os.environ.get(config.env_name("database", "embedded_dir"))
+            self._server = embedded.EmbeddedPostgres(
+                self.embedded_dir or wiring.embedded_data_dir(configured)
+            )
             self.dsn = await asyncio.to_thread(self._server.start)
         dsn = self.direct_dsn or self.dsn  # for LISTEN, the leadership and migrations
         if self.apply_migrations:
@@ -160,11 +163,3 @@ class TaskRuntime:
         if self._server is not None:
             await asyncio.to_thread(self._server.stop)
             self._server = None
-
-
-def _embedded_dir() -> Path | None:
-    """The embedded data directory the environment names, as the CLI reads it (or None)."""
-    for name in (f"{config.ENV_PREFIX}DATABASE_EMBEDDED_DIR", embedded.ENV_DATA_DIR):
-        if os.environ.get(name):
-            return Path(os.environ[name]).expanduser()
-    return None

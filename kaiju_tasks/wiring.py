@@ -20,6 +20,7 @@ import importlib
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from kaiju_tasks import clock as clock_
@@ -34,6 +35,15 @@ _DAY = timedelta(days=1)
 # -- database ---------------------------------------------------------------------------------
 
 
+def embedded_data_dir(configured: str | None) -> Path:
+    """The embedded server's data directory, as the command and ``TaskRuntime`` both find it.
+
+    ``configured`` (``[database] embedded_dir``), else ``KAIJU_TASKS_EMBEDDED_DIR``, else the
+    user's default: so that a script and ``kaiju-tasks run`` share one server.
+    """
+    return embedded.default_data_dir(configured or os.environ.get(embedded.ENV_DATA_DIR) or None)
+
+
 @contextlib.contextmanager
 def database(settings: config.Settings) -> Iterator[str]:
     """Yield the direct DSN, or start the embedded server for the duration.
@@ -45,10 +55,7 @@ def database(settings: config.Settings) -> Iterator[str]:
     if settings.database.dsn:
         yield settings.database.direct_dsn or settings.database.dsn
         return
-    data_dir = embedded.default_data_dir(
-        settings.database.embedded_dir or os.environ.get(embedded.ENV_DATA_DIR) or None
-    )
-    server = embedded.EmbeddedPostgres(data_dir)
+    server = embedded.EmbeddedPostgres(embedded_data_dir(settings.database.embedded_dir))
     dsn = server.start()
     try:
         yield dsn

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
@@ -250,12 +251,17 @@ async def _call(
             error = protocol.error(protocol.TIMEOUT, "request timed out")
         else:
             known = method in api.methods or method in SERVICE_METHODS
-            error = _error(exc, method if known else "", _task_of(request_id, correlation_id))
+            error = _error(
+                exc, method if known else "", lambda: _task_of(request_id, correlation_id)
+            )
         return None if notification else reply.envelope(request_id, error=error)
     return None if notification else reply.envelope(request_id, result=result)
 
 
-def _error(exc: Exception, method: str, task: dict[str, Any] | None = None) -> dict[str, Any]:
+def _error(
+    exc: Exception, method: str, task: Callable[[], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The JSON-RPC error for ``exc``; an internal one is logged with ``task()``'s fields."""
     if isinstance(exc, _RpcError):
         return protocol.error(exc.code, exc.message, exc.data)
     if isinstance(exc, errors.StageRejected):  # an application method rejected its task
@@ -285,7 +291,7 @@ def _error(exc: Exception, method: str, task: dict[str, Any] | None = None) -> d
             "params nested too deeply",
             {"errors": [{"field": None, "message": "nested too deeply"}]},
         )
-    _log_internal(exc, method or "(unknown)", task)
+    _log_internal(exc, method or "(unknown)", task() if task is not None else None)
     return protocol.error(protocol.INTERNAL_ERROR, "internal error")
 
 
