@@ -158,7 +158,8 @@ async def test_a_live_refresh_between_press_and_release_does_not_lose_the_click(
     await page.mouse.down()
     async with page.expect_response(lambda response: "partial=1" in response.url):
         await _create(site, Task(app="billing", commands=[TaskCommand(method="billing.run")]))
-    await page.evaluate("new Promise(done => setTimeout(done, 200))")  # room for a swap
+    # The refresh arrived while the button is down: the page holds it (marked on <body>).
+    await expect(page.locator("body")).to_have_attribute("data-swap-held", "")
     await page.mouse.up()
     await expect(table.locator("caption")).to_contain_text("page 2 of 2")
 

@@ -198,17 +198,21 @@ class Run:
         return None
 
     async def recoveries(self, baseline: float) -> list[float]:
-        """Seconds to full throughput after each fault (waiting, at most RECOVERY_BOUND,
-        for the last one)."""
-        last = self.faults[-1].ended
+        """Seconds to full throughput after each fault (waiting, at most RECOVERY_BOUND after
+        the last one, until every fault has one)."""
+        found: list[float | None] = []
+
+        def all_recovered() -> bool:
+            found[:] = [self.recovered(f.ended, baseline) for f in self.faults]
+            return all(r is not None for r in found)
+
         await eventually(
-            lambda: self.recovered(last, baseline) is not None,
+            all_recovered,
             within=RECOVERY_BOUND + 1,
             interval=0.2,
-            what=f"throughput back within {RECOVERY_BOUND:g} s of the last fault",
+            what=f"throughput back within {RECOVERY_BOUND:g} s of every fault",
         )
-        found = [self.recovered(f.ended, baseline) for f in self.faults]
-        return [r for r in found if r is not None]
+        return [r for r in found if r is not None]  # all of them: eventually() checked
 
 
 async def _kill_backends(run: Run) -> int:

@@ -8,76 +8,15 @@ and step down rather than go on leading on a lock it can no longer prove it hold
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
 from kaiju_tasks import errors
 from kaiju_tasks.store import postgres
 from kaiju_tasks.testing import FrozenClock
-
-
-class FreezableProxy:
-    """Forwards TCP to ``upstream``; ``freeze()`` stops forwarding without closing anything."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.server: asyncio.Server | None = None
-        self.pumps: set[asyncio.Task[None]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pump = asyncio.create_task(self._pump(source, sink))
-            self.pumps.add(pump)
-            pump.add_done_callback(self.pumps.discard)
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await source.read(65536):
-                await self.flowing.wait()
-                sink.write(data)
-                await sink.drain()
-            await self.flowing.wait()
-            sink.close()  # one side closed: so does the other (asyncpg's cancel waits for it)
-
-    def freeze(self) -> None:
-        self.flowing.clear()
-
-    async def close(self) -> None:
-        for pump in list(self.pumps):
-            pump.cancel()
-        for writer in self.writers:
-            writer.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
-@pytest.fixture
-async def proxy_dsn(dsn: str) -> AsyncIterator[tuple[str, FreezableProxy]]:
-    parts = urlsplit(dsn)
-    if not parts.hostname or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs PostgreSQL over TCP (the embedded server listens on a Unix socket)")
-    proxy = FreezableProxy(parts.hostname, parts.port)
-    port = await proxy.start()
-    netloc = parts.netloc.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{port}")
-    try:
-        yield urlunsplit(parts._replace(netloc=netloc)), proxy
-    finally:
-        await proxy.close()
+from tests.proxy import FreezableProxy
 
 
 async def test_a_leader_whose_connection_goes_silent_steps_down(
@@ -90,9 +29,11 @@ async def test_a_leader_whose_connection_goes_silent_steps_down(
         assert await leader.hold()
         assert not await standby.hold()
         proxy.freeze()  # the network goes silent: nothing is closed, nothing arrives
-        # It steps down once its check times out, instead of waiting on the silent socket
-        # (which, without the timeout, would be for as long as the network stays silent).
+        # It steps down once its check times out (0.5 s), instead of waiting on the silent
+        # socket for as long as the network stays silent; 10 s leaves a slow machine room.
+        started = asyncio.get_running_loop().time()
         assert not await leader.hold()
+        assert asyncio.get_running_loop().time() - started < 10
         # Once the server drops the dead session (its keepalive probes do that; here the
         # proxy is closed), the lock is released and the standby takes over.
         await proxy.close()

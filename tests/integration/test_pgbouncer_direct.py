@@ -15,8 +15,6 @@ connection; PostgreSQL delivers it at commit to the direct LISTEN).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -28,6 +26,7 @@ import pytest
 
 from kaiju_tasks import Task, TaskCommand, TaskRuntime
 from kaiju_tasks.store import locks
+from kaiju_tasks.testing import eventually
 from tests import pgbouncer
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,14 +91,12 @@ async def runtime(dsn: str) -> AsyncIterator[TaskRuntime]:
 
 
 async def _finished(runtime: TaskRuntime, task_id: str) -> None:
-    deadline = time.monotonic() + WITHIN
-    while True:
+    async def finished() -> bool:
         task = await runtime.tasks.get(task_id)
-        if task["status"] == "FINISHED":
-            return
-        assert task["status"] in ("QUEUED", "EXECUTED"), task
-        assert time.monotonic() < deadline, f"task {task_id} is still {task['status']}"
-        await asyncio.sleep(0.05)
+        assert task["status"] in ("QUEUED", "EXECUTED", "FINISHED"), task
+        return bool(task["status"] == "FINISHED")
+
+    await eventually(finished, within=WITHIN, interval=0.05, what=f"task {task_id} finished")
 
 
 async def _create(runtime: TaskRuntime, n: int) -> str:
@@ -123,10 +120,7 @@ async def test_listen_and_the_leadership_lock_connect_directly(
         backends = await _backends(dsn)
         return backends if any(b["leader"] for b in backends) else None
 
-    deadline = time.monotonic() + WITHIN
-    while (backends := await leading()) is None:
-        assert time.monotonic() < deadline, "no manager took the leadership"
-        await asyncio.sleep(0.05)
+    backends = await eventually(leading, within=WITHIN, interval=0.05, what="a leader")
     direct = _direct_ports(server_port)
     by_pid = {b["pid"]: b for b in backends}
 
@@ -151,6 +145,10 @@ async def test_listen_and_the_leadership_lock_connect_directly(
 async def test_a_task_created_through_pgbouncer_wakes_the_executor(runtime: TaskRuntime) -> None:
     # The first task may be claimed by the executor's first claim on start.
     await _finished(runtime, await _create(runtime, 1))
-    await asyncio.sleep(0.5)  # the executor is back to its hour-long wait
+    executor = runtime.executor
+    assert executor is not None
+    # The executor is back to its hour-long wait: no run, no claim out (after a short claim,
+    # only a notification wakes it).
+    await eventually(lambda: executor.active == 0 and not executor._claim_lock.locked())
     # This one only by the NOTIFY of its insert, which went through PgBouncer.
     await _finished(runtime, await _create(runtime, 2))

@@ -18,7 +18,6 @@ from kaiju_tasks.executor import Executor
 from kaiju_tasks.manager import Manager
 from kaiju_tasks.methods import Methods
 from kaiju_tasks.rpc import server as rpc_server
-from kaiju_tasks.service import NotificationService, TaskService, TokenService
 from tests.integration.engine.support import wait_for
 
 
@@ -34,17 +33,8 @@ def methods() -> Methods:
 
 
 @pytest.fixture
-async def rpc(aiohttp_client, store, clock, methods):
-    async def health() -> dict[str, bool]:
-        return {"database": True}
-
-    api = rpc_server.Api(
-        tasks=TaskService(store, clock),
-        notifications=NotificationService(store),
-        tokens=TokenService(store, clock),
-        methods=methods,
-        health=health,
-    )
+async def rpc(aiohttp_client, make_api, methods):
+    api = make_api(methods=methods)
     token = (await api.tokens.create("alice"))["token"]
     client = await aiohttp_client(rpc_server.create_app(api))
 

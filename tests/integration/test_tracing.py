@@ -208,13 +208,7 @@ async def test_a_resumed_task_starts_a_new_run_linked_to_the_one_before(
     await runtime.tasks.write_message(created["id"], {"confirmed": True})
     task = await _ended(runtime, created["id"])
     assert task["status"] == "FINISHED"
-    runs = sorted(
-        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
-        key=lambda s: s.start_time,
-    )
-    assert len(runs) == 2
-    first, second = runs
-    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    runs = await _two_linked_runs(created["id"])
     for run in runs:  # both runs stay in the creator's trace
         assert run.context.trace_id == signup.get_span_context().trace_id
 
@@ -330,15 +324,9 @@ async def test_a_retried_task_starts_a_new_run_linked_to_the_failed_one(
     assert isinstance(created, dict)
     task = await _ended(runtime, created["id"])
     assert (task["status"], task["retries"]) == ("FINISHED", 1)
-    runs = sorted(
-        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
-        key=lambda s: s.start_time,
-    )
-    assert len(runs) == 2
-    first, second = runs
+    first, second = runs = await _two_linked_runs(created["id"])
     assert first.status.status_code == trace.StatusCode.ERROR
     assert second.status.is_ok
-    assert [link.context.span_id for link in second.links] == [first.context.span_id]
     assert [dict(s.attributes or {})["kaiju_tasks.attempt"] for s in runs] == [0, 1]
     for run in runs:  # both attempts stay in the creator's trace
         assert run.context.trace_id == order.get_span_context().trace_id
@@ -360,13 +348,7 @@ async def test_a_task_resumed_after_a_timer_starts_a_new_run_linked_to_the_one_b
     assert isinstance(created, dict)
     task = await _ended(runtime, created["id"])
     assert task["status"] == "FINISHED"
-    runs = sorted(
-        (s for s in await _spans(created["id"], runs=2) if s.name == "run shop"),
-        key=lambda s: s.start_time,
-    )
-    assert len(runs) == 2
-    first, second = runs
-    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    first, second = await _two_linked_runs(created["id"])
     assert dict(second.attributes or {})["kaiju_tasks.stage"] == 2  # resumed after the timer
     # No creator's trace: each run is a root, the link is what ties them together.
     assert first.parent is None
@@ -466,3 +448,15 @@ async def _http_api(runtime: TaskRuntime) -> tuple[Any, str]:
     )
     token = (await tokens.create("ops", ["system"]))["token"]
     return rpc_server.create_app(api), token
+
+
+async def _two_linked_runs(task_id: str) -> list[Any]:
+    """The task's two run spans, in order; the second is linked to the first."""
+    runs = sorted(
+        (s for s in await _spans(task_id, runs=2) if s.name == "run shop"),
+        key=lambda s: s.start_time,
+    )
+    assert len(runs) == 2
+    first, second = runs
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    return runs

@@ -165,4 +165,4 @@ def test_only_templated_fields_are_checked_for_reads_of_later_stages():
     error = refused(models.Task, commands=[{"method": "m", "params": "[1.x]"}, {"method": "m"}])
     assert error.field == "commands.0.params"
     # A message or timer holds no templates: a condition reading later stages is not a template
-    models.Task(commands=[{"kind": "message"}, {"method": "m"}])
+    models.Task(commands=[{"kind": "message", "condition": {"1.x": 1}}, {"method": "m"}])

@@ -70,7 +70,12 @@
   function released() {
     pressed = false;
     window.setTimeout(function () {
-      if (held !== null && !pressed && !leaving) { var html = held; held = null; swap(html); }
+      if (held !== null && !pressed && !leaving) {
+        var html = held;
+        held = null;
+        document.body.removeAttribute("data-swap-held");
+        swap(html);
+      }
     }, 0);
   }
   document.addEventListener("pointerup", released, true);
@@ -78,7 +83,7 @@
   window.addEventListener("blur", released);
 
   function swap(html) {
-    if (pressed) { held = html; return; }
+    if (pressed) { held = html; document.body.setAttribute("data-swap-held", ""); return; }
     var open = openDetails();
     var values = typed();
     var focused = document.activeElement;

@@ -213,6 +213,9 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
         # Once the ended runs are recorded, it holds its two running calls and one or two
         # claimed ahead (three if its claims were slow): not the 18 its prefetch would allow.
         await eventually(lambda: first.active <= 2 + 3, what="the first executor to hold few")
+        # Its two slots are held, so it claims no more: most of the queue is left to others.
+        queued = "SELECT count(*) FROM tasks WHERE status = 'QUEUED'"
+        assert await store.pool.fetchval(queued) >= 20 - 2 - (2 + 3)
         async with Executor(
             store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2, prefetch=40
         ):

@@ -24,9 +24,7 @@ from kaiju_tasks.methods import Methods
 from kaiju_tasks.store import driver, postgres
 from kaiju_tasks.testing import eventually
 from tests.integration.engine.support import wait_for
-from tests.integration.test_leadership import FreezableProxy, proxy_dsn
-
-__all__ = ["proxy_dsn"]  # the fixture, used below
+from tests.proxy import FreezableProxy
 
 
 async def _claimed_by(store, executor_id: str, task_id: str, clock) -> None:
@@ -78,11 +76,14 @@ async def test_the_lease_counts_from_when_the_manager_began_watching(task_servic
     assert await steps.rescue_stale(store, at, settings, observed_since=watched_from) == 1
 
 
-async def test_a_heartbeat_committed_during_a_rescue_is_seen_by_it(task_service, store, clock, dsn):
-    # The rescue locks the rows of the executors it judges lost: a heartbeat in progress makes
-    # it pass the executor by; one committed first is seen; one that comes later waits for the
-    # rescue (and the executor's look at its runs afterwards sees them taken). Never both: the
-    # heartbeat counted as alive by the executor, its tasks rescued anyway.
+async def test_a_heartbeat_in_progress_makes_the_rescue_pass_the_executor_by(
+    task_service, store, clock, dsn
+):
+    # The rescue locks the rows of the executors it judges lost (FOR SHARE SKIP LOCKED): one
+    # whose heartbeat is being written is passed by, not taken for lost on the heartbeat time
+    # the rescue's snapshot saw; once the heartbeat commits, the executor is alive. (Without
+    # the lock, the rescue would take its tasks while the executor, its heartbeat recorded,
+    # renews its lease and calls them.)
     await store.register_executor(
         "late", apps=["default"], host="h", pid=1, concurrency=1, now=clock.now()
     )
@@ -91,22 +92,10 @@ async def test_a_heartbeat_committed_during_a_rescue_is_seen_by_it(task_service,
     at = clock.advance(steps.DEFAULT_STALE_AFTER + timedelta(seconds=1))
     beat = await asyncpg.connect(dsn)
     try:
-        heartbeat = beat.transaction()
-        await heartbeat.start()
-        await beat.execute("UPDATE executors SET heartbeat_at = $1 WHERE id = 'late'", at)
-        rescue = asyncio.create_task(steps.rescue_stale(store, at, steps.Settings()))
-
-        async def rescue_waits_or_ended() -> bool:
-            return rescue.done() or bool(
-                await store.pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND query LIKE '%WITH silent AS MATERIALIZED%'"
-                )
-            )
-
-        await eventually(rescue_waits_or_ended, within=30)
-        await heartbeat.commit()
-        assert await asyncio.wait_for(rescue, 30) == 0
+        async with beat.transaction():
+            await beat.execute("UPDATE executors SET heartbeat_at = $1 WHERE id = 'late'", at)
+            assert await asyncio.wait_for(steps.rescue_stale(store, at, steps.Settings()), 30) == 0
+        assert await steps.rescue_stale(store, at, steps.Settings()) == 0  # and now it is alive
     finally:
         await beat.close()
     assert (await store.get_task(task["id"]))["status"] == "EXECUTED"
