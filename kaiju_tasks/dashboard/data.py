@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from kaiju_tasks import insights, monitor
+from kaiju_tasks import insights, monitor, redact
 from kaiju_tasks.store import base
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class EventHub:
             except Exception as exc:  # noqa: BLE001 - the database went away: try again
                 logger.warning(
                     "Dashboard event stream failed; retrying",
-                    extra={"event": "dashboard_events_failed", "error": str(exc)},
+                    extra={"event": "dashboard_events_failed", "error": redact.text(str(exc))},
                 )
                 await asyncio.sleep(1)
 

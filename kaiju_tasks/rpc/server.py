@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from kaiju_tasks import defaults, methods, tracing
+from kaiju_tasks import defaults, methods, redact, tracing
 from kaiju_tasks.rpc import auth, calls, openrpc, protocol, reply
 from kaiju_tasks.service import NotificationService, TaskService, TokenService
 
@@ -196,7 +196,10 @@ async def _health(request: web.Request) -> web.Response:
     try:
         status = await api.health()
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
-        logger.warning("Health check failed", extra={"event": "health_failed", "error": str(exc)})
+        logger.warning(
+            "Health check failed",
+            extra={"event": "health_failed", "error": redact.text(str(exc))},
+        )
         return reply.json_response({"status": "unavailable", "database": False}, status=503)
     return reply.json_response(status, status=200 if status.get("database") else 503)
 
