@@ -89,6 +89,8 @@ class RpcTarget:
         self.done_at: list[float] = []  # time.monotonic() of each answered call
         self.in_flight: Counter[str] = Counter()  # calls being answered now, by task
         self.max_in_flight: Counter[str] = Counter()  # the most at once, by task
+        self.open_requests = 0  # HTTP requests being answered now
+        self.max_open_requests = 0  # the most at once
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -114,6 +116,14 @@ class RpcTarget:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.open_requests += 1
+        self.max_open_requests = max(self.max_open_requests, self.open_requests)
+        try:
+            return await self._handle(request)
+        finally:
+            self.open_requests -= 1
+
+    async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         headers = CIMultiDict(request.headers)
         items = body if isinstance(body, list) else [body]

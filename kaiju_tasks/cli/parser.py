@@ -40,7 +40,11 @@ def build() -> argparse.ArgumentParser:
         metavar="MODULE:ATTRIBUTE",
         help="import a kaiju_tasks.methods.Methods registry to run stages in-process",
     )
-    executor.add_argument("--concurrency", type=int, help="tasks run at once ([executor])")
+    executor.add_argument(
+        "--concurrency",
+        type=int,
+        help="stage calls at once (batch requests to a batched app) ([executor])",
+    )
     executor.add_argument("--prefetch", type=int, help="the most tasks claimed ahead of free slots")
     executor.add_argument("--id", help="executor id (default: host-pid-random)")
     executor.add_argument("--shutdown-grace", type=float, help="seconds to finish stages on stop")

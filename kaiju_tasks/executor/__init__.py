@@ -65,7 +65,7 @@ class Executor(pipeline.Pipeline):
         dsn: enables LISTEN/NOTIFY wake-ups and cancellations (polling works without it).
         clock: the time source (``SystemClock``; ``testing.FrozenClock`` in tests).
         executor_id: this executor's id (default: ``host-pid-random``).
-        concurrency: tasks run at once.
+        concurrency: stage calls in flight at once (for a batched app: batch requests).
         app_token: bearer token sent with stage calls over HTTP (for apps behind auth).
         prefetch: the most tasks claimed ahead of free slots (0 for none). The executor claims
             ahead only as many as its slots free during one claim, by the call and claim times
@@ -88,7 +88,9 @@ class Executor(pipeline.Pipeline):
             tasks back (SUSPENDED, re-queued at once).
         app_batch: ``app_name -> N``: stage calls to that app's URL go out as JSON-RPC batch
             requests of up to N calls (see ``rpc.client.CallBatches``); the app's service
-            must accept batches.
+            must accept batches. Such calls take no slot: up to ``concurrency`` requests are
+            in flight to the app, and an executor whose apps are all batched claims enough
+            tasks to fill them (``concurrency`` x N).
         debug: serve private queues ``<app>@debug-<random>`` instead of ``apps`` (see
             ``debug_queues``): tasks created for those names (or copied there with
             ``tasks.copy``) run here only, production executors never take them, and they are
@@ -173,11 +175,22 @@ class Executor(pipeline.Pipeline):
         for app, queue in self.debug_queues.items():
             if app in batch_sizes:
                 batch_sizes[queue] = batch_sizes[app]
+        # A batched app's calls take no slot: up to `concurrency` batch requests of up to N
+        # calls each are in flight to it (see Pipeline._batched_call).
         self._call_batches = {
-            app: rpc_client.CallBatches(self.client, self.app_urls[app], size, ready=self._leased)
+            app: rpc_client.CallBatches(
+                self.client, self.app_urls[app], size, in_flight=concurrency, ready=self._leased
+            )
             for app, size in batch_sizes.items()
             if size > 1 and app in self.app_urls
         }
+        # The stage calls this executor may have in flight, which its claims keep it fed for:
+        # `concurrency`, or `concurrency` x N when every app it serves is batched (N the
+        # largest batch), so that batches can fill. An executor serving batched and unbatched
+        # apps stays at `concurrency`: its claims cannot tell which app's tasks they take.
+        self.capacity = concurrency
+        if self._call_batches and all(app in self._call_batches for app in self.apps):
+            self.capacity = concurrency * max(b.max_batch for b in self._call_batches.values())
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
         # Runs past their last call, committing how they ended (claim ids): they need no slot,
@@ -393,14 +406,14 @@ class Executor(pipeline.Pipeline):
         their writes need no slot, but all the runs held stay under twice that, should those
         writes be slow.
         """
-        window = self.concurrency + self._ahead()
+        window = self.capacity + self._ahead()
         held = len(self._running)
         calling = held - len(self._settling)
         return max(0, min(window - calling, 2 * window - held))
 
     def _ahead(self) -> int:
         """How many tasks to claim ahead of free slots now (see :func:`claim_ahead`)."""
-        return claim_ahead(self.prefetch, self.concurrency, self._claim_s, self._call_s)
+        return claim_ahead(self.prefetch, self.capacity, self._claim_s, self._call_s)
 
     @property
     def active(self) -> int:

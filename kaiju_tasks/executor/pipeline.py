@@ -158,8 +158,14 @@ class Pipeline(outcome.Outcomes):
             failure: errors.StageError | None = None
             # A slot is a stage call in flight, from the clock reading its deadline counts from
             # to its return. The writes that commit its outcome come after: the next call does
-            # not wait for them (the next stage of this task does).
-            async with _NO_SLOT if kind.park is not None else self._slots:
+            # not wait for them (the next stage of this task does). Parking kinds take none,
+            # nor do calls sent in batches (their batch requests are bounded instead).
+            slot = (
+                _NO_SLOT
+                if kind.park is not None or self._batched_call(row, command)
+                else self._slots
+            )
+            async with slot:
                 if kind.park is None:
                     await self._leased()  # no call once the manager may have rescued the task
                     if self._claims.get(task_id) != row["claim_id"]:
@@ -225,6 +231,22 @@ class Pipeline(outcome.Outcomes):
             if not await self._write(functools.partial(self._record.submit, item)):
                 raise outcome.Revoked
             stage += 1
+
+    def _batched_call(self, row: Mapping[str, Any], command: Mapping[str, Any]) -> bool:
+        """Whether the stage's call goes out in a batch request of its app (``[apps] batch=N``).
+
+        Such a call takes no slot: its app's :class:`~kaiju_tasks.rpc.client.CallBatches` has
+        at most ``concurrency`` requests in flight, each of up to N calls. A method written as
+        a template is not known until rendered: its call takes a slot, as any other.
+        """
+        method = command.get("method")
+        return (
+            row["app_name"] in self._call_batches
+            and isinstance(method, str)
+            and method not in self.methods
+            and not templates.is_template(method)
+            and not templates.is_literal(method)
+        )
 
     def _settle(self, row: Mapping[str, Any]) -> None:
         """The run has made its last call: room for a claim while its outcome is written."""

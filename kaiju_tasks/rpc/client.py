@@ -197,10 +197,10 @@ class CallBatches:
     """Stage calls to one app, gathered into JSON-RPC batch requests (``[apps]`` ``batch=N``).
 
     Each caller awaits its own call. A lone call goes out at once (as a batch of one); calls
-    made while ``in_flight`` batches are on their way gather, and the next batch takes up to
-    ``max_batch`` of them: under load the batches grow by themselves, with no timer. A batch's
-    reply comes when every call in it is answered, so one slow call delays the others of its
-    batch.
+    made while ``in_flight`` batches (the executor's ``concurrency``) are on their way gather,
+    and the next batch takes up to ``max_batch`` of them: under load the batches grow by
+    themselves, with no timer. A batch's reply comes when every call in it is answered, so one
+    slow call delays the others of its batch.
     """
 
     def __init__(

@@ -95,6 +95,39 @@ async def test_many_tasks_share_requests_and_each_gets_its_own_result(
     assert max(service.batch_sizes) <= 50  # app_batch bounds a request
 
 
+async def test_batches_fill_past_concurrency_which_bounds_the_requests_in_flight(
+    dsn: str, service: rpc_fake.RpcTarget
+) -> None:
+    # concurrency 2, batch 25: up to 2 requests in flight to the app, each of up to 25 calls
+    # (the executor claims enough tasks to fill them), not 2 calls in flight.
+    service.delay = 0.05
+    async with TaskRuntime(
+        dsn,
+        apps=["shop"],
+        app_urls={"shop": service.url},
+        executor_options={
+            "app_batch": {"shop": 25},
+            "concurrency": 2,
+            "poll_interval": timedelta(milliseconds=50),
+        },
+    ) as runtime:
+        created = await runtime.tasks.create(
+            [
+                Task(app="shop", commands=[TaskCommand(method="shop.reserve", params={"n": n})])
+                for n in range(200)
+            ],
+            columns=["id"],
+        )
+        assert isinstance(created, list)
+        rows = await _ended(runtime, [row["id"] for row in created])
+    assert {row["status"] for row in rows.values()} == {"FINISHED"}
+    assert len(service.calls) == 200
+    assert set(service.count_by_id().values()) == {1}
+    assert service.max_open_requests <= 2
+    assert max(service.batch_sizes) == 25  # full batches, past the 2 slots
+    assert service.requests <= 200 // 25 * 3  # most requests were full
+
+
 async def test_one_calls_error_stays_that_calls(
     runtime: TaskRuntime, service: rpc_fake.RpcTarget
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from kaiju_tasks.executor import claim_ahead
+from kaiju_tasks.executor import Executor, claim_ahead
 
 
 def test_until_both_times_are_measured_it_claims_up_to_one_round_of_slots() -> None:
@@ -37,3 +39,20 @@ def test_a_zero_call_time_is_the_whole_allowance_not_an_error(call_s: float) -> 
 def test_prefetch_zero_claims_nothing_ahead() -> None:
     assert claim_ahead(0, 10, None, None) == 0
     assert claim_ahead(0, 10, 0.005, 0.00001) == 0
+
+
+def test_an_executor_of_batched_apps_only_claims_enough_to_fill_its_batches():
+    urls = {"shop": "http://shop/rpc", "mail": "http://mail/rpc"}
+    store: Any = None  # built, never started
+
+    def capacity(apps: list[str], batch: dict[str, int]) -> int:
+        return Executor(store, apps=apps, app_urls=urls, app_batch=batch, concurrency=4).capacity
+
+    assert capacity(["shop"], {}) == 4  # unbatched: a slot per call
+    assert capacity(["shop"], {"shop": 50}) == 200  # 4 requests of up to 50 calls
+    assert capacity(["shop", "mail"], {"shop": 50, "mail": 20}) == 200
+    # One unbatched app among them: its tasks would wait for slots, so no more than 4.
+    assert capacity(["shop", "mail"], {"shop": 50}) == 4
+    assert capacity(["shop"], {"shop": 1}) == 4  # batch=1 is no batching
+    debug = Executor(store, apps=["shop"], app_urls=urls, app_batch={"shop": 50}, debug=True)
+    assert debug.capacity == 10 * 50  # its private queue is batched as the app
