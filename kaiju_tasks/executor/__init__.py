@@ -193,8 +193,8 @@ class Executor(pipeline.Pipeline):
             self.capacity = concurrency * max(b.max_batch for b in self._call_batches.values())
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
-        # Runs past their last call, committing how they ended (claim ids): they need no slot,
-        # so they leave room for a claim (see _room).
+        # Runs committing a stage's outcome (claim ids): past their last call, or between two
+        # stages. They need no slot, so they leave room for a claim (see _room).
         self._settling: set[str] = set()
         self._backlog = True  # whether the last claim took all it asked for (more may wait)
         # Writes of many tasks share statements (group commit); see kaiju_tasks.batch.
@@ -402,9 +402,9 @@ class Executor(pipeline.Pipeline):
         """How many tasks a claim may take now.
 
         The runs that still have a call to make (running one, or waiting for a slot) are kept
-        to ``concurrency + prefetch``; the runs committing how they ended do not count, since
-        their writes need no slot, but all the runs held stay under twice that, should those
-        writes be slow.
+        to ``capacity + prefetch``; the runs committing a stage's outcome (between two stages,
+        or at their end) do not count, since their writes need no slot, but all the runs held
+        stay under twice that, should those writes be slow.
         """
         window = self.capacity + self._ahead()
         held = len(self._running)

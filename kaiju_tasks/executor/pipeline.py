@@ -228,8 +228,14 @@ class Pipeline(outcome.Outcomes):
                 "claim_id": row["claim_id"],
                 **_measured(meter),
             }
-            if not await self._write(functools.partial(self._record.submit, item)):
-                raise outcome.Revoked
+            # Between stages the run needs no slot: while its result is written, a claimed
+            # task may use the room (the run takes a slot again for its next call).
+            self._settle(row)
+            try:
+                if not await self._write(functools.partial(self._record.submit, item)):
+                    raise outcome.Revoked
+            finally:
+                self._settling.discard(item["claim_id"])
             stage += 1
 
     def _batched_call(self, row: Mapping[str, Any], command: Mapping[str, Any]) -> bool:
@@ -249,7 +255,10 @@ class Pipeline(outcome.Outcomes):
         )
 
     def _settle(self, row: Mapping[str, Any]) -> None:
-        """The run has made its last call: room for a claim while its outcome is written."""
+        """The run needs no slot while an outcome is written: room for a claim.
+
+        After its last call, or between two stages (it takes a slot again for its next call).
+        """
         self._settling.add(row["claim_id"])
         self._room_freed()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -99,7 +100,7 @@ class Client:
         headers = self._headers(correlation_id, deadline, seconds_left)
         tracing.inject(headers)  # the stage's span: the called service joins the trace
         body = encode(protocol.request(method, params, request_id))
-        shown = redact.url(url)
+        shown = _shown(url)
         status, reply = await self._post(url, body, headers, shown, reply_bound())
         if not isinstance(reply, dict):
             raise errors.TransportError(
@@ -126,7 +127,7 @@ class Client:
         """
         headers = self._headers(None, deadline, seconds_left)
         body = encode([protocol.request(method, params, rid) for method, params, rid in calls])
-        shown = redact.url(url)
+        shown = _shown(url)
         bound = max(reply_bound(), min(reply_bound() * len(calls), limits.active().reply_bytes))
         status, reply = await self._post(url, body, headers, shown, bound)
         if not isinstance(reply, list):
@@ -272,6 +273,15 @@ class CallBatches:
             for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
+
+
+@functools.lru_cache(maxsize=256)
+def _shown(url: str) -> str:
+    """``url`` as messages show it (:func:`kaiju_tasks.redact.url`), worked out once per URL.
+
+    An executor calls the few URLs of its apps over and over.
+    """
+    return redact.url(url)
 
 
 def _outcome(reply: Mapping[str, Any], shown: str, status: int) -> Any:
