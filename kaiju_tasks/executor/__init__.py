@@ -164,6 +164,8 @@ class Executor(pipeline.Pipeline):
         self.lease = lease
         # Stage calls start only before this (time.monotonic()); renewed by heartbeats.
         self._lease_until = -math.inf
+        self._lease_watch: asyncio.TimerHandle | None = None  # fires when the lease runs out
+        self._in_call: set[str] = set()  # task ids whose stage call is in flight
         self._lease_renewed = asyncio.Event()
         self._lease_lapsed = False  # logged once per lapse
         self._heartbeats_done = asyncio.Event()  # set by stop()
@@ -275,6 +277,11 @@ class Executor(pipeline.Pipeline):
         until = sent + LEASE_USED * self.lease.total_seconds()
         if until > self._lease_until:
             self._lease_until = until
+            if self._lease_watch is not None:
+                self._lease_watch.cancel()
+            self._lease_watch = asyncio.get_running_loop().call_later(
+                max(0.0, until - time.monotonic()), self._lease_ran_out
+            )
         if time.monotonic() < self._lease_until and not self._lease_renewed.is_set():
             self._lease_renewed.set()
             self._wake.set()  # the claim loop, which claims nothing while the lease is out
@@ -284,6 +291,30 @@ class Executor(pipeline.Pipeline):
                     "Lease renewed: stage calls start again",
                     extra={"event": "lease_renewed", "executor_id": self.id},
                 )
+
+    def _lease_ran_out(self) -> None:
+        """No heartbeat for three quarters of the lease: abandon the calls in flight.
+
+        The manager may rescue their runs once the lease is over, and a request still queued
+        on this host (a cut link retransmits it when it comes back) must not reach the service
+        after that. Their connections are reset (see ``rpc.client``), so what the service has
+        not received it never will; their runs end without a write, and their tasks are
+        rescued by the manager or handed back by the next heartbeat (as orphans).
+        """
+        self._lease_watch = None
+        if self._lease_held():  # renewed meanwhile
+            return
+        calling = [task_id for task_id in self._in_call if task_id in self._running]
+        for batches in self._call_batches.values():
+            batches.abandon()
+        for task_id in calling:
+            self._revoke(task_id)
+        if calling:
+            logger.warning(
+                "Lease lapsed: %d stage calls in flight abandoned",
+                len(calling),
+                extra={"event": "calls_abandoned", "executor_id": self.id, "count": len(calling)},
+            )
 
     def _lease_held(self) -> bool:
         """Whether a stage call may start now (see :meth:`_leased`); notes a lapse once."""
@@ -350,6 +381,8 @@ class Executor(pipeline.Pipeline):
         # The heartbeat loop ends after the beat in progress: cancelled amid a query, it would
         # wait for the query's cancellation, which a cut network can hold up for long.
         self._heartbeats_done.set()
+        if self._lease_watch is not None:
+            self._lease_watch.cancel()
         if heartbeats:
             await asyncio.wait(heartbeats, timeout=self.shutdown_grace.total_seconds())
         for loop in heartbeats:

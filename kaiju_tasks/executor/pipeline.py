@@ -59,6 +59,7 @@ class Pipeline(outcome.Outcomes):
     _listener: notifications.Listener | None
     _claims: dict[str, str]
     _leased: Callable[[], Awaitable[None]]  # waits until the lease allows a stage call
+    _in_call: set[str]  # task ids whose stage call is in flight (abandoned if the lease lapses)
 
     # -- one task -----------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class Pipeline(outcome.Outcomes):
                         parked = kind.park(row, command, now)
                     else:
                         with tracing.stage_span(row, self.id, stage, command["method"]) as span:
+                            self._in_call.add(task_id)
                             try:
                                 result = await self._call(row, stage, command, data, now, meter)
                                 stored += _json_checked(result, stored)
@@ -200,6 +202,7 @@ class Pipeline(outcome.Outcomes):
                                 tracing.failed(span, exc.message)
                                 raise
                             finally:  # how long calls take, for claim_ahead
+                                self._in_call.discard(task_id)
                                 elapsed = asyncio.get_running_loop().time() - meter["started"]
                                 self._call_s = _averaged(self._call_s, elapsed)
                 except errors.StageError as exc:

@@ -16,6 +16,8 @@ import asyncio
 import contextvars
 import functools
 import json
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -66,7 +68,7 @@ class Client:
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connections)
+                connector=aiohttp.TCPConnector(limit=self.connections, socket_factory=_socket)
             )
             self._own = True
         return self._session
@@ -223,6 +225,17 @@ class CallBatches:
         self._pending: list[tuple[tuple[str, Any, str], datetime | None, float | None, Any]] = []
         self._flushers: set[asyncio.Task[None]] = set()
 
+    def abandon(self) -> None:
+        """Drop every call: the batches in flight (their connections are reset) and those waiting.
+
+        Their callers are cancelled by the executor (its lease lapsed).
+        """
+        for flusher in self._flushers:
+            flusher.cancel()
+        for _, _, _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
     async def call(
         self,
         method: str,
@@ -273,6 +286,20 @@ class CallBatches:
             for (_, _, _, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
+
+
+def _socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A client socket whose close resets the connection (``SO_LINGER`` 0).
+
+    A call abandoned (its deadline passed, its run taken away, the executor's lease lapsed)
+    closes its connection. A plain close leaves what the kernel still holds of the request to be
+    sent: over a cut link, it would reach the service when the link comes back, possibly after
+    the task ran elsewhere. A reset drops it. Connections closed when idle lose nothing by it.
+    """
+    family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
 
 
 @functools.lru_cache(maxsize=256)

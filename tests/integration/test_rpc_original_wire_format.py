@@ -59,6 +59,7 @@ async def executor(store, clock, dsn, methods):
         dsn=dsn,
         poll_interval=timedelta(milliseconds=50),
         heartbeat_interval=timedelta(milliseconds=200),
+        lease=timedelta(seconds=30),  # no lapse under load: a lapse abandons calls
     ) as ex:
         yield ex
 

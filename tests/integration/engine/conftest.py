@@ -75,6 +75,7 @@ async def executor(store, registry, clock, dsn):
         dsn=dsn,
         poll_interval=timedelta(milliseconds=50),
         heartbeat_interval=timedelta(milliseconds=200),
+        lease=timedelta(seconds=30),  # no lapse under load: a lapse abandons calls
     )
     async with ex:
         yield ex

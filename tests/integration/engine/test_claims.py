@@ -56,8 +56,15 @@ async def test_liveness_checks_never_take_away_tasks_claimed_meanwhile(
     async def noop():
         await asyncio.sleep(0.002)
 
+    # Checks every 20 ms; a lease long enough that a slow beat under load is no lapse (a lapse
+    # abandons the calls in flight, on purpose: see test_lease.py).
     async with Executor(
-        store, methods=methods, clock=clock, dsn=dsn, heartbeat_interval=timedelta(milliseconds=20)
+        store,
+        methods=methods,
+        clock=clock,
+        dsn=dsn,
+        heartbeat_interval=timedelta(milliseconds=20),
+        lease=timedelta(seconds=30),
     ):
         await task_service.create(
             [Task(commands=[TaskCommand(method="noop")]) for _ in range(1500)], columns=["id"]

@@ -224,6 +224,7 @@ async def test_a_retry_claimed_while_the_failed_run_returns_runs_once_at_a_time(
         clock=clock,
         dsn=dsn,
         heartbeat_interval=timedelta(milliseconds=30),
+        lease=timedelta(seconds=30),  # no lapse under load: a lapse abandons calls
     ):
         created = await task_service.create(
             [

@@ -250,3 +250,62 @@ async def test_a_healed_executor_that_claims_its_rescued_tasks_again_calls_each_
     # The call in flight at the cut is made again by the new run; the waiting one only once.
     second = next(t for t in tasks if t != first)
     assert sorted(gated.of("cut-off")) == sorted([first, first, second])
+
+
+async def test_a_lapsed_lease_abandons_the_call_in_flight_and_the_task_runs_again_once_healed(
+    task_service, store, clock, cut_store, caplog
+):
+    # Once the lease is out the manager may rescue the run: its call must not go on beside the
+    # new run's (an in-process method is cancelled; an HTTP call's connection is reset, so a
+    # request still queued on a cut link never arrives).
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    cut, proxy = cut_store
+    calls: list[str] = []
+    cancelled = asyncio.Event()
+    methods = Methods()
+
+    @methods.register("slow")
+    async def slow() -> str:
+        calls.append("call")
+        if len(calls) == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return "done"
+
+    task = await task_service.create(Task(commands=[TaskCommand(method="slow")]))
+    lapsing = Executor(
+        cut,
+        executor_id="lapsing",
+        methods=methods,
+        clock=clock,
+        concurrency=1,
+        poll_interval=timedelta(milliseconds=50),
+        heartbeat_interval=timedelta(milliseconds=200),
+    )
+    await lapsing.start()
+    try:
+        await eventually(lambda: len(calls) == 1, within=30)
+        proxy.freeze()
+        await asyncio.wait_for(cancelled.wait(), timeout=30)
+        assert any(
+            r.getMessage() == "Lease lapsed: 1 stage calls in flight abandoned"
+            for r in caplog.records
+        )
+        proxy.flowing.set()
+        # Healed: the next heartbeat hands back the task it holds but no longer runs, the
+        # manager re-queues it, and it runs again, to the end.
+        manager = Manager(store, clock=clock)
+
+        async def finished() -> bool:
+            await manager.tick(clock.now())
+            return (await store.get_task(task["id"]))["status"] == "FINISHED"
+
+        await eventually(finished, within=30, interval=0.1)
+    finally:
+        proxy.flowing.set()
+        await lapsing.stop()
+    assert calls == ["call", "call"]
+    assert (await store.get_task(task["id"]))["result"] == ["done"]
