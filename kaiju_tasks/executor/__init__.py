@@ -80,7 +80,8 @@ class Executor(pipeline.Pipeline):
         lease: how long after its last heartbeat this executor may still start stage calls
             (default three heartbeat intervals; at least two). It starts none once three
             quarters of it have passed without a heartbeat the database took (a cut network,
-            an outage): calls wait for the next heartbeat, and runs the manager rescued
+            an outage), and abandons the calls in flight (see :meth:`_lease_ran_out`); other
+            calls wait for the next heartbeat, and runs the manager rescued
             meanwhile are abandoned before they call. The lease is recorded with the
             executor, and the manager rescues its tasks no earlier than the lease's end,
             whatever its ``stale_after``.
@@ -302,7 +303,7 @@ class Executor(pipeline.Pipeline):
         rescued by the manager or handed back by the next heartbeat (as orphans).
         """
         self._lease_watch = None
-        if self._lease_held():  # renewed meanwhile
+        if self._heartbeats_done.is_set() or self._lease_held():  # stopped, or renewed
             return
         calling = [task_id for task_id in self._in_call if task_id in self._running]
         for batches in self._call_batches.values():
