@@ -165,16 +165,23 @@ class Executor(pipeline.Pipeline):
         self.lease = lease
         # Stage calls start only before this (time.monotonic()); renewed by heartbeats.
         self._lease_until = -math.inf
-        self._lease_watch: asyncio.TimerHandle | None = None  # fires when the lease runs out
+        # The calls in flight are abandoned at _watch_until (time.monotonic()), unless a
+        # heartbeat the database took moves it on (see _lease_ran_out).
+        self._watch_until = -math.inf
+        self._lease_watch: asyncio.TimerHandle | None = None
         self._in_call: set[str] = set()  # task ids whose stage call is in flight
         self._lease_renewed = asyncio.Event()
         self._lease_lapsed = False  # logged once per lapse
         self._heartbeats_done = asyncio.Event()  # set by stop()
         self.shutdown_grace = shutdown_grace
-        # As many connections as calls may be in flight, so no call that passed the lease
-        # check then waits for a connection (aiohttp's default is 100).
-        self.client = rpc_client.Client(token=app_token, connections=max(100, concurrency))
         batch_sizes = dict(app_batch or {})
+        # As many connections as requests may be in flight (the slots, and `concurrency` batch
+        # requests per batched app), so that no call that passed the lease check then waits
+        # for a connection (aiohttp's default is 100).
+        batched_apps = sum(1 for app, size in batch_sizes.items() if size > 1)
+        self.client = rpc_client.Client(
+            token=app_token, connections=max(100, concurrency * (1 + batched_apps))
+        )
         for app, queue in self.debug_queues.items():
             if app in batch_sizes:
                 batch_sizes[queue] = batch_sizes[app]
@@ -189,11 +196,13 @@ class Executor(pipeline.Pipeline):
         }
         # The stage calls this executor may have in flight, which its claims keep it fed for:
         # `concurrency`, or `concurrency` x N when every app it serves is batched (N the
-        # largest batch), so that batches can fill. An executor serving batched and unbatched
-        # apps stays at `concurrency`: its claims cannot tell which app's tasks they take.
+        # smallest batch, so that no app gets more calls than its requests carry: a call
+        # waiting for its batch has its deadline running), so that batches can fill. An
+        # executor serving batched and unbatched apps stays at `concurrency`: its claims cannot
+        # tell which app's tasks they take.
         self.capacity = concurrency
         if self._call_batches and all(app in self._call_batches for app in self.apps):
-            self.capacity = concurrency * max(b.max_batch for b in self._call_batches.values())
+            self.capacity = concurrency * min(b.max_batch for b in self._call_batches.values())
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claims: dict[str, str] = {}  # task id -> the claim id of its current run
         # Runs committing a stage's outcome (claim ids): past their last call, or between two
@@ -276,13 +285,9 @@ class Executor(pipeline.Pipeline):
     def _renew_lease(self, sent: float) -> None:
         """A heartbeat sent at ``sent`` (monotonic) was recorded: calls may start until then."""
         until = sent + LEASE_USED * self.lease.total_seconds()
+        self._watch(sent)
         if until > self._lease_until:
             self._lease_until = until
-            if self._lease_watch is not None:
-                self._lease_watch.cancel()
-            self._lease_watch = asyncio.get_running_loop().call_later(
-                max(0.0, until - time.monotonic()), self._lease_ran_out
-            )
         if time.monotonic() < self._lease_until and not self._lease_renewed.is_set():
             self._lease_renewed.set()
             self._wake.set()  # the claim loop, which claims nothing while the lease is out
@@ -292,6 +297,21 @@ class Executor(pipeline.Pipeline):
                     "Lease renewed: stage calls start again",
                     extra={"event": "lease_renewed", "executor_id": self.id},
                 )
+
+    def _watch(self, sent: float) -> None:
+        """A heartbeat sent at ``sent`` was recorded: the calls in flight may go on until then.
+
+        Called as soon as the database took the beat, before the runs it took away are
+        abandoned (which the lease itself waits for).
+        """
+        until = sent + LEASE_USED * self.lease.total_seconds()
+        if until <= self._watch_until:
+            return
+        self._watch_until = until
+        if self._lease_watch is None:
+            self._lease_watch = asyncio.get_running_loop().call_later(
+                max(0.0, until - time.monotonic()), self._lease_ran_out
+            )
 
     def _lease_ran_out(self) -> None:
         """No heartbeat for three quarters of the lease: abandon the calls in flight.
@@ -303,8 +323,17 @@ class Executor(pipeline.Pipeline):
         rescued by the manager or handed back by the next heartbeat (as orphans).
         """
         self._lease_watch = None
-        if self._heartbeats_done.is_set() or self._lease_held():  # stopped, or renewed
+        if self._heartbeats_done.is_set():
             return
+        left = self._watch_until - time.monotonic()
+        if left > 0:  # a heartbeat moved it on (or the timer fired early): watch on
+            self._lease_watch = asyncio.get_running_loop().call_later(left, self._lease_ran_out)
+            return
+        self._lease_held()  # notes the lapse
+        self._abandon_calls("Lease lapsed")
+
+    def _abandon_calls(self, why: str) -> None:
+        """Abandon every stage call in flight, batches included (their runs end unwritten)."""
         calling = [task_id for task_id in self._in_call if task_id in self._running]
         for batches in self._call_batches.values():
             batches.abandon()
@@ -312,7 +341,8 @@ class Executor(pipeline.Pipeline):
             self._revoke(task_id)
         if calling:
             logger.warning(
-                "Lease lapsed: %d stage calls in flight abandoned",
+                "%s: %d stage calls in flight abandoned",
+                why,
                 len(calling),
                 extra={"event": "calls_abandoned", "executor_id": self.id, "count": len(calling)},
             )
@@ -379,6 +409,10 @@ class Executor(pipeline.Pipeline):
             self._running[task_id].cancel()
         if left:
             await asyncio.wait([self._running[t] for t in left])
+        # Batch requests still out carry calls of runs about to be handed back: reset them, so
+        # that none reaches the service after its task was re-queued.
+        for batches in self._call_batches.values():
+            batches.abandon()
         # The heartbeat loop ends after the beat in progress: cancelled amid a query, it would
         # wait for the query's cancellation, which a cut network can hold up for long.
         self._heartbeats_done.set()
@@ -510,6 +544,7 @@ class Executor(pipeline.Pipeline):
                 )
                 if not alive:  # our row was pruned (a long outage): come back online
                     await self._register()
+                self._watch(sent)  # the calls in flight may go on
                 # Runs rescued while the lease had lapsed are abandoned first: only then may the
                 # calls that waited for this heartbeat start.
                 await self._revoke_taken()

@@ -228,10 +228,11 @@ class CallBatches:
     def abandon(self) -> None:
         """Drop every call: the batches in flight (their connections are reset) and those waiting.
 
-        Their callers are cancelled by the executor (its lease lapsed).
+        Their callers are cancelled by the executor (its lease lapsed, or it stops).
         """
         for flusher in self._flushers:
             flusher.cancel()
+        self._flushers.clear()  # calls made from now on get flushers of their own
         for _, _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
@@ -259,6 +260,16 @@ class CallBatches:
         return outcome
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_pending()
+        finally:
+            # Out of the set in the same step as the loop's last check (not in a done callback,
+            # a loop iteration later): a call made in between must find room for a flusher.
+            this = asyncio.current_task()
+            if this is not None:
+                self._flushers.discard(this)
+
+    async def _flush_pending(self) -> None:
         while self._pending:
             if self.ready is not None:
                 await self.ready()

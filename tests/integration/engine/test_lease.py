@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -309,3 +310,60 @@ async def test_a_lapsed_lease_abandons_the_call_in_flight_and_the_task_runs_agai
         await lapsing.stop()
     assert calls == ["call", "call"]
     assert (await store.get_task(task["id"]))["result"] == ["done"]
+
+
+async def test_a_lapsed_lease_abandons_a_batch_request_in_flight(
+    task_service, store, clock, cut_store, caplog, rpc_target
+):
+    # The same for calls sent in a batch: the request is dropped (its connection reset), its
+    # runs end unwritten, and once healed the tasks run again and finish.
+    caplog.set_level(logging.INFO, logger="kaiju_tasks")
+    cut, proxy = cut_store
+    release = asyncio.Event()
+
+    async def held(call: Any) -> Any:
+        if len(service.calls) <= 2:  # the first batch (of two) waits for the test
+            await release.wait()
+        return "done"
+
+    service = await rpc_target(held)
+    tasks = [
+        (await task_service.create(Task(app_name="shop", commands=[TaskCommand(method="m")])))["id"]
+        for _ in range(2)
+    ]
+    lapsing = Executor(
+        cut,
+        apps=["shop"],
+        app_urls={"shop": service.url},
+        app_batch={"shop": 10},
+        executor_id="lapsing",
+        clock=clock,
+        concurrency=1,
+        poll_interval=timedelta(milliseconds=50),
+        heartbeat_interval=timedelta(milliseconds=200),
+    )
+    await lapsing.start()
+    try:
+        await eventually(lambda: len(service.calls) == 2 and lapsing.active == 2, within=30)
+        proxy.freeze()
+        await eventually(lambda: lapsing.active == 0, within=30)  # both runs abandoned
+        assert any(
+            r.getMessage() == "Lease lapsed: 2 stage calls in flight abandoned"
+            for r in caplog.records
+        )
+        release.set()
+        proxy.flowing.set()
+        manager = Manager(store, clock=clock)
+
+        async def finished() -> bool:
+            await manager.tick(clock.now())
+            rows = [await store.get_task(t) for t in tasks]
+            return all(row["status"] == "FINISHED" for row in rows)
+
+        await eventually(finished, within=30, interval=0.1)
+    finally:
+        release.set()
+        proxy.flowing.set()
+        await lapsing.stop()
+    for task_id in tasks:
+        assert (await store.get_task(task_id))["result"] == ["done"]
