@@ -282,9 +282,13 @@ class Executor(pipeline.Pipeline):
 
     # -- the lease ----------------------------------------------------------------------------
 
+    def _usable_until(self, sent: float) -> float:
+        """When the lease of a heartbeat sent at ``sent`` (monotonic) stops covering calls."""
+        return sent + LEASE_USED * self.lease.total_seconds()
+
     def _renew_lease(self, sent: float) -> None:
         """A heartbeat sent at ``sent`` (monotonic) was recorded: calls may start until then."""
-        until = sent + LEASE_USED * self.lease.total_seconds()
+        until = self._usable_until(sent)
         self._watch(sent)
         if until > self._lease_until:
             self._lease_until = until
@@ -304,7 +308,7 @@ class Executor(pipeline.Pipeline):
         Called as soon as the database took the beat, before the runs it took away are
         abandoned (which the lease itself waits for).
         """
-        until = sent + LEASE_USED * self.lease.total_seconds()
+        until = self._usable_until(sent)
         if until <= self._watch_until:
             return
         self._watch_until = until
@@ -330,22 +334,24 @@ class Executor(pipeline.Pipeline):
             self._lease_watch = asyncio.get_running_loop().call_later(left, self._lease_ran_out)
             return
         self._lease_held()  # notes the lapse
-        self._abandon_calls("Lease lapsed")
-
-    def _abandon_calls(self, why: str) -> None:
-        """Abandon every stage call in flight, batches included (their runs end unwritten)."""
         calling = [task_id for task_id in self._in_call if task_id in self._running]
-        for batches in self._call_batches.values():
-            batches.abandon()
+        self._abandon_batches()
         for task_id in calling:
             self._revoke(task_id)
         if calling:
             logger.warning(
-                "%s: %d stage calls in flight abandoned",
-                why,
+                "Lease lapsed: %d stage calls in flight abandoned",
                 len(calling),
                 extra={"event": "calls_abandoned", "executor_id": self.id, "count": len(calling)},
             )
+
+    def _abandon_batches(self) -> None:
+        """Reset the batch requests out and drop the batched calls waiting.
+
+        Their runs are cancelled by the caller (a lapse, or ``stop()``).
+        """
+        for batches in self._call_batches.values():
+            batches.abandon()
 
     def _lease_held(self) -> bool:
         """Whether a stage call may start now (see :meth:`_leased`); notes a lapse once."""
@@ -411,8 +417,7 @@ class Executor(pipeline.Pipeline):
             await asyncio.wait([self._running[t] for t in left])
         # Batch requests still out carry calls of runs about to be handed back: reset them, so
         # that none reaches the service after its task was re-queued.
-        for batches in self._call_batches.values():
-            batches.abandon()
+        self._abandon_batches()
         # The heartbeat loop ends after the beat in progress: cancelled amid a query, it would
         # wait for the query's cancellation, which a cut network can hold up for long.
         self._heartbeats_done.set()

@@ -253,6 +253,7 @@ class CallBatches:
             # Not in this caller's context: the batch is no one call's (tracing, task context).
             flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
             self._flushers.add(flusher)
+            # _flush leaves the set itself; this covers a flusher cancelled before it ran.
             flusher.add_done_callback(self._flushers.discard)
         outcome = await future
         if isinstance(outcome, BaseException):

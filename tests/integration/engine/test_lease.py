@@ -196,6 +196,27 @@ async def _rescue(store, clock) -> None:
     assert done["requeue_suspended"] == 2
 
 
+def _abandoned_calls(caplog) -> list[str]:
+    """The executor's own count of the calls a lapse abandoned, one message per lapse."""
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "calls_abandoned"]
+
+
+async def _finished_after_the_heal(store, clock, task_ids: list[str]) -> None:
+    """Wait for ``task_ids`` to finish after the heal, ticking the manager.
+
+    The next heartbeat hands back the tasks the executor holds but no longer runs, the manager
+    re-queues them, and they run again, to the end.
+    """
+    manager = Manager(store, clock=clock)
+
+    async def finished() -> bool:
+        await manager.tick(clock.now())
+        rows = [await store.get_task(t) for t in task_ids]
+        return all(row["status"] == "FINISHED" for row in rows)
+
+    await eventually(finished, within=30, interval=0.1)
+
+
 async def test_a_cut_off_executor_starts_no_call_of_a_task_the_manager_rescued(
     task_service, store, clock, cut_store, caplog
 ):
@@ -291,20 +312,9 @@ async def test_a_lapsed_lease_abandons_the_call_in_flight_and_the_task_runs_agai
         await eventually(lambda: len(calls) == 1, within=30)
         proxy.freeze()
         await asyncio.wait_for(cancelled.wait(), timeout=30)
-        assert any(
-            r.getMessage() == "Lease lapsed: 1 stage calls in flight abandoned"
-            for r in caplog.records
-        )
+        assert _abandoned_calls(caplog) == ["Lease lapsed: 1 stage calls in flight abandoned"]
         proxy.flowing.set()
-        # Healed: the next heartbeat hands back the task it holds but no longer runs, the
-        # manager re-queues it, and it runs again, to the end.
-        manager = Manager(store, clock=clock)
-
-        async def finished() -> bool:
-            await manager.tick(clock.now())
-            return (await store.get_task(task["id"]))["status"] == "FINISHED"
-
-        await eventually(finished, within=30, interval=0.1)
+        await _finished_after_the_heal(store, clock, [task["id"]])
     finally:
         proxy.flowing.set()
         await lapsing.stop()
@@ -315,8 +325,8 @@ async def test_a_lapsed_lease_abandons_the_call_in_flight_and_the_task_runs_agai
 async def test_a_lapsed_lease_abandons_a_batch_request_in_flight(
     task_service, store, clock, cut_store, caplog, rpc_target
 ):
-    # The same for calls sent in a batch: the request is dropped (its connection reset), its
-    # runs end unwritten, and once healed the tasks run again and finish.
+    # The same for calls sent in a batch: the batch request is abandoned (its connection
+    # reset), its runs end unwritten, and once healed the tasks run again and finish.
     caplog.set_level(logging.INFO, logger="kaiju_tasks")
     cut, proxy = cut_store
     release = asyncio.Event()
@@ -347,20 +357,10 @@ async def test_a_lapsed_lease_abandons_a_batch_request_in_flight(
         await eventually(lambda: len(service.calls) == 2 and lapsing.active == 2, within=30)
         proxy.freeze()
         await eventually(lambda: lapsing.active == 0, within=30)  # both runs abandoned
-        assert any(
-            r.getMessage() == "Lease lapsed: 2 stage calls in flight abandoned"
-            for r in caplog.records
-        )
+        assert _abandoned_calls(caplog) == ["Lease lapsed: 2 stage calls in flight abandoned"]
         release.set()
         proxy.flowing.set()
-        manager = Manager(store, clock=clock)
-
-        async def finished() -> bool:
-            await manager.tick(clock.now())
-            rows = [await store.get_task(t) for t in tasks]
-            return all(row["status"] == "FINISHED" for row in rows)
-
-        await eventually(finished, within=30, interval=0.1)
+        await _finished_after_the_heal(store, clock, tasks)
     finally:
         release.set()
         proxy.flowing.set()
