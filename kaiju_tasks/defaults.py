@@ -14,9 +14,10 @@ from typing import Final
 
 EXECUTOR_CONCURRENCY: Final = 10
 """Tasks an executor runs at once."""
-EXECUTOR_PREFETCH: Final = 40
+EXECUTOR_PREFETCH: Final = 1000
 """The most tasks an executor claims ahead of free slots (it claims as many as measured times
-call for, up to this)."""
+call for, up to this: hundreds for stages of a millisecond, one or two for stages of a second;
+see ``Pipeline._first_slot`` for those handed back when stages get slower)."""
 EXECUTOR_POLL_INTERVAL: Final = timedelta(seconds=1)
 """Longest idle wait between claims when no notification arrives."""
 EXECUTOR_HEARTBEAT_INTERVAL: Final = timedelta(seconds=5)

@@ -72,7 +72,8 @@ class Executor(pipeline.Pipeline):
             it measures: short stages get the whole allowance, long ones one or two (so that
             executors sharing a queue do not hold tasks they cannot start soon). Prefetched
             tasks are held by this executor (rescued if it dies) but their stages have not
-            started.
+            started; one that waits a second behind stages that got slower since the claim is
+            handed back to the queue (see ``Pipeline._first_slot``).
         data: the ``executor`` part of the template data.
         poll_interval: longest idle wait between claims when no notification arrives.
         heartbeat_interval: how often liveness is recorded (the manager rescues tasks of
@@ -214,6 +215,12 @@ class Executor(pipeline.Pipeline):
         self._finish_batch = batch.Batcher(self._finish_tasks, batch.applied_ids)
         self._wait_batch = batch.Batcher(self._wait_tasks, batch.applied_ids)
         self._fail_batch = batch.Batcher(self._fail_tasks, batch.applied_rows)
+        self._release_batch = batch.Batcher(self._release_tasks, batch.applied_ids)
+        # Runs claimed ahead waiting for the slot of their first call (claim ids); see
+        # Pipeline._first_slot.
+        self._waiting: dict[str, int] = {}
+        self._queued_runs = 0
+        self._slot_starts = 0
         self._revoked: set[str] = set()
         self._wake = asyncio.Event()
         self._claim_lock = asyncio.Lock()
@@ -484,9 +491,14 @@ class Executor(pipeline.Pipeline):
         calling = held - len(self._settling)
         return max(0, min(window - calling, 2 * window - held))
 
-    def _ahead(self) -> int:
-        """How many tasks to claim ahead of free slots now (see :func:`claim_ahead`)."""
-        return claim_ahead(self.prefetch, self.capacity, self._claim_s, self._call_s)
+    def _ahead(self, call_s: float | None = None) -> int:
+        """How many tasks to claim ahead of free slots now (see :func:`claim_ahead`).
+
+        ``call_s``: a call time to assume instead of the measured one.
+        """
+        return claim_ahead(
+            self.prefetch, self.capacity, self._claim_s, self._call_s if call_s is None else call_s
+        )
 
     @property
     def active(self) -> int:

@@ -47,6 +47,7 @@ class Outcomes:
     _finish_batch: batch.Batcher[set[str]]
     _wait_batch: batch.Batcher[set[str]]
     _fail_batch: batch.Batcher[list[base.FailedRow]]
+    _release_batch: batch.Batcher[set[str]]
 
     # -- transitions --------------------------------------------------------------------------
 
@@ -194,6 +195,33 @@ class Outcomes:
 
     async def _fail_tasks(self, items: list[dict[str, Any]]) -> list[base.FailedRow]:
         return await self.store.fail_tasks(items, now=self.clock.now())
+
+    async def _release(self, row: Mapping[str, Any]) -> bool:
+        """Hand back a task claimed ahead whose stage has not started; return whether it applied.
+
+        It turns SUSPENDED and the manager, woken at commit, queues it again at once, in its
+        place (see :meth:`kaiju_tasks.executor.pipeline.Pipeline._first_slot`).
+        """
+        item = {"id": row["id"], "claim_id": row["claim_id"]}
+        applied: bool = await self._write(functools.partial(self._release_batch.submit, item))
+        return applied
+
+    async def _release_tasks(self, items: list[dict[str, Any]]) -> set[str]:
+        released = await self.store.suspend_executor_tasks(
+            self.id, [item["claim_id"] for item in items], now=self.clock.now()
+        )
+        if released:
+            logger.info(
+                "Tasks claimed ahead handed back: %d (their stages got slower since the claim;"
+                " an executor with free slots takes them)",
+                len(released),
+                extra={
+                    "event": "prefetch_handed_back",
+                    "executor_id": self.id,
+                    "count": len(released),
+                },
+            )
+        return released
 
     async def _hand_back(self, claim_id: str) -> None:
         delay = 0.1

@@ -40,6 +40,23 @@ logger = outcome.logger
 
 _NO_SLOT = contextlib.nullcontext()
 
+HOLD_S = 1.0
+"""How long (seconds) a run claimed ahead may wait for its first slot before it may be handed
+back, if more runs wait than the executor now claims ahead (see :meth:`Pipeline._first_slot`)."""
+
+
+class _Taken:
+    """A slot already taken (by :meth:`Pipeline._first_slot`): given back on exit."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()
+
 
 class Pipeline(outcome.Outcomes):
     """How :class:`kaiju_tasks.executor.Executor` runs one claimed task."""
@@ -60,6 +77,11 @@ class Pipeline(outcome.Outcomes):
     _claims: dict[str, str]
     _leased: Callable[[], Awaitable[None]]  # waits until the lease allows a stage call
     _in_call: set[str]  # task ids whose stage call is in flight (abandoned if the lease lapses)
+    concurrency: int
+    _waiting: dict[str, int]  # runs waiting for the slot of their first call: claim id -> seq
+    _queued_runs: int  # the last seq given in _waiting
+    _slot_starts: int  # calls that took a slot so far (for _behind's pace)
+    _ahead: Callable[..., int]  # how many tasks the executor claims ahead (see Executor._ahead)
 
     # -- one task -----------------------------------------------------------------------------
 
@@ -144,6 +166,7 @@ class Pipeline(outcome.Outcomes):
         stored = len(orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS)) if results else 2
         stage: int = row["stage"]
         stages = len(commands)
+        first = True  # no slot taken yet by this run
         if stage >= stages:  # a Timer or Message was the last stage
             self._settle(row)
             await self._finish(row, stage, None, append=False)
@@ -161,12 +184,19 @@ class Pipeline(outcome.Outcomes):
             # to its return. The writes that commit its outcome come after: the next call does
             # not wait for them (the next stage of this task does). Parking kinds take none,
             # nor do calls sent in batches (their batch requests are bounded instead).
-            slot = (
+            slot: contextlib.AbstractAsyncContextManager[Any] = (
                 _NO_SLOT
                 if kind.park is not None or self._batched_call(row, command)
                 else self._slots
             )
+            if first and slot is self._slots and self._slots.locked():
+                if not await self._first_slot(row):
+                    return  # handed back: another executor may start it sooner
+                slot = _Taken(self._slots)
+            first = False
             async with slot:
+                if slot is not _NO_SLOT:
+                    self._slot_starts += 1
                 if kind.park is None:
                     await self._leased()  # no call once the manager may have rescued the task
                     if self._claims.get(task_id) != row["claim_id"]:
@@ -240,6 +270,48 @@ class Pipeline(outcome.Outcomes):
             finally:
                 self._settling.discard(item["claim_id"])
             stage += 1
+
+    async def _first_slot(self, row: base.TaskRow) -> bool:
+        """Take a slot for a run's first call; return False if the run was handed back instead.
+
+        A run claimed ahead waits here for a slot. The executor claims ahead as many tasks as
+        its slots free during one claim, by the call time it measured; if the calls got slower
+        since (a queue of fast stages, then slow ones), more runs wait than it would claim
+        now. A run that has waited ``HOLD_S`` and is further back than that goes back to the
+        queue, in its place, so that an executor with free slots takes it instead of it
+        waiting here behind the slow calls, its deadline running.
+        """
+        claim_id = row["claim_id"]
+        assert claim_id is not None
+        self._queued_runs += 1
+        seq = self._queued_runs
+        self._waiting[claim_id] = seq
+        try:
+            while True:
+                started = self._slot_starts
+                try:
+                    async with asyncio.timeout(HOLD_S):
+                        await self._slots.acquire()
+                    return True
+                except TimeoutError:
+                    if self._behind(seq, self._slot_starts - started):
+                        break
+        finally:
+            del self._waiting[claim_id]
+        self._settle(row)
+        await self._release(row)
+        return False
+
+    def _behind(self, seq: int, started: int) -> bool:
+        """Whether a waiting run (``seq``) is further back than the executor would claim ahead.
+
+        ``started``: the calls that took a slot during the run's last ``HOLD_S`` of waiting.
+        The call time is the measured one, or longer if the slots have gone slower since
+        (calls that have not ended are not measured yet).
+        """
+        paced = self.concurrency * HOLD_S / max(started, 1)
+        keep = self._ahead(max(self._call_s or 0.0, paced))
+        return sum(1 for other in self._waiting.values() if other < seq) >= keep
 
     def _batched_call(self, row: Mapping[str, Any], command: Mapping[str, Any]) -> bool:
         """Whether the stage's call goes out in a batch request of its app (``[apps] batch=N``).

@@ -57,3 +57,27 @@ def test_an_executor_of_batched_apps_only_claims_enough_to_fill_its_batches():
     assert capacity(["shop"], {"shop": 1}) == 4  # batch=1 is no batching
     debug = Executor(store, apps=["shop"], app_urls=urls, app_batch={"shop": 50}, debug=True)
     assert debug.capacity == 10 * 50  # its private queue is batched as the app
+
+
+def test_runs_claimed_ahead_go_back_only_past_what_the_slots_pace_calls_for():
+    # Pipeline._behind: a run that waited a second for a slot goes back to the queue when more
+    # runs wait before it than the executor would claim ahead at the pace its slots go now.
+    store: Any = None  # built, never started
+    executor = Executor(store, concurrency=2)
+    executor._claim_s = 0.005
+    executor._waiting = {f"claim-{seq}": seq for seq in range(1, 301)}  # 300 runs waiting
+
+    def released(started: int, call_s: float) -> list[int]:
+        executor._call_s = call_s
+        return [seq for seq in executor._waiting.values() if executor._behind(seq, started)]
+
+    # Calls were measured at 20 µs, but no slot freed during the second of waiting: the
+    # calls now last a second or more, so two are kept ahead and the other 298 go back.
+    assert released(started=0, call_s=0.00002) == list(range(3, 301))
+    # Steady slow stages: the runs it claimed ahead for them stay.
+    executor._waiting = {"claim-1": 1, "claim-2": 2}
+    assert released(started=0, call_s=10.0) == []
+    # Slots going at the measured pace (2 slots, 20 µs calls: 100,000 a second): 300 waiting
+    # is within the allowance; none go back.
+    executor._waiting = {f"claim-{seq}": seq for seq in range(1, 301)}
+    assert released(started=100_000, call_s=0.00002) == []

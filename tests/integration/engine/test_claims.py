@@ -237,6 +237,70 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
     assert len(ran["b"]) >= 2, ran
 
 
+async def test_tasks_claimed_ahead_behind_stages_that_got_slow_go_back_to_the_queue(
+    task_service, store, clock, dsn, manager
+):
+    # Fast stages first: the executor measures calls of microseconds and claims hundreds of
+    # tasks ahead of its two slots. Then the stages stall (the test holds them): the tasks it
+    # claimed ahead would wait behind them, their deadlines running. After a second of waiting
+    # they go back to the queue (all but the one or two it would claim ahead at that pace),
+    # and a second executor runs them while the first one's calls are still held.
+    gate = asyncio.Event()
+    ran: dict[str, list[int]] = {"a": [], "b": []}
+
+    def methods_for(name: str) -> Methods:
+        methods = Methods()
+
+        @methods.register("fast")
+        def fast(i):
+            ran[name].append(i)
+
+        @methods.register("slow")
+        async def slow(i):
+            if name == "a":
+                await gate.wait()
+            ran[name].append(i)
+
+        return methods
+
+    fast = [
+        Task(commands=[TaskCommand(method="fast", params={"i": i})], priority=1) for i in range(300)
+    ]
+    slow = [Task(commands=[TaskCommand(method="slow", params={"i": 1000 + i})]) for i in range(200)]
+    await task_service.create(fast + slow, columns=["id"])
+    held = (
+        "SELECT count(*) FROM tasks WHERE status = 'EXECUTED' AND executor_id = $1"
+        " AND commands->0->>'method' = 'slow'"
+    )
+    first = Executor(store, methods=methods_for("a"), clock=clock, dsn=dsn, concurrency=2)
+    async with first:
+        most = 0
+
+        async def held_many_then_few() -> bool:
+            nonlocal most
+            count = await store.pool.fetchval(held, first.id)
+            most = max(most, count)
+            return most > 20 and count <= 2 + 2
+
+        # It claimed many slow tasks ahead (more than 20: hundreds by its measure), then kept
+        # only its two running calls and at most two claimed ahead.
+        await eventually(held_many_then_few, within=30, what="tasks claimed ahead handed back")
+        assert len(ran["a"]) == 300  # the fast ones; both slow calls are still held
+        async with Executor(store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2):
+
+            async def others_ran_them() -> bool:
+                await manager.tick(clock.now())  # queues the handed-back tasks again
+                return len(ran["b"]) >= 200 - 4
+
+            await eventually(others_ran_them, within=60, what="the second executor's runs")
+            assert ran["a"] == list(range(300))  # the first executor's slow calls are held
+            gate.set()
+            await eventually(lambda: len(ran["a"]) + len(ran["b"]) == 500, within=60)
+    assert sorted(ran["a"] + ran["b"]) == list(range(300)) + list(range(1000, 1200))
+    finished = "SELECT count(*) FROM tasks WHERE status = 'FINISHED'"
+    assert await store.pool.fetchval(finished) == 500
+
+
 async def test_an_idle_executor_claims_once_per_notified_task(task_service, store, clock, dsn):
     # A claim that comes back short means the queue is empty: the executor then waits for the
     # next notification instead of claiming again as each run settles and ends.
