@@ -157,6 +157,8 @@ class Executor(pipeline.Pipeline):
         # Moving averages (seconds) of a stage call and of a claim, for _ahead; None until seen.
         self._call_s: float | None = None
         self._claim_s: float | None = None
+        # While a stall shows (see Pipeline._behind): the call time the slots' pace implies.
+        self._stalled_s: float | None = None
         # Stage calls run in at most `concurrency` slots; up to `prefetch` more tasks are claimed
         # ahead so that the next claim overlaps the running stages instead of following them.
         self._slots = asyncio.Semaphore(concurrency)
@@ -491,14 +493,16 @@ class Executor(pipeline.Pipeline):
         calling = held - len(self._settling)
         return max(0, min(window - calling, 2 * window - held))
 
-    def _ahead(self, call_s: float | None = None) -> int:
+    def _ahead(self) -> int:
         """How many tasks to claim ahead of free slots now (see :func:`claim_ahead`).
 
-        ``call_s``: a call time to assume instead of the measured one.
+        By the measured call time, or by the slower pace of the slots while a stall shows
+        (see ``Pipeline._behind``).
         """
-        return claim_ahead(
-            self.prefetch, self.capacity, self._claim_s, self._call_s if call_s is None else call_s
-        )
+        call_s = self._call_s
+        if self._stalled_s is not None:
+            call_s = max(call_s or 0.0, self._stalled_s)
+        return claim_ahead(self.prefetch, self.capacity, self._claim_s, call_s)
 
     @property
     def active(self) -> int:

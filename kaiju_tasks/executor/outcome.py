@@ -199,15 +199,15 @@ class Outcomes:
     async def _release(self, row: Mapping[str, Any]) -> bool:
         """Hand back a task claimed ahead whose stage has not started; return whether it applied.
 
-        It turns SUSPENDED and the manager, woken at commit, queues it again at once, in its
-        place (see :meth:`kaiju_tasks.executor.pipeline.Pipeline._first_slot`).
+        It is queued again at once, in its place (see
+        :meth:`kaiju_tasks.executor.pipeline.Pipeline._first_slot`).
         """
         item = {"id": row["id"], "claim_id": row["claim_id"]}
         applied: bool = await self._write(functools.partial(self._release_batch.submit, item))
         return applied
 
     async def _release_tasks(self, items: list[dict[str, Any]]) -> set[str]:
-        released = await self.store.suspend_executor_tasks(
+        released = await self.store.release_tasks(
             self.id, [item["claim_id"] for item in items], now=self.clock.now()
         )
         if released:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -78,10 +79,12 @@ class Pipeline(outcome.Outcomes):
     _leased: Callable[[], Awaitable[None]]  # waits until the lease allows a stage call
     _in_call: set[str]  # task ids whose stage call is in flight (abandoned if the lease lapses)
     concurrency: int
+    prefetch: int
+    _stalled_s: float | None  # the call time the slots' pace shows, while slower than measured
     _waiting: dict[str, int]  # runs waiting for the slot of their first call: claim id -> seq
     _queued_runs: int  # the last seq given in _waiting
     _slot_starts: int  # calls that took a slot so far (for _behind's pace)
-    _ahead: Callable[..., int]  # how many tasks the executor claims ahead (see Executor._ahead)
+    _ahead: Callable[[], int]  # how many tasks the executor claims ahead (see Executor._ahead)
 
     # -- one task -----------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class Pipeline(outcome.Outcomes):
                 if kind.park is not None or self._batched_call(row, command)
                 else self._slots
             )
-            if first and slot is self._slots and self._slots.locked():
+            if first and slot is self._slots and self.prefetch and self._slots.locked():
                 if not await self._first_slot(row):
                     return  # handed back: another executor may start it sooner
                 slot = _Taken(self._slots)
@@ -235,6 +238,7 @@ class Pipeline(outcome.Outcomes):
                                 self._in_call.discard(task_id)
                                 elapsed = asyncio.get_running_loop().time() - meter["started"]
                                 self._call_s = _averaged(self._call_s, elapsed)
+                                self._stalled_s = None  # calls end again: measured anew
                 except errors.StageError as exc:
                     failure = exc
                 except errors.ValidationError as exc:  # a template or condition that cannot apply
@@ -274,44 +278,64 @@ class Pipeline(outcome.Outcomes):
     async def _first_slot(self, row: base.TaskRow) -> bool:
         """Take a slot for a run's first call; return False if the run was handed back instead.
 
-        A run claimed ahead waits here for a slot. The executor claims ahead as many tasks as
-        its slots free during one claim, by the call time it measured; if the calls got slower
-        since (a queue of fast stages, then slow ones), more runs wait than it would claim
-        now. A run that has waited ``HOLD_S`` and is further back than that goes back to the
-        queue, in its place, so that an executor with free slots takes it instead of it
-        waiting here behind the slow calls, its deadline running.
+        A run claimed ahead waits here for a slot, in turn. The executor claims ahead as many
+        tasks as its slots start during one claim, by the call time it measured; if the calls
+        got slower since (a queue of fast stages, then slow ones), more runs wait than it
+        would claim now. Every ``HOLD_S`` of waiting, a run checks: if the slots started
+        calls at less than half the measured pace meanwhile, and more runs wait before it than
+        the executor would claim ahead at that pace, it goes back to the queue, in its place,
+        for an executor with free slots, instead of waiting here behind the slow calls (its
+        deadline running). Claims are sized by that pace too, until a call ends.
         """
         claim_id = row["claim_id"]
         assert claim_id is not None
         self._queued_runs += 1
         seq = self._queued_runs
         self._waiting[claim_id] = seq
+        # One acquire for the whole wait, so that the run keeps its turn across the checks.
+        taking = asyncio.ensure_future(self._slots.acquire())
         try:
             while True:
                 started = self._slot_starts
-                try:
-                    async with asyncio.timeout(HOLD_S):
-                        await self._slots.acquire()
+                done, _ = await asyncio.wait({taking}, timeout=HOLD_S)
+                if done:
+                    taking.result()
                     return True
-                except TimeoutError:
-                    if self._behind(seq, self._slot_starts - started):
-                        break
+                if self._behind(seq, self._slot_starts - started):
+                    break
+        except BaseException:
+            self._drop_acquire(taking)
+            raise
         finally:
             del self._waiting[claim_id]
+        self._drop_acquire(taking)
         self._settle(row)
         await self._release(row)
         return False
 
+    def _drop_acquire(self, taking: asyncio.Future[Any]) -> None:
+        """Give up a slot acquire: cancel it, or give back the slot it already took."""
+        if not taking.done():
+            taking.cancel()  # a slot granted meanwhile is passed on by the semaphore
+        elif not taking.cancelled() and taking.exception() is None:
+            self._slots.release()
+
     def _behind(self, seq: int, started: int) -> bool:
-        """Whether a waiting run (``seq``) is further back than the executor would claim ahead.
+        """Whether a waiting run (``seq``) should go back to the queue.
 
         ``started``: the calls that took a slot during the run's last ``HOLD_S`` of waiting.
-        The call time is the measured one, or longer if the slots have gone slower since
-        (calls that have not ended are not measured yet).
+        Only when the slots went at less than half the measured pace (calls that have not
+        ended are not measured yet): then claims are sized by that pace (see ``_ahead``), and
+        the runs waiting beyond what the executor would claim ahead at it go back.
         """
         paced = self.concurrency * HOLD_S / max(started, 1)
-        keep = self._ahead(max(self._call_s or 0.0, paced))
-        return sum(1 for other in self._waiting.values() if other < seq) >= keep
+        if paced <= 2 * (self._call_s or 0.0):
+            return False  # the slots go about as fast as measured: its turn comes
+        self._stalled_s = paced
+        keep = max(1, self._ahead())
+        # _waiting is in seq order: the run is behind if the keep-th entry is not after it.
+        kept_last = next(itertools.islice(self._waiting.values(), keep, None), None)
+        return kept_last is not None and kept_last <= seq
 
     def _batched_call(self, row: Mapping[str, Any], command: Mapping[str, Any]) -> bool:
         """Whether the stage's call goes out in a batch request of its app (``[apps] batch=N``).

@@ -526,6 +526,12 @@ class EngineStore(TaskStore, Protocol):
         """Hand back the runs (claim ids) an executor holds, and wake the manager."""
         ...
 
+    async def release_tasks(
+        self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
+    ) -> set[str]:
+        """Queue again the runs (claim ids) claimed ahead whose stage has not started."""
+        ...
+
     async def task_status(self, ids: Sequence[str]) -> dict[str, TaskStatusRow]:
         """Return status, stage and executor of tasks."""
         ...

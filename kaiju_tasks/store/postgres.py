@@ -507,6 +507,17 @@ class PostgresEngineStore(PostgresTaskStore, base.EngineStore):
         rows = await self._fetch("suspend_executor_tasks", executor_id, now, list(claim_ids))
         return {r["id"] for r in rows}
 
+    async def release_tasks(
+        self, executor_id: str, claim_ids: Sequence[str], *, now: datetime
+    ) -> set[str]:
+        """Queue again runs claimed ahead whose stage has not started; return their task ids.
+
+        In their place in the queue (``queued_at`` kept), or IDLE until enabled; the executors
+        of their app are woken at commit.
+        """
+        rows = await self._fetch("release_tasks", executor_id, now, list(claim_ids))
+        return {r["id"] for r in rows}
+
     async def orphans(self, executor_id: str, running: Sequence[str]) -> list[str]:
         """Return the claim ids ``executor_id`` holds in the database but does not run."""
         rows = await self._fetch("orphans", executor_id, list(running))

@@ -431,6 +431,27 @@ wake AS (
     SELECT pg_notify('kaiju_tasks_manager', '') WHERE EXISTS (SELECT 1 FROM done))
 SELECT id FROM done, (SELECT count(*) FROM wake) w;
 
+-- name: release_tasks
+-- Put runs claimed ahead whose stage has not started back in the queue (an executor whose
+-- stages got slower, see Pipeline._first_slot): QUEUED at their stage, in their place
+-- (queued_at kept), or IDLE until enabled; no retry or requeue counted. Guarded by the run's
+-- claim id; wakes the executors of their app at commit.
+WITH done AS (
+    UPDATE tasks
+    SET status = CASE WHEN enabled THEN 'QUEUED' ELSE 'IDLE' END,
+        next_run = CASE WHEN enabled THEN NULL ELSE $2::timestamptz END,
+        executor_id = NULL, status_change = $2
+    WHERE status = 'EXECUTED' AND executor_id = $1 AND claim_id = ANY($3::text[])
+    RETURNING id, job_id, stage, app_name, status),
+ev AS (
+    INSERT INTO events (type, task_id, job_id, status, stage, executor_id, created, data)
+    SELECT 'task-sent', id, job_id, status, stage, $1, $2, '{"released": true}'::jsonb
+    FROM done WHERE status = 'QUEUED'),
+wake AS (
+    SELECT pg_notify('kaiju_tasks_queued', app_name)
+    FROM (SELECT DISTINCT app_name FROM done WHERE status = 'QUEUED') a)
+SELECT id FROM done, (SELECT count(*) FROM wake) w;
+
 -- name: orphans
 -- Claims an executor holds in the database but does not run (a lost claim or hand-back reply).
 SELECT id, claim_id FROM tasks

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from kaiju_tasks.executor import Executor, claim_ahead
+from kaiju_tasks.testing import eventually
 
 
 def test_until_both_times_are_measured_it_claims_up_to_one_round_of_slots() -> None:
@@ -59,25 +61,58 @@ def test_an_executor_of_batched_apps_only_claims_enough_to_fill_its_batches():
     assert debug.capacity == 10 * 50  # its private queue is batched as the app
 
 
-def test_runs_claimed_ahead_go_back_only_past_what_the_slots_pace_calls_for():
-    # Pipeline._behind: a run that waited a second for a slot goes back to the queue when more
-    # runs wait before it than the executor would claim ahead at the pace its slots go now.
+def test_runs_claimed_ahead_go_back_only_when_the_slots_slowed_down_and_past_what_they_need():
+    # Pipeline._behind: a run that waited a second for a slot goes back to the queue when the
+    # slots started calls at less than half the measured pace meanwhile, and more runs wait
+    # before it than the executor would claim ahead at that pace.
     store: Any = None  # built, never started
     executor = Executor(store, concurrency=2)
     executor._claim_s = 0.005
-    executor._waiting = {f"claim-{seq}": seq for seq in range(1, 301)}  # 300 runs waiting
 
-    def released(started: int, call_s: float) -> list[int]:
-        executor._call_s = call_s
+    def released(started: int, call_s: float, waiting: int) -> list[int]:
+        executor._call_s, executor._stalled_s = call_s, None
+        executor._waiting = {f"claim-{seq}": seq for seq in range(1, waiting + 1)}
         return [seq for seq in executor._waiting.values() if executor._behind(seq, started)]
 
     # Calls were measured at 20 µs, but no slot freed during the second of waiting: the
-    # calls now last a second or more, so two are kept ahead and the other 298 go back.
-    assert released(started=0, call_s=0.00002) == list(range(3, 301))
-    # Steady slow stages: the runs it claimed ahead for them stay.
-    executor._waiting = {"claim-1": 1, "claim-2": 2}
-    assert released(started=0, call_s=10.0) == []
-    # Slots going at the measured pace (2 slots, 20 µs calls: 100,000 a second): 300 waiting
-    # is within the allowance; none go back.
-    executor._waiting = {f"claim-{seq}": seq for seq in range(1, 301)}
-    assert released(started=100_000, call_s=0.00002) == []
+    # calls now last a second or more, so two are kept ahead and the other 298 go back, and
+    # claims are sized by that pace (two ahead) until a call ends.
+    assert released(started=0, call_s=0.00002, waiting=300) == list(range(3, 301))
+    assert executor._ahead() == 2
+    # Steady slow stages (10 s, measured): the runs claimed ahead for them wait their turn.
+    assert released(started=0, call_s=10.0, waiting=2) == []
+    assert released(started=0, call_s=1.5, waiting=5) == []
+    # Slots going at the measured pace (2 slots, 20 µs calls: 100,000 a second): none go back.
+    assert released(started=100_000, call_s=0.00002, waiting=300) == []
+
+
+async def test_a_run_claimed_ahead_keeps_its_turn_and_its_slot_across_the_checks(monkeypatch):
+    # Pipeline._first_slot checks every HOLD_S whether to hand the run back; between checks the
+    # run stays in line: one waiting since before is served first, and no slot is lost.
+    from kaiju_tasks.executor import pipeline
+
+    monkeypatch.setattr(pipeline, "HOLD_S", 0.02)
+    store: Any = None  # built, never started
+    executor = Executor(store, concurrency=1)
+    executor._call_s = 60.0  # long calls, measured: the slots' pace is no stall
+    await executor._slots.acquire()  # the one slot is busy
+    order: list[str] = []
+
+    async def wait(name: str) -> None:
+        row: Any = {"id": name, "claim_id": f"claim-{name}"}
+        assert await executor._first_slot(row)
+        order.append(name)
+        executor._slots.release()
+
+    first = asyncio.create_task(wait("a"))
+    await eventually(lambda: "claim-a" in executor._waiting)
+    second = asyncio.create_task(wait("b"))
+    # Both go through several checks before the slot frees.
+    await eventually(lambda: executor._queued_runs == 2 and len(executor._waiting) == 2)
+    await asyncio.sleep(0.1)  # five checks of each: a lower bound, not a race
+    executor._slots.release()
+    await asyncio.gather(first, second)
+    assert order == ["a", "b"]
+    assert executor._waiting == {}
+    assert not executor._slots.locked()  # the one slot is free again, not lost nor doubled
+    assert executor._slots._value == 1

@@ -238,13 +238,14 @@ async def test_an_executor_with_long_stages_leaves_the_queue_to_others(
 
 
 async def test_tasks_claimed_ahead_behind_stages_that_got_slow_go_back_to_the_queue(
-    task_service, store, clock, dsn, manager
+    task_service, store, clock, dsn
 ):
     # Fast stages first: the executor measures calls of microseconds and claims hundreds of
     # tasks ahead of its two slots. Then the stages stall (the test holds them): the tasks it
     # claimed ahead would wait behind them, their deadlines running. After a second of waiting
     # they go back to the queue (all but the one or two it would claim ahead at that pace),
-    # and a second executor runs them while the first one's calls are still held.
+    # once each (it does not claim them again), and a second executor runs them while the
+    # first one's calls are still held. No manager runs: the hand-back queues them itself.
     gate = asyncio.Event()
     ran: dict[str, list[int]] = {"a": [], "b": []}
 
@@ -287,18 +288,22 @@ async def test_tasks_claimed_ahead_behind_stages_that_got_slow_go_back_to_the_qu
         await eventually(held_many_then_few, within=30, what="tasks claimed ahead handed back")
         assert len(ran["a"]) == 300  # the fast ones; both slow calls are still held
         async with Executor(store, methods=methods_for("b"), clock=clock, dsn=dsn, concurrency=2):
-
-            async def others_ran_them() -> bool:
-                await manager.tick(clock.now())  # queues the handed-back tasks again
-                return len(ran["b"]) >= 200 - 4
-
-            await eventually(others_ran_them, within=60, what="the second executor's runs")
+            await eventually(
+                lambda: len(ran["b"]) >= 200 - 4, within=60, what="the second executor's runs"
+            )
             assert ran["a"] == list(range(300))  # the first executor's slow calls are held
             gate.set()
             await eventually(lambda: len(ran["a"]) + len(ran["b"]) == 500, within=60)
     assert sorted(ran["a"] + ran["b"]) == list(range(300)) + list(range(1000, 1200))
     finished = "SELECT count(*) FROM tasks WHERE status = 'FINISHED'"
     assert await store.pool.fetchval(finished) == 500
+    released = (
+        "SELECT task_id, count(*) AS n FROM events WHERE type = 'task-sent'"
+        " AND data = '{\"released\": true}' GROUP BY task_id"
+    )
+    counts = [row["n"] for row in await store.pool.fetch(released)]
+    assert len(counts) >= 200 - 4
+    assert max(counts) == 1  # each handed back once: the first executor took none back
 
 
 async def test_an_idle_executor_claims_once_per_notified_task(task_service, store, clock, dsn):
